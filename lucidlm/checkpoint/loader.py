@@ -1,0 +1,169 @@
+"""Load a Hugging Face checkpoint directory into a lucidlm ``Transformer``, and save one back.
+
+Loading is lazy: the model is built on the meta device (no memory), every expected tensor is
+checked against the file headers (missing, unexpected, mis-shaped — all reported before any data
+is read), then tensors are read one by one from the memory-mapped files, cast, and assigned.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..model.transformer import Transformer
+from . import bloom, deepseek, gpt2, llama_family, native
+from .errors import CheckpointError
+from .family import Family, Rule
+from .safetensors_io import SafetensorsReader, write_json, write_safetensors
+
+FAMILIES: dict[str, Family] = {
+    kind: fam
+    for module in (llama_family, deepseek, gpt2, bloom, native)
+    for fam in module.FAMILIES
+    for kind in fam.model_types
+}
+SUPPORTED_MODEL_TYPES = sorted(FAMILIES)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class Loaded:
+    model: Transformer
+    config: ModelConfig
+    family: Family
+    hf_config: dict
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, cfg: ModelConfig | None = None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        dtype = cfg.dtype if cfg is not None else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose from {sorted(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
+def read_hf_config(directory: str | Path) -> tuple[dict, Family, ModelConfig]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    path = directory / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{directory}: no config.json (is this a Hugging Face checkpoint directory?)")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    kind = hf.get("model_type")
+    if kind not in FAMILIES:
+        raise CheckpointError(
+            f"{path}: unsupported model_type {kind!r}; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    family = FAMILIES[kind]
+    try:
+        cfg = family.to_config(hf)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: cannot read a {kind} config ({type(e).__name__}: {e})") from e
+    return hf, family, cfg
+
+
+def _our_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers, without the tied lm_head (it is the embedding)."""
+    named = dict(model.state_dict(keep_vars=True))
+    if model.config.tie_embeddings:
+        named.pop("lm_head.weight", None)
+    return named
+
+
+def _check(reader: SafetensorsReader, rules: list[Rule], ours: dict[str, torch.Tensor], family: Family,
+           tied: bool) -> None:
+    expected: dict[str, tuple[int, ...]] = {}
+    for rule in rules:  # their shapes follow from ours by converting meta tensors: no data needed
+        metas = [torch.empty(ours[n].shape, device="meta") for n in rule.ours]
+        for name, t in zip(rule.theirs, rule.to_theirs(metas)):
+            expected[name] = tuple(t.shape)
+    found = reader.tensors
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise CheckpointError(f"{reader.directory}: missing tensors {missing[:10]}"
+                              + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+    extra = sorted(n for n in set(found) - set(expected)
+                   if not family.is_ignored(n) and not (tied and n == "lm_head.weight"))
+    if extra:
+        raise CheckpointError(f"{reader.directory}: unexpected tensors {extra[:10]}"
+                              + (f" and {len(extra) - 10} more" if len(extra) > 10 else ""))
+    for name, shape in expected.items():
+        if found[name].shape != shape:
+            raise CheckpointError(
+                f"{found[name].file}: tensor {name!r} has shape {list(found[name].shape)}, "
+                f"but the config expects {list(shape)}"
+            )
+
+
+def load_model(directory: str | Path, dtype: str | torch.dtype | None = "float32",
+               device: str | torch.device = "cpu") -> Loaded:
+    hf, family, cfg = read_hf_config(directory)
+    torch_dtype = resolve_dtype(dtype, cfg)
+    reader = SafetensorsReader(directory)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    ours = _our_tensors(model)
+    rules = family.rules(cfg, list(ours))
+    _check(reader, rules, ours, family, cfg.tie_embeddings)
+
+    state: dict[str, torch.Tensor] = {}
+    for rule in rules:
+        converted = rule.to_ours([reader.get(n) for n in rule.theirs])
+        for name, t in zip(rule.ours, converted):
+            # router statistics stay float32, like the reference implementations keep them
+            keep_fp32 = name.endswith("e_score_correction_bias")
+            state[name] = t.to(device=device, dtype=torch.float32 if keep_fp32 else torch_dtype).contiguous()
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    model.init_buffers(device)
+    model.eval()
+    return Loaded(model, cfg, family, hf)
+
+
+def save_model(model: Transformer, directory: str | Path, family: Family | None = None,
+               hf_config: dict | None = None, source: str | Path | None = None,
+               max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write config.json + safetensors in the family's Hugging Face layout (lucidlm's own layout
+    when no family is given), copying tokenizer files from ``source`` when given."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    family = family or FAMILIES["lucidlm"]
+    ours = {n: t.detach() for n, t in _our_tensors(model).items()}
+    tensors: dict[str, torch.Tensor] = {}
+    for rule in family.rules(cfg, list(ours)):
+        for name, t in zip(rule.theirs, rule.to_theirs([ours[n] for n in rule.ours])):
+            tensors[name] = t
+    write_safetensors(directory, tensors, max_shard_bytes)
+    out_cfg = dict(hf_config) if hf_config else family.to_hf_config(cfg)
+    dtypes = {t.dtype for t in ours.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        name = str(dtypes.pop()).replace("torch.", "")
+        out_cfg["dtype"] = name
+        out_cfg.pop("torch_dtype", None)
+        if "lucidlm_config" in out_cfg:
+            out_cfg["lucidlm_config"] = {**out_cfg["lucidlm_config"], "dtype": name}
+    write_json(directory / "config.json", out_cfg)
+    if source is not None and Path(source).resolve() != directory.resolve():
+        for fname in TOKENIZER_FILES:
+            if (Path(source) / fname).exists():
+                shutil.copyfile(Path(source) / fname, directory / fname)
+    return directory

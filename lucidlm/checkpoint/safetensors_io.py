@@ -1,0 +1,139 @@
+"""Reading and writing safetensors checkpoints: lazily, safely (never unpickling), atomically.
+
+Reading opens every file once to read its header (names, shapes, dtypes) without touching the
+data; tensors are then read one at a time from the memory-mapped file, so loading never needs
+more memory than the model itself. Writing goes to a temporary file that is renamed into place,
+so a crash never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass
+class TensorInfo:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class SafetensorsReader:
+    """All tensors of a checkpoint directory (one file or a sharded index), read on demand."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.tensors: dict[str, TensorInfo] = {}
+        self._handles: dict[Path, object] = {}
+        for file in self._files():
+            handle = self._open(file)
+            for name in handle.keys():
+                sl = handle.get_slice(name)
+                self.tensors[name] = TensorInfo(file, tuple(sl.get_shape()), sl.get_dtype())
+
+    def _files(self) -> list[Path]:
+        index = self.directory / INDEX_FILE
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+            files = sorted({self.directory / f for f in weight_map.values()})
+            missing = [str(f) for f in files if not f.exists()]
+            if missing:
+                raise CheckpointError(f"{index} names shard files that do not exist: {missing}")
+            return files
+        single = self.directory / SINGLE_FILE
+        if single.exists():
+            return [single]
+        pickles = sorted(p.name for p in self.directory.glob("*.bin")) + sorted(p.name for p in self.directory.glob("*.pt"))
+        hint = f" (found {pickles}: pickle files are never loaded; convert them to safetensors)" if pickles else ""
+        raise CheckpointError(f"{self.directory}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+    def _open(self, file: Path):
+        try:
+            handle = safe_open(str(file), framework="pt")
+        except Exception as e:  # safetensors raises its own error types for bad headers/truncation
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from e
+        self._handles[file] = handle
+        return handle
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        try:
+            return self._handles[info.file].get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({e})") from e
+
+
+def _atomic_path(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename."""
+    path = Path(path)
+    tmp = _atomic_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_safetensors(
+    directory: str | Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int = 5 * 2**30
+) -> list[Path]:
+    """Write tensors as model.safetensors, or as shards plus an index when larger than one shard."""
+    directory = Path(directory)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().contiguous().cpu()
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        names = [SINGLE_FILE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for shard, name in zip(shards, names):
+        with atomic_write(directory / name) as tmp:
+            save_file(shard, str(tmp), metadata=meta)
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map = {t: n for shard, n in zip(shards, names) for t in shard}
+        write_json(directory / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        stale = directory / SINGLE_FILE
+    else:
+        stale = directory / INDEX_FILE
+    if stale.exists():  # an older save in the other layout would shadow or confuse this one
+        stale.unlink()
+    return [directory / n for n in names]

@@ -1,0 +1,309 @@
+"""Model configuration: one dataclass that says what the network is, plus named presets.
+
+Every architectural choice is an explicit field (no behaviour inferred from a model's name), so a
+config read from a Hugging Face ``config.json`` and a config written by hand describe models the
+same way. ``from_preset(name, **overrides)`` builds both real-sized and tiny test models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+PositionKind = Literal["rope", "alibi", "sinusoidal", "learned", "none"]
+NormKind = Literal["rmsnorm", "layernorm"]
+NormPlacement = Literal["pre", "post", "sandwich"]
+Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
+RopeType = Literal["default", "linear", "ntk", "dynamic", "yarn", "llama3"]
+
+
+@dataclass
+class RopeScaling:
+    """How RoPE frequencies are stretched beyond the trained context (see ``model/rope.py``).
+
+    ``type``: ``linear`` = position interpolation (PI), ``ntk`` = NTK-aware base change,
+    ``dynamic`` = NTK with the base recomputed from the current length, ``yarn`` = NTK-by-parts
+    with an attention temperature, ``llama3`` = Llama-3.1's smooth per-band interpolation.
+    """
+
+    type: RopeType = "default"
+    factor: float = 1.0
+    original_max_seq_len: int | None = None
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    # yarn
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None  # None: 0.1*ln(factor)+1 (or from mscale below)
+    mscale: float | None = None  # DeepSeek's yarn variant
+    mscale_all_dim: float | None = None
+    truncate: bool = True  # yarn: round the correction range to whole dims (HF default)
+
+
+@dataclass
+class MoEConfig:
+    """Mixture of experts in the feed-forward slot (see ``model/moe.py``)."""
+
+    n_experts: int = 8
+    top_k: int = 2
+    expert_ffn_dim: int = 0  # 0: use ModelConfig.ffn_dim
+    n_shared_experts: int = 0  # always-on experts (DeepSeek, Qwen-MoE)
+    shared_ffn_dim: int = 0  # 0: n_shared_experts * expert_ffn_dim, as one MLP
+    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid gate on the shared expert output
+    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    norm_topk_prob: bool = True  # renormalise the chosen k weights to sum to 1
+    routed_scaling_factor: float = 1.0
+    score_correction_bias: bool = False  # DeepSeek-V3: bias used for choosing, not for weighting
+    n_groups: int = 1  # group-limited routing (DeepSeek): pick topk_groups groups first
+    topk_groups: int = 1
+    group_score: Literal["max", "top2_sum"] = "max"
+    noisy_routing: bool = False  # noisy top-k (Shazeer 2017): learned gaussian noise on logits in training
+    capacity_factor: float | None = None  # None: no capacity limit (dropless)
+    aux_loss_coef: float = 0.01
+    first_dense_layers: int = 0  # first k blocks use a dense MLP (DeepSeek first_k_dense_replace)
+    layer_freq: int = 1  # every n-th block is MoE (Qwen decoder_sparse_step)
+    dense_layers: tuple[int, ...] = ()  # explicit dense blocks (Qwen mlp_only_layers)
+
+    def __post_init__(self) -> None:
+        self.dense_layers = tuple(self.dense_layers)
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3, see ``model/mla.py``)."""
+
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = 1536  # None: queries are projected directly (V2-Lite)
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only Transformer, described by what it is rather than what it is called."""
+
+    vocab_size: int = 32000
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # None: = n_heads (MHA); 1 = MQA; in between = GQA
+    head_dim: int | None = None  # None: dim // n_heads
+    ffn_dim: int = 2048
+    max_seq_len: int = 2048
+
+    # embeddings and output
+    embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(dim)
+    embed_norm: bool = False  # BLOOM normalises the embeddings before block 0
+    tie_embeddings: bool = False
+    logit_softcap: float | None = None
+
+    # positions
+    positions: PositionKind = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    rope_interleaved: bool = False  # rotate (x0,x1),(x2,x3).. pairs instead of the two halves
+
+    # norms
+    norm: NormKind = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_bias: bool = True  # LayerNorm only
+    norm_unit_offset: bool = False  # Gemma's RMSNorm scales by (1 + weight)
+    norm_placement: NormPlacement = "pre"
+
+    # attention
+    attn_qkv_bias: bool = False
+    attn_out_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each head's q and k (Qwen3)
+    attn_gate: bool = False  # sigmoid output gate per head channel (gated attention)
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] | None = None  # None: every layer uses the window when set
+    attn_scale: float | None = None  # None: 1/sqrt(head_dim)
+    mla: MLAConfig | None = None
+
+    # feed-forward
+    activation: Activation = "silu"
+    gated_mlp: bool = True  # SwiGLU / GeGLU when True
+    mlp_bias: bool = False
+    moe: MoEConfig | None = None
+
+    # bookkeeping
+    dtype: str = "float32"
+    init_std: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        # Accept plain dicts for the nested configs (as read from JSON).
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        if isinstance(self.mla, dict):
+            self.mla = MLAConfig(**self.mla)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.sliding_layers is not None:
+            self.sliding_layers = tuple(self.sliding_layers)
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject configs that cannot build a model, naming the field at fault."""
+        positive = ["vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.moe is not None and not 1 <= self.moe.top_k <= self.moe.n_experts:
+            raise ValueError(f"MoEConfig.top_k must be in [1, n_experts={self.moe.n_experts}], got {self.moe.top_k}")
+        if self.moe is not None and self.moe.n_experts % self.moe.n_groups:
+            raise ValueError("MoEConfig.n_experts must be divisible by n_groups")
+        rope_dim = self.mla.qk_rope_head_dim if self.mla else self.head_dim
+        if self.positions == "rope" and rope_dim % 2:
+            raise ValueError(f"RoPE needs an even rotary dimension, got {rope_dim}")
+
+    # --- derived facts -------------------------------------------------------------------
+    def is_sliding(self, layer: int) -> bool:
+        if self.sliding_window is None:
+            return False
+        return self.sliding_layers is None or layer in self.sliding_layers
+
+    def is_moe(self, layer: int) -> bool:
+        m = self.moe
+        if m is None or layer < m.first_dense_layers or layer in m.dense_layers:
+            return False
+        return (layer + 1) % m.layer_freq == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {unknown}")
+        return cls(**d)
+
+    def replace(self, **overrides: Any) -> ModelConfig:
+        return from_overrides(self, overrides)
+
+
+def from_overrides(base: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
+    """A copy of ``base`` with fields replaced; nested configs may be given as dicts of changes."""
+    d = base.to_dict()
+    for key, value in overrides.items():
+        if key not in d:
+            raise ValueError(f"unknown ModelConfig field {key!r}")
+        if isinstance(value, dict) and isinstance(d[key], dict):
+            d[key] = {**d[key], **value}
+        elif dataclasses.is_dataclass(value):
+            d[key] = dataclasses.asdict(value)
+        else:
+            d[key] = value
+    return ModelConfig.from_dict(d)
+
+
+# --- presets ------------------------------------------------------------------------------
+# Real shapes for the families lucidlm loads; `tiny` variants for tests come from overrides,
+# e.g. from_preset("llama3-8b", dim=64, n_layers=2, ...).
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama-125m": dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048),
+    "llama3-8b": dict(
+        vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+        max_seq_len=131072, rope_theta=500000.0, norm_eps=1e-5,
+        rope_scaling=dict(type="llama3", factor=8.0, original_max_seq_len=8192),
+    ),
+    "mistral-7b": dict(
+        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+        max_seq_len=32768, rope_theta=1e6, sliding_window=4096,
+    ),
+    "qwen2-0.5b": dict(
+        vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, ffn_dim=4864,
+        max_seq_len=32768, rope_theta=1e6, norm_eps=1e-6, attn_qkv_bias=True, tie_embeddings=True,
+    ),
+    "qwen3-0.6b": dict(
+        vocab_size=151936, dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128, ffn_dim=3072,
+        max_seq_len=40960, rope_theta=1e6, norm_eps=1e-6, qk_norm=True, tie_embeddings=True,
+    ),
+    "gemma-2b": dict(
+        vocab_size=256000, dim=2048, n_layers=18, n_heads=8, n_kv_heads=1, head_dim=256, ffn_dim=16384,
+        max_seq_len=8192, norm_eps=1e-6, embed_scale=True, norm_unit_offset=True, activation="gelu_tanh",
+        tie_embeddings=True,
+    ),
+    "gpt2": dict(
+        vocab_size=50257, dim=768, n_layers=12, n_heads=12, ffn_dim=3072, max_seq_len=1024,
+        positions="learned", norm="layernorm", activation="gelu_tanh", gated_mlp=False, mlp_bias=True,
+        attn_qkv_bias=True, attn_out_bias=True, tie_embeddings=True,
+    ),
+    "bloom-560m": dict(
+        vocab_size=250880, dim=1024, n_layers=24, n_heads=16, ffn_dim=4096, max_seq_len=2048,
+        positions="alibi", norm="layernorm", activation="gelu_tanh", gated_mlp=False, mlp_bias=True,
+        attn_qkv_bias=True, attn_out_bias=True, tie_embeddings=True, embed_norm=True,
+    ),
+    "mixtral-8x7b": dict(
+        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+        max_seq_len=32768, rope_theta=1e6, moe=dict(n_experts=8, top_k=2, aux_loss_coef=0.02),
+    ),
+    "qwen3-30b-a3b": dict(
+        vocab_size=151936, dim=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128, ffn_dim=6144,
+        max_seq_len=40960, rope_theta=1e6, norm_eps=1e-6, qk_norm=True,
+        moe=dict(n_experts=128, top_k=8, expert_ffn_dim=768, aux_loss_coef=0.001),
+    ),
+    "deepseek-v2-lite": dict(
+        vocab_size=102400, dim=2048, n_layers=27, n_heads=16, ffn_dim=10944, max_seq_len=163840,
+        norm_eps=1e-6, rope_interleaved=True,
+        mla=dict(kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
+        moe=dict(n_experts=64, top_k=6, expert_ffn_dim=1408, n_shared_experts=2, first_dense_layers=1,
+                 norm_topk_prob=False, aux_loss_coef=0.001),
+        rope_scaling=dict(type="yarn", factor=40.0, original_max_seq_len=4096, beta_fast=32, beta_slow=1,
+                          mscale=0.707, mscale_all_dim=0.707),
+    ),
+    "deepseek-v3": dict(
+        vocab_size=129280, dim=7168, n_layers=61, n_heads=128, ffn_dim=18432, max_seq_len=163840,
+        norm_eps=1e-6, rope_interleaved=True,
+        mla=dict(kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
+        moe=dict(n_experts=256, top_k=8, expert_ffn_dim=2048, n_shared_experts=1, first_dense_layers=3,
+                 scoring="sigmoid", score_correction_bias=True, n_groups=8, topk_groups=4,
+                 group_score="top2_sum", routed_scaling_factor=2.5, aux_loss_coef=0.0),
+        rope_scaling=dict(type="yarn", factor=40.0, original_max_seq_len=4096, beta_fast=32, beta_slow=1,
+                          mscale=1.0, mscale_all_dim=1.0),
+    ),
+}
+
+# A tiny shape that any preset can be shrunk to for tests and demos.
+TINY = dict(dim=64, n_layers=2, n_heads=4, ffn_dim=128, vocab_size=256, max_seq_len=256)
+
+
+def from_preset(name: str, **overrides: Any) -> ModelConfig:
+    """Build a config from a named preset; ``tiny=True`` shrinks it to a test-sized model."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+    base = dict(PRESETS[name])
+    if overrides.pop("tiny", False):
+        base.update(TINY)
+        base["n_kv_heads"] = min(base.get("n_kv_heads") or 4, 2)
+        base["head_dim"] = None
+        if "mla" in base:
+            base["mla"] = dict(kv_lora_rank=16, q_lora_rank=None if base["mla"]["q_lora_rank"] is None else 24,
+                               qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+        if "moe" in base:
+            moe = dict(base["moe"])
+            moe.update(n_experts=8, top_k=min(moe["top_k"], 2), expert_ffn_dim=32,
+                       n_groups=min(moe.get("n_groups", 1), 2), topk_groups=1,
+                       first_dense_layers=min(moe.get("first_dense_layers", 0), 1))
+            base["moe"] = moe
+        if "rope_scaling" in base and base["rope_scaling"].get("original_max_seq_len"):
+            base["rope_scaling"] = {**base["rope_scaling"], "original_max_seq_len": 64}
+        if base.get("sliding_window"):
+            base["sliding_window"] = 16
+    cfg = ModelConfig.from_dict({k: v for k, v in base.items()})
+    return cfg.replace(**overrides) if overrides else cfg

@@ -1,0 +1,85 @@
+"""Multi-head self-attention with grouped key/value heads.
+
+One implementation covers the family by the number of key/value heads:
+MHA (n_kv_heads = n_heads), GQA (Ainslie et al. 2023: groups of query heads share a K/V head) and
+MQA (Shazeer 2019: n_kv_heads = 1). Fewer K/V heads shrink the KV cache by n_heads/n_kv_heads.
+
+Options, each from a paper the notes discuss:
+- ``qk_norm``: RMSNorm over each head's q and k before RoPE (Qwen3, OLMo-2), tames logit growth;
+- ``attn_gate``: a sigmoid gate per output channel, computed from the layer input (gated
+  attention, Qiu et al. 2025 / Qwen3-Next), lets a head output nothing and removes attention sinks;
+- sliding window: handled by the mask the block receives (see ``masks.py``).
+
+The score computation is softmax(q·kᵀ·scale + bias + mask)·v via
+``F.scaled_dot_product_attention``, which picks a fused kernel where one applies.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(q kᵀ · scale + bias, masked) v.
+
+    q: (batch, heads, q_len, d); k, v: (batch, kv_heads, k_len, d|dv) with heads % kv_heads == 0.
+    mask: bool (batch, 1, q_len, k_len), True = attend. bias: additive (batch, heads, q_len, k_len).
+    """
+    if bias is not None:
+        bias = bias.to(q.dtype)
+        mask = bias if mask is None else bias.masked_fill(~mask, torch.finfo(q.dtype).min)
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.scale = cfg.attn_scale or 1.0 / math.sqrt(cfg.head_dim)
+        self.rope_interleaved = cfg.rope_interleaved
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, q_dim, bias=cfg.attn_qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, kv_dim, bias=cfg.attn_qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, kv_dim, bias=cfg.attn_qkv_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.dim, bias=cfg.attn_out_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.gate_proj = nn.Linear(cfg.dim, q_dim, bias=False) if cfg.attn_gate else None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (batch, seq, dim)
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # (b, h, s, hd)
+        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, kv, s, hd)
+        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q = apply_rope(q, *rope, interleaved=self.rope_interleaved)
+            k = apply_rope(k, *rope, interleaved=self.rope_interleaved)
+        out = attend(q, k, v, mask, self.scale, bias)  # (b, h, s, hd)
+        out = out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim)
+        if self.gate_proj is not None:
+            out = out * torch.sigmoid(self.gate_proj(x))
+        return self.o_proj(out)

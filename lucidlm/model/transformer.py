@@ -1,0 +1,179 @@
+"""The decoder-only Transformer, readable top to bottom.
+
+    ids ─embed(×√d)─(+abs pos)─(norm)─▶ [Block × n_layers] ─norm─▶ lm_head ─▶ logits
+
+A Block is attention then feed-forward (dense MLP or MoE), each wrapped in a residual connection
+with its norm placed pre (GPT-2, Llama: x + f(norm(x))), post (original Transformer:
+norm(x + f(x))) or sandwich (Gemma-2/3: x + norm(f(norm(x)))).
+Positions enter as RoPE tables shared by all layers, an ALiBi bias, or absolute embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .absolute_positions import LearnedPositions, SinusoidalPositions
+from .alibi import alibi_bias, alibi_slopes
+from .attention import Attention
+from .masks import build_mask, positions_from_attention_mask
+from .mla import MultiHeadLatentAttention
+from .mlp import MLP
+from .moe import MoE
+from .norm import make_norm
+from .rope import RotaryEmbedding
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (batch, seq, vocab)
+    hidden_states: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (batch, seq, dim)
+    aux_loss: torch.Tensor | None = None  # sum of the MoE load-balancing losses (unweighted)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.placement = cfg.norm_placement
+        self.sliding = cfg.is_sliding(layer)
+        self.attn = MultiHeadLatentAttention(cfg) if cfg.mla else Attention(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe(layer) else MLP(cfg)
+        self.attn_norm = make_norm(cfg)
+        self.mlp_norm = make_norm(cfg)
+        if self.placement == "sandwich":
+            self.attn_post_norm = make_norm(cfg)
+            self.mlp_post_norm = make_norm(cfg)
+
+    def forward(self, x, rope, mask, bias=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        aux = None
+
+        def ffn(h: torch.Tensor) -> torch.Tensor:
+            nonlocal aux
+            out = self.mlp(h)
+            if isinstance(out, tuple):  # MoE returns (output, aux loss)
+                out, aux = out
+            return out
+
+        if self.placement == "post":
+            x = self.attn_norm(x + self.attn(x, rope, mask, bias))
+            return self.mlp_norm(x + ffn(x)), aux
+        h = self.attn(self.attn_norm(x), rope, mask, bias)
+        x = x + (self.attn_post_norm(h) if self.placement == "sandwich" else h)
+        h = ffn(self.mlp_norm(x))
+        return x + (self.mlp_post_norm(h) if self.placement == "sandwich" else h), aux
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
+        self.positions: nn.Module | None = None
+        if cfg.positions == "learned":
+            self.positions = LearnedPositions(cfg.max_seq_len, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.init_buffers()
+        self.tie_weights()
+
+    # --- set-up ------------------------------------------------------------------------------
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the non-learned tables; needed after building on the meta device."""
+        cfg = self.config
+        self.rotary = None
+        if cfg.positions == "rope":
+            dim = cfg.mla.qk_rope_head_dim if cfg.mla else cfg.head_dim
+            self.rotary = RotaryEmbedding(dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len).to(device)
+        if cfg.positions == "sinusoidal":
+            self.positions = SinusoidalPositions(cfg.max_seq_len, cfg.dim).to(device)
+        self.alibi = alibi_slopes(cfg.n_heads).to(device) if cfg.positions == "alibi" else None
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random init: N(0, init_std) for matrices (output projections scaled by 1/sqrt(2·layers),
+        as GPT-2 does), zeros for biases, ones for norm weights (zeros for Gemma-style offsets)."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
+                nn.init.normal_(p, 0.0, std * scale, generator=generator)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.constant_(p, 0.0 if self.config.norm_unit_offset else 1.0)
+            else:
+                nn.init.normal_(p, 0.0, std, generator=generator)
+
+    # --- forward ----------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (batch, seq)
+        attention_mask: torch.Tensor | None = None,  # (batch, seq), 1 = real token, 0 = padding
+        position_ids: torch.Tensor | None = None,  # (batch, seq); default skips padding
+        prefix_mask: torch.Tensor | None = None,  # (batch, seq) True = bidirectional prefix (prefix-LM)
+        hidden_layers: Sequence[int] = (),
+        return_aux_loss: bool = False,
+    ) -> torch.Tensor | ModelOutput:
+        """Logits (batch, seq, vocab); a ``ModelOutput`` when hidden states or the aux loss are asked.
+
+        ``hidden_layers``: block indices whose output (the residual stream after the block) to
+        return; negative indices count from the last block.
+        """
+        cfg = self.config
+        b, s = input_ids.shape
+        if s > cfg.max_seq_len and cfg.positions in ("learned", "sinusoidal"):
+            raise ValueError(f"sequence of {s} tokens exceeds max_seq_len={cfg.max_seq_len}")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = positions_from_attention_mask(attention_mask)
+            else:
+                position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+        wanted = {i % cfg.n_layers for i in hidden_layers}
+
+        x = self.embed(input_ids)  # (b, s, dim)
+        if cfg.embed_scale:  # Gemma: scale by sqrt(dim), rounded to the activation dtype
+            x = x * torch.tensor(cfg.dim**0.5, dtype=x.dtype)
+        if self.positions is not None:
+            x = x + self.positions(position_ids).to(x.dtype)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+
+        rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+        bias = alibi_bias(self.alibi, position_ids, position_ids) if self.alibi is not None else None
+        masks = self._masks(b, s, x.device, attention_mask, prefix_mask)
+
+        hidden: dict[int, torch.Tensor] = {}
+        aux_total = None
+        for i, block in enumerate(self.blocks):
+            x, aux = block(x, rope, masks[block.sliding], bias)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+            if i in wanted:
+                hidden[i] = x
+        logits = self.lm_head(self.norm(x))
+        if cfg.logit_softcap:
+            logits = torch.tanh(logits / cfg.logit_softcap) * cfg.logit_softcap
+        if not wanted and not return_aux_loss:
+            return logits
+        return ModelOutput(logits, hidden, aux_total)
+
+    def _masks(self, b, s, device, attention_mask, prefix_mask) -> dict[bool, torch.Tensor]:
+        """The full-attention mask and, when some layer slides, the windowed one; keyed by sliding."""
+        common = dict(batch=b, device=device, key_padding=attention_mask, prefix_mask=prefix_mask)
+        masks = {False: build_mask(s, s, **common)}
+        if self.config.sliding_window is not None:
+            masks[True] = build_mask(s, s, window=self.config.sliding_window, **common)
+        return masks
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
