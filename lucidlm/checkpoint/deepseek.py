@@ -4,7 +4,7 @@ group-limited top-k over the two best experts of each group."""
 
 from __future__ import annotations
 
-from ..config import MLAConfig, MoEConfig, ModelConfig
+from ..config import MLAConfig, ModelConfig, MoEConfig
 from .family import Family, activation, common_fields, common_hf_fields, read_rope, require, write_rope
 from .llama_family import LLAMA_RENAMES, _hf_activation
 

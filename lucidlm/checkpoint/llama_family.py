@@ -8,9 +8,16 @@ router/expert names (Mixtral's ``block_sparse_moe.experts.E.w1/w2/w3``).
 
 from __future__ import annotations
 
-from ..config import MoEConfig, ModelConfig
+from ..config import ModelConfig, MoEConfig
 from .family import (
-    Family, activation, check_unsupported, common_fields, common_hf_fields, read_rope, require, write_rope,
+    Family,
+    activation,
+    check_unsupported,
+    common_fields,
+    common_hf_fields,
+    read_rope,
+    require,
+    write_rope,
 )
 
 LLAMA_RENAMES = [
@@ -23,11 +30,12 @@ LLAMA_RENAMES = [
     (r"blocks\.(\d+)\.mlp\.(.*)", r"model.layers.\1.mlp.\2"),
 ]
 
+_MOE = r"model.layers.\1.block_sparse_moe"
 MIXTRAL_RENAMES = [
-    (r"blocks\.(\d+)\.mlp\.gate\.weight", r"model.layers.\1.block_sparse_moe.gate.weight"),
-    (r"blocks\.(\d+)\.mlp\.experts\.(\d+)\.gate_proj\.weight", r"model.layers.\1.block_sparse_moe.experts.\2.w1.weight"),
-    (r"blocks\.(\d+)\.mlp\.experts\.(\d+)\.down_proj\.weight", r"model.layers.\1.block_sparse_moe.experts.\2.w2.weight"),
-    (r"blocks\.(\d+)\.mlp\.experts\.(\d+)\.up_proj\.weight", r"model.layers.\1.block_sparse_moe.experts.\2.w3.weight"),
+    (r"blocks\.(\d+)\.mlp\.gate\.weight", _MOE + r".gate.weight"),
+    (r"blocks\.(\d+)\.mlp\.experts\.(\d+)\.gate_proj\.weight", _MOE + r".experts.\2.w1.weight"),
+    (r"blocks\.(\d+)\.mlp\.experts\.(\d+)\.down_proj\.weight", _MOE + r".experts.\2.w2.weight"),
+    (r"blocks\.(\d+)\.mlp\.experts\.(\d+)\.up_proj\.weight", _MOE + r".experts.\2.w3.weight"),
 ] + LLAMA_RENAMES
 
 # Old checkpoints sometimes carry the RoPE table as a tensor; it is recomputed, never loaded.

@@ -61,7 +61,7 @@ class SafetensorsReader:
         single = self.directory / SINGLE_FILE
         if single.exists():
             return [single]
-        pickles = sorted(p.name for p in self.directory.glob("*.bin")) + sorted(p.name for p in self.directory.glob("*.pt"))
+        pickles = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in self.directory.glob(pattern))
         hint = f" (found {pickles}: pickle files are never loaded; convert them to safetensors)" if pickles else ""
         raise CheckpointError(f"{self.directory}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 

@@ -105,7 +105,8 @@ class Transformer(nn.Module):
         std = self.config.init_std
         for name, p in self.named_parameters():
             if p.dim() >= 2:
-                scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
+                residual_out = name.endswith(("o_proj.weight", "down_proj.weight"))
+                scale = 1 / math.sqrt(2 * self.config.n_layers) if residual_out else 1
                 nn.init.normal_(p, 0.0, std * scale, generator=generator)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)

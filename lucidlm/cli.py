@@ -1,0 +1,90 @@
+"""``lucidlm <verb>``: one command, verbs that read like the task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="lucidlm: a hackable, pure-PyTorch LLM stack that knows when it is making things up.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+
+def _describe(cfg, n_params: int, model_type: str) -> dict:
+    attention = "MLA" if cfg.mla else ("MHA" if cfg.n_kv_heads == cfg.n_heads else
+                                       "MQA" if cfg.n_kv_heads == 1 else "GQA")
+    return {
+        "model_type": model_type, "parameters": n_params, "layers": cfg.n_layers, "dim": cfg.dim,
+        "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "attention": attention,
+        "ffn": ("MoE" if cfg.moe else ("gated " if cfg.gated_mlp else "") + cfg.activation),
+        "experts": f"{cfg.moe.top_k} of {cfg.moe.n_experts} (+{cfg.moe.n_shared_experts} shared)" if cfg.moe else None,
+        "positions": cfg.positions + (f" ({cfg.rope_scaling.type} scaling)" if cfg.rope_scaling.type != "default"
+                                      and cfg.positions == "rope" else ""),
+        "norm": f"{cfg.norm}, {cfg.norm_placement}", "vocab": cfg.vocab_size, "context": cfg.max_seq_len,
+        "sliding_window": cfg.sliding_window, "tied_embeddings": cfg.tie_embeddings, "dtype": cfg.dtype,
+    }
+
+
+@app.command()
+def info(
+    path: Annotated[Path | None, typer.Argument(help="checkpoint directory (config.json + safetensors)")] = None,
+    preset: Annotated[str | None, typer.Option(help="describe a named preset instead of a checkpoint")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Describe a checkpoint's architecture (reads only config.json) or a preset."""
+    import torch
+
+    from .checkpoint import read_hf_config
+    from .config import PRESETS, from_preset
+    from .model.transformer import Transformer
+
+    if (path is None) == (preset is None):
+        raise typer.BadParameter("give exactly one of PATH or --preset (presets: " + ", ".join(PRESETS) + ")")
+    if preset is not None:
+        cfg, model_type = from_preset(preset), f"preset {preset}"
+    else:
+        hf, _, cfg = read_hf_config(path)
+        model_type = hf["model_type"]
+    with torch.device("meta"):  # count parameters without allocating them
+        n = Transformer(cfg).num_parameters()
+    desc = _describe(cfg, n, model_type)
+    if as_json:
+        typer.echo(json.dumps(desc))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False, title=str(path or preset))
+    for k, v in desc.items():
+        table.add_row(k, f"{v / 1e6:.1f} M" if k == "parameters" else str(v))
+    Console().print(table)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="where to write the demo checkpoint")] = Path("runs/demo"),
+    prompt: Annotated[str, typer.Option(help="text to continue")] = "The capital of France is",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens to decode")] = 24,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+) -> None:
+    """Build a small random model as a Hugging Face checkpoint, reload it, check it, decode."""
+    from .demo import run_demo
+
+    run_demo(out, prompt, max_new_tokens, device, dtype)
+
+
+def main() -> None:
+    from .checkpoint import CheckpointError
+
+    try:
+        app()
+    except (CheckpointError, ValueError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

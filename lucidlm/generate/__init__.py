@@ -1,0 +1,2 @@
+"""Decoding. ``reference.py`` holds the plain recompute-everything loop that faster engines are
+checked against."""
