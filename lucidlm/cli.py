@@ -17,7 +17,10 @@ def _describe(cfg, n_params: int, model_type: str) -> dict:
                                        "MQA" if cfg.n_kv_heads == 1 else "GQA")
     return {
         "model_type": model_type, "parameters": n_params, "layers": cfg.n_layers, "dim": cfg.dim,
-        "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "attention": attention,
+        "heads": cfg.n_heads, "kv_heads": None if cfg.mla else cfg.n_kv_heads,
+        "head_dim": (f"qk {cfg.mla.qk_nope_head_dim}+{cfg.mla.qk_rope_head_dim} rope, v {cfg.mla.v_head_dim}, "
+                     f"kv latent {cfg.mla.kv_lora_rank}") if cfg.mla else cfg.head_dim,
+        "attention": attention,
         "ffn": ("MoE" if cfg.moe else ("gated " if cfg.gated_mlp else "") + cfg.activation),
         "experts": f"{cfg.moe.top_k} of {cfg.moe.n_experts} (+{cfg.moe.n_shared_experts} shared)" if cfg.moe else None,
         "positions": cfg.positions + (f" ({cfg.rope_scaling.type} scaling)" if cfg.rope_scaling.type != "default"
