@@ -47,6 +47,7 @@ class MultiHeadLatentAttention(nn.Module):
         )
         self.scale = mla_softmax_scale(cfg)
         self.absorbed = False  # switch to the latent-space computation (same result)
+        self.rope_interleaved = cfg.rope_interleaved
         qk_dim = self.nope + self.rope_dim
         bias = cfg.attn_qkv_bias
         if mla.q_lora_rank is None:
@@ -86,8 +87,8 @@ class MultiHeadLatentAttention(nn.Module):
         b, s, _ = x.shape
         q_nope, q_pe = self.project_q(x)
         c_kv, k_pe = self.latent(x)
-        q_pe = apply_rope(q_pe, *rope, interleaved=True)
-        k_pe = apply_rope(k_pe, *rope, interleaved=True)
+        q_pe = apply_rope(q_pe, *rope, interleaved=self.rope_interleaved)
+        k_pe = apply_rope(k_pe, *rope, interleaved=self.rope_interleaved)
         if self.absorbed:
             out = self._attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask, bias)
         else:
