@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 PositionKind = Literal["rope", "alibi", "sinusoidal", "learned", "none"]
 NormKind = Literal["rmsnorm", "layernorm"]
@@ -139,11 +139,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         # Accept plain dicts for the nested configs (as read from JSON).
         if isinstance(self.rope_scaling, dict):
-            self.rope_scaling = RopeScaling(**self.rope_scaling)
+            self.rope_scaling = _nested(RopeScaling, self.rope_scaling, "rope_scaling")
         if isinstance(self.moe, dict):
-            self.moe = MoEConfig(**self.moe)
+            self.moe = _nested(MoEConfig, self.moe, "moe")
         if isinstance(self.mla, dict):
-            self.mla = MLAConfig(**self.mla)
+            self.mla = _nested(MLAConfig, self.mla, "mla")
+        for name in ("n_heads", "dim"):  # head_dim is derived from them: check their type first
+            _check_int(name, getattr(self, name))
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -154,10 +156,19 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Reject configs that cannot build a model, naming the field at fault."""
-        positive = ["vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"]
+        positive = ["vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len"]
         for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+            _check_int(name, getattr(self, name))
+        if self.sliding_window is not None:
+            _check_int("sliding_window", self.sliding_window)
+        for name, kind in (("positions", PositionKind), ("norm", NormKind), ("norm_placement", NormPlacement),
+                           ("activation", Activation)):
+            value = getattr(self, name)
+            if value not in get_args(kind):
+                raise ValueError(f"ModelConfig.{name} must be one of {list(get_args(kind))}, got {value!r}")
+        if self.rope_scaling.type not in get_args(RopeType):
+            raise ValueError(f"ModelConfig.rope_scaling.type must be one of {list(get_args(RopeType))}, "
+                             f"got {self.rope_scaling.type!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
@@ -165,10 +176,12 @@ class ModelConfig:
         if self.moe is not None and not 1 <= self.moe.top_k <= self.moe.n_experts:
             raise ValueError(f"MoEConfig.top_k must be in [1, n_experts={self.moe.n_experts}], got {self.moe.top_k}")
         if self.moe is not None and self.moe.n_experts % self.moe.n_groups:
-            raise ValueError("MoEConfig.n_experts must be divisible by n_groups")
+            raise ValueError(f"MoEConfig.n_experts ({self.moe.n_experts}) must be divisible by n_groups "
+                             f"({self.moe.n_groups})")
+        rope_field = "MLAConfig.qk_rope_head_dim" if self.mla else "ModelConfig.head_dim"
         rope_dim = self.mla.qk_rope_head_dim if self.mla else self.head_dim
         if self.positions == "rope" and rope_dim % 2:
-            raise ValueError(f"RoPE needs an even rotary dimension, got {rope_dim}")
+            raise ValueError(f"{rope_field} must be even for RoPE (it is the rotary dimension), got {rope_dim}")
 
     # --- derived facts -------------------------------------------------------------------
     def is_sliding(self, layer: int) -> bool:
@@ -195,6 +208,19 @@ class ModelConfig:
 
     def replace(self, **overrides: Any) -> ModelConfig:
         return from_overrides(self, overrides)
+
+
+def _check_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"ModelConfig.{name} must be an integer >= 1, got {value!r}")
+
+
+def _nested(cls: type, d: dict[str, Any], name: str) -> Any:
+    """Build a nested config from a dict, naming unknown keys instead of a bare TypeError."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown ModelConfig.{name} fields: {unknown}")
+    return cls(**d)
 
 
 def from_overrides(base: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:

@@ -61,8 +61,10 @@ def read_hf_config(directory: str | Path) -> tuple[dict, Family, ModelConfig]:
         raise CheckpointError(f"{directory}: no config.json (is this a Hugging Face checkpoint directory?)")
     try:
         hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(hf).__name__}")
     kind = hf.get("model_type")
     if kind not in FAMILIES:
         raise CheckpointError(
@@ -71,7 +73,7 @@ def read_hf_config(directory: str | Path) -> tuple[dict, Family, ModelConfig]:
     family = FAMILIES[kind]
     try:
         cfg = family.to_config(hf)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # e.g. a field of the wrong JSON type
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{path}: cannot read a {kind} config ({type(e).__name__}: {e})") from e

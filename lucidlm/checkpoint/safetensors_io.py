@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ class SafetensorsReader:
         for file in self._files():
             handle = self._open(file)
             for name in handle.keys():
+                if name in self.tensors:  # two shards with one name: which one is meant is anyone's guess
+                    raise CheckpointError(f"tensor {name!r} is stored twice: in {self.tensors[name].file} and {file}")
                 sl = handle.get_slice(name)
                 self.tensors[name] = TensorInfo(file, tuple(sl.get_shape()), sl.get_dtype())
 
@@ -51,8 +54,10 @@ class SafetensorsReader:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from e
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
             files = sorted({self.directory / f for f in weight_map.values()})
             missing = [str(f) for f in files if not f.exists()]
             if missing:
@@ -82,9 +87,15 @@ class SafetensorsReader:
 
 
 def _atomic_path(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    # A fresh name claimed with O_EXCL, as mkstemp does, but created with mode 0o666 so that the
+    # umask decides the final permissions (mkstemp's 0o600 would make a checkpoint private).
+    while True:
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 @contextmanager
@@ -136,4 +147,7 @@ def write_safetensors(
         stale = directory / INDEX_FILE
     if stale.exists():  # an older save in the other layout would shadow or confuse this one
         stale.unlink()
+    for old in directory.glob("model-*-of-*.safetensors"):  # shards of an older save that this one has not replaced
+        if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", old.name) and old.name not in names:
+            old.unlink()
     return [directory / n for n in names]
