@@ -315,8 +315,9 @@ def from_preset(name: str, **overrides: Any) -> ModelConfig:
         raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
     base = dict(PRESETS[name])
     if overrides.pop("tiny", False):
+        kv = base.get("n_kv_heads")
         base.update(TINY)
-        base["n_kv_heads"] = min(base.get("n_kv_heads") or 4, 2)
+        base["n_kv_heads"] = None if kv is None else min(kv, 2)  # MHA stays MHA, MQA stays MQA
         base["head_dim"] = None
         if "mla" in base:
             base["mla"] = dict(kv_lora_rank=16, q_lora_rank=None if base["mla"]["q_lora_rank"] is None else 24,

@@ -43,3 +43,18 @@ def test_tiny_variant_of_every_preset_runs(name):
     model.init_weights()
     logits = model(torch.randint(0, cfg.vocab_size, (2, 9)))
     assert logits.shape == (2, 9, cfg.vocab_size) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name,kind", [("gpt2", "MHA"), ("bloom-560m", "MHA"), ("gemma-2b", "MQA"),
+                                       ("llama3-8b", "GQA")])
+def test_tiny_variant_keeps_the_attention_kind(name, kind):
+    cfg = lucidlm.from_preset(name, tiny=True)
+    got = "MHA" if cfg.n_kv_heads == cfg.n_heads else "MQA" if cfg.n_kv_heads == 1 else "GQA"
+    assert got == kind
+
+
+def test_building_a_model_does_not_mutate_its_config():
+    cfg = lucidlm.from_preset("llama-125m", tiny=True, rope_scaling=dict(type="linear", factor=2.0))
+    before = cfg.to_dict()
+    lucidlm.Transformer(cfg)
+    assert cfg.to_dict() == before

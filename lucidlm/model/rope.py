@@ -14,6 +14,7 @@ means changing ``inv_freq``:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -99,9 +100,9 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, theta: float, scaling: RopeScaling, max_seq_len: int) -> None:
         super().__init__()
-        self.dim, self.theta, self.scaling = dim, theta, scaling
         if scaling.type != "default" and scaling.original_max_seq_len is None:
-            scaling.original_max_seq_len = max_seq_len
+            scaling = dataclasses.replace(scaling, original_max_seq_len=max_seq_len)  # never mutate the config
+        self.dim, self.theta, self.scaling = dim, theta, scaling
         inv_freq, self.attention_factor = rope_inv_freq(dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 

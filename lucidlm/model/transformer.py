@@ -49,22 +49,20 @@ class Block(nn.Module):
             self.attn_post_norm = make_norm(cfg)
             self.mlp_post_norm = make_norm(cfg)
 
+    def ffn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The feed-forward output and, for MoE, its load-balancing loss."""
+        out = self.mlp(x)
+        return out if isinstance(out, tuple) else (out, None)
+
     def forward(self, x, rope, mask, bias=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        aux = None
-
-        def ffn(h: torch.Tensor) -> torch.Tensor:
-            nonlocal aux
-            out = self.mlp(h)
-            if isinstance(out, tuple):  # MoE returns (output, aux loss)
-                out, aux = out
-            return out
-
+        """x: (batch, seq, dim) -> (same shape, MoE aux loss or None)."""
         if self.placement == "post":
             x = self.attn_norm(x + self.attn(x, rope, mask, bias))
-            return self.mlp_norm(x + ffn(x)), aux
+            h, aux = self.ffn(x)
+            return self.mlp_norm(x + h), aux
         h = self.attn(self.attn_norm(x), rope, mask, bias)
         x = x + (self.attn_post_norm(h) if self.placement == "sandwich" else h)
-        h = ffn(self.mlp_norm(x))
+        h, aux = self.ffn(self.mlp_norm(x))
         return x + (self.mlp_post_norm(h) if self.placement == "sandwich" else h), aux
 
 
@@ -139,6 +137,9 @@ class Transformer(nn.Module):
                 position_ids = positions_from_attention_mask(attention_mask)
             else:
                 position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+        out_of_range = [i for i in hidden_layers if not -cfg.n_layers <= i < cfg.n_layers]
+        if out_of_range:
+            raise IndexError(f"hidden_layers {out_of_range} out of range for {cfg.n_layers} blocks")
         wanted = {i % cfg.n_layers for i in hidden_layers}
 
         x = self.embed(input_ids)  # (b, s, dim)
