@@ -16,6 +16,7 @@ import torch
 
 from ..config import ModelConfig
 from ..model.transformer import Transformer
+from ..progress import progress_bar
 from . import bloom, deepseek, gpt2, llama_family, native
 from .errors import CheckpointError
 from .family import Family, Rule
@@ -114,7 +115,8 @@ def _check(reader: SafetensorsReader, rules: list[Rule], ours: dict[str, torch.T
 
 
 def load_model(directory: str | Path, dtype: str | torch.dtype | None = "float32",
-               device: str | torch.device = "cpu") -> Loaded:
+               device: str | torch.device = "cpu", progress: bool | None = None) -> Loaded:
+    """progress: draw a bar while reading (None: for checkpoints over 256 MiB on a terminal)."""
     hf, family, cfg = read_hf_config(directory)
     torch_dtype = resolve_dtype(dtype, cfg)
     reader = SafetensorsReader(directory)
@@ -125,12 +127,17 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = "float32
     _check(reader, rules, ours, family, cfg.tie_embeddings)
 
     state: dict[str, torch.Tensor] = {}
-    for rule in rules:
-        converted = rule.to_ours([reader.get(n) for n in rule.theirs])
-        for name, t in zip(rule.ours, converted):
-            # router statistics stay float32, like the reference implementations keep them
-            keep_fp32 = name.endswith("e_score_correction_bias")
-            state[name] = t.to(device=device, dtype=torch.float32 if keep_fp32 else torch_dtype).contiguous()
+    total = sum(reader.nbytes(n) for rule in rules for n in rule.theirs)
+    if progress is None and total < 256 * 2**20:
+        progress = False  # small checkpoints load in a blink; None leaves it to whether stderr is a terminal
+    with progress_bar(total, f"loading {Path(directory).name}", progress, unit_bytes=True) as advance:
+        for rule in rules:
+            converted = rule.to_ours([reader.get(n) for n in rule.theirs])
+            for name, t in zip(rule.ours, converted):
+                # router statistics stay float32, like the reference implementations keep them
+                keep_fp32 = name.endswith("e_score_correction_bias")
+                state[name] = t.to(device=device, dtype=torch.float32 if keep_fp32 else torch_dtype).contiguous()
+            advance(sum(reader.nbytes(n) for n in rule.theirs))
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)

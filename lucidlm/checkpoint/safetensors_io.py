@@ -9,6 +9,7 @@ so a crash never leaves a half-written checkpoint behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import uuid
@@ -23,6 +24,8 @@ from safetensors.torch import save_file
 
 from .errors import CheckpointError
 
+DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -77,6 +80,10 @@ class SafetensorsReader:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from e
         self._handles[file] = handle
         return handle
+
+    def nbytes(self, name: str) -> int:
+        info = self.tensors[name]
+        return math.prod(info.shape) * DTYPE_BYTES.get(info.dtype, 4)
 
     def get(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
