@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .kv_cache import KVCache
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -48,8 +49,9 @@ def attend(
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
+        self.layer = layer  # which KV-cache layer this attention writes
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.scale = cfg.attn_scale or 1.0 / math.sqrt(cfg.head_dim)
         self.rope_interleaved = cfg.rope_interleaved
@@ -68,6 +70,7 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
         bias: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # (b, h, s, hd)
@@ -78,6 +81,8 @@ class Attention(nn.Module):
         if rope is not None:
             q = apply_rope(q, *rope, interleaved=self.rope_interleaved)
             k = apply_rope(k, *rope, interleaved=self.rope_interleaved)
+        if cache is not None:  # store the new keys/values, attend over all cached ones
+            k, v = cache.update(self.layer, k, v)
         out = attend(q, k, v, mask, self.scale, bias)  # (b, h, s, hd)
         out = out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim)
         if self.gate_proj is not None:

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import attend
+from .kv_cache import KVCache
 from .norm import RMSNorm
 from .rope import apply_rope, yarn_mscale
 
@@ -37,8 +38,9 @@ def mla_softmax_scale(cfg: ModelConfig) -> float:
 
 
 class MultiHeadLatentAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
+        self.layer = layer  # which KV-cache layer this attention writes
         mla = cfg.mla
         assert mla is not None
         self.n_heads = cfg.n_heads
@@ -83,13 +85,19 @@ class MultiHeadLatentAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
         bias: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         b, s, _ = x.shape
         q_nope, q_pe = self.project_q(x)
         c_kv, k_pe = self.latent(x)
         q_pe = apply_rope(q_pe, *rope, interleaved=self.rope_interleaved)
         k_pe = apply_rope(k_pe, *rope, interleaved=self.rope_interleaved)
-        if self.absorbed:
+        absorbed = self.absorbed
+        if cache is not None:  # the cache holds only the latent and the rotated RoPE key
+            c_kv, k_pe = cache.update(self.layer, c_kv[:, None], k_pe)
+            c_kv = c_kv[:, 0]
+            absorbed = absorbed or s == 1  # decode: attend in latent space, never expand the cache
+        if absorbed:
             out = self._attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask, bias)
         else:
             out = self._attend_naive(q_nope, q_pe, c_kv, k_pe, mask, bias)

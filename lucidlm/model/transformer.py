@@ -21,6 +21,7 @@ from ..config import ModelConfig
 from .absolute_positions import LearnedPositions, SinusoidalPositions
 from .alibi import alibi_bias, alibi_slopes
 from .attention import Attention
+from .kv_cache import KVCache
 from .masks import build_mask, positions_from_attention_mask
 from .mla import MultiHeadLatentAttention
 from .mlp import MLP
@@ -41,7 +42,7 @@ class Block(nn.Module):
         super().__init__()
         self.placement = cfg.norm_placement
         self.sliding = cfg.is_sliding(layer)
-        self.attn = MultiHeadLatentAttention(cfg) if cfg.mla else Attention(cfg)
+        self.attn = MultiHeadLatentAttention(cfg, layer) if cfg.mla else Attention(cfg, layer)
         self.mlp = MoE(cfg) if cfg.is_moe(layer) else MLP(cfg)
         self.attn_norm = make_norm(cfg)
         self.mlp_norm = make_norm(cfg)
@@ -54,13 +55,13 @@ class Block(nn.Module):
         out = self.mlp(x)
         return out if isinstance(out, tuple) else (out, None)
 
-    def forward(self, x, rope, mask, bias=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x, rope, mask, bias=None, cache=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (batch, seq, dim) -> (same shape, MoE aux loss or None)."""
         if self.placement == "post":
-            x = self.attn_norm(x + self.attn(x, rope, mask, bias))
+            x = self.attn_norm(x + self.attn(x, rope, mask, bias, cache))
             h, aux = self.ffn(x)
             return self.mlp_norm(x + h), aux
-        h = self.attn(self.attn_norm(x), rope, mask, bias)
+        h = self.attn(self.attn_norm(x), rope, mask, bias, cache)
         x = x + (self.attn_post_norm(h) if self.placement == "sandwich" else h)
         h, aux = self.ffn(self.mlp_norm(x))
         return x + (self.mlp_post_norm(h) if self.placement == "sandwich" else h), aux
@@ -122,26 +123,47 @@ class Transformer(nn.Module):
         prefix_mask: torch.Tensor | None = None,  # (batch, seq) True = bidirectional prefix (prefix-LM)
         hidden_layers: Sequence[int] = (),
         return_aux_loss: bool = False,
+        cache: KVCache | None = None,
+        slots: Sequence[int] | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor | ModelOutput:
         """Logits (batch, seq, vocab); a ``ModelOutput`` when hidden states or the aux loss are asked.
 
         ``hidden_layers``: block indices whose output (the residual stream after the block) to
         return; negative indices count from the last block.
+        ``cache``: the tokens continue the sequences held in the cache's ``slots`` (row i → slot
+        slots[i]; default 0..batch-1); their K/V are stored and earlier ones attended to. Here
+        ``attention_mask`` covers only the new tokens and position ids continue each slot.
+        ``last_only``: project only the last position to logits (batch, 1, vocab), as generation needs.
         """
         cfg = self.config
         b, s = input_ids.shape
         if s > cfg.max_seq_len and cfg.positions in ("learned", "sinusoidal"):
             raise ValueError(f"sequence of {s} tokens exceeds max_seq_len={cfg.max_seq_len}")
+        if cache is not None:
+            return self._forward_cached(input_ids, attention_mask, position_ids, hidden_layers, return_aux_loss,
+                                        cache, range(b) if slots is None else slots, last_only)
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = positions_from_attention_mask(attention_mask)
             else:
                 position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
-        out_of_range = [i for i in hidden_layers if not -cfg.n_layers <= i < cfg.n_layers]
-        if out_of_range:
-            raise IndexError(f"hidden_layers {out_of_range} out of range for {cfg.n_layers} blocks")
-        wanted = {i % cfg.n_layers for i in hidden_layers}
+        wanted = self._wanted(hidden_layers)
+        x = self._embed(input_ids, position_ids)
+        rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+        bias = alibi_bias(self.alibi, position_ids, position_ids) if self.alibi is not None else None
+        masks = self._masks(b, s, x.device, attention_mask, prefix_mask)
+        return self._run_blocks(x, rope, masks, bias, None, wanted, return_aux_loss, last_only)
 
+    def _wanted(self, hidden_layers: Sequence[int]) -> set[int]:
+        n = self.config.n_layers
+        out_of_range = [i for i in hidden_layers if not -n <= i < n]
+        if out_of_range:
+            raise IndexError(f"hidden_layers {out_of_range} out of range for {n} blocks")
+        return {i % n for i in hidden_layers}
+
+    def _embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
         x = self.embed(input_ids)  # (b, s, dim)
         if cfg.embed_scale:  # Gemma: scale by sqrt(dim), rounded to the activation dtype
             x = x * torch.tensor(cfg.dim**0.5, dtype=x.dtype)
@@ -149,22 +171,39 @@ class Transformer(nn.Module):
             x = x + self.positions(position_ids).to(x.dtype)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
+        return x
 
-        rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
-        bias = alibi_bias(self.alibi, position_ids, position_ids) if self.alibi is not None else None
-        masks = self._masks(b, s, x.device, attention_mask, prefix_mask)
+    def _forward_cached(self, input_ids, attention_mask, position_ids, hidden_layers, return_aux_loss, cache,
+                        slots, last_only) -> torch.Tensor | ModelOutput:
+        if cache.cfg is not self.config and cache.cfg != self.config:
+            raise ValueError("this KV cache was built for a different model config")
+        if self.alibi is not None and any(cache.ring):
+            raise ValueError("ALiBi with sliding-window ring caches is not supported")
+        b, s = input_ids.shape
+        if len(slots) != b:
+            raise ValueError(f"{len(slots)} slots given for a batch of {b} rows")
+        plan = cache.begin(slots, s, attention_mask, position_ids)
+        x = self._embed(input_ids, plan.position_ids)
+        rope = self.rotary(plan.position_ids, x.dtype) if self.rotary is not None else None
+        bias = alibi_bias(self.alibi, plan.position_ids, plan.key_positions) if self.alibi is not None else None
+        wanted = self._wanted(hidden_layers)
+        return self._run_blocks(x, rope, plan.masks, bias, cache, wanted, return_aux_loss, last_only)
 
+    def _run_blocks(self, x, rope, masks, bias, cache, wanted, return_aux_loss, last_only):
         hidden: dict[int, torch.Tensor] = {}
         aux_total = None
         for i, block in enumerate(self.blocks):
-            x, aux = block(x, rope, masks[block.sliding], bias)
+            x, aux = block(x, rope, masks[block.sliding], bias, cache)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
             if i in wanted:
                 hidden[i] = x
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
-        if cfg.logit_softcap:
-            logits = torch.tanh(logits / cfg.logit_softcap) * cfg.logit_softcap
+        if self.config.logit_softcap:
+            cap = self.config.logit_softcap
+            logits = torch.tanh(logits / cap) * cap
         if not wanted and not return_aux_loss:
             return logits
         return ModelOutput(logits, hidden, aux_total)
