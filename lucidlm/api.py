@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -11,6 +14,10 @@ from .checkpoint import load_model, save_model
 from .checkpoint.family import Family
 from .config import ModelConfig
 from .device import resolve_device
+from .generate import text_generation
+from .generate.engine import Completion
+from .generate.strategies import AnswerExtractor, Scorer, Vote, last_number, mean_logprob
+from .generate.text_generation import Prompt, StreamToken
 from .model.transformer import Transformer
 from .tokenizer import Tokenizer
 
@@ -25,6 +32,7 @@ class LM:
     path: Path | None = None
     family: Family | None = None
     hf_config: dict | None = None
+    generation_defaults: dict = field(default_factory=dict)  # the checkpoint's generation_config.json
 
     @property
     def device(self) -> torch.device:
@@ -39,6 +47,51 @@ class LM:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok().decode(ids, skip_special_tokens)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Tokens that end a sequence: the tokenizer's EOS plus those of config.json and
+        generation_config.json (chat models often end turns with a second one, e.g. <|eot_id|>)."""
+        ids: list[int] = []
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        for source in (self.hf_config or {}, self.generation_defaults):
+            value = source.get("eos_token_id")
+            for i in value if isinstance(value, list) else [value]:
+                if isinstance(i, int) and i not in ids:
+                    ids.append(i)
+        return ids
+
+    # --- generation (see lucidlm/generate) ------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt], *, best_of: int = 1, scorer: Scorer = mean_logprob,
+                 num_return_sequences: int = 1, **options: Any) -> list[Completion]:
+        """One ``Completion`` (text, token_ids, logprobs, finish_reason) per prompt.
+
+        Options: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop,
+        stop_token_ids, ignore_eos, num_beams, length_penalty, early_stopping. Greedy unless a
+        sampling option is given. ``best_of=N`` keeps the best of N samples by ``scorer``.
+        """
+        return text_generation.generate(self, prompts, best_of_n=best_of, scorer=scorer,
+                                        num_return_sequences=num_return_sequences, **options)
+
+    def stream(self, prompt: Prompt, **options: Any) -> Iterator[StreamToken]:
+        """Yield each token (token_id, text, logprob, finish_reason) as it is decoded."""
+        return text_generation.stream(self, prompt, **options)
+
+    def chat(self, messages: list[dict], *, stream: bool = False,
+             **options: Any) -> Completion | Iterator[StreamToken]:
+        """Answer a conversation, rendered with the checkpoint's chat template."""
+        ids = text_generation.chat_prompt(self, messages)
+        return self.stream(ids, **options) if stream else self.generate([ids], **options)[0]
+
+    def sample(self, prompt: Prompt, n: int, **options: Any) -> list[Completion]:
+        """``n`` independent samples of one prompt (temperature 1 unless given)."""
+        return text_generation.sample(self, prompt, n, **options)
+
+    def self_consistency(self, prompt: Prompt, n: int = 8, extract: AnswerExtractor = last_number,
+                         **options: Any) -> Vote:
+        """Majority vote over the answers ``extract`` finds in ``n`` samples (Wang et al. 2022)."""
+        return text_generation.self_consistency(self, prompt, n, extract, **options)
 
     def save(self, directory: str | Path) -> Path:
         """Write the model back in the checkpoint's own layout (HF families stay HF)."""
@@ -65,4 +118,6 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: 
     """
     path = Path(path)
     loaded = load_model(path, dtype=dtype, device=resolve_device(device))
-    return LM(loaded.model, Tokenizer.from_dir(path), loaded.config, path, loaded.family, loaded.hf_config)
+    gen_path = path / "generation_config.json"
+    defaults = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+    return LM(loaded.model, Tokenizer.from_dir(path), loaded.config, path, loaded.family, loaded.hf_config, defaults)

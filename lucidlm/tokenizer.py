@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from lucidlm.chat_template import SPECIAL_TOKEN_KEYS, render_chat_template
+
 
 class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, config: dict | None = None) -> None:
@@ -71,6 +73,17 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # --- chat ---------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = False,
+                            **kwargs) -> str | list[int]:
+        """The prompt for ``messages`` rendered with the checkpoint's chat template, as transformers renders it
+        (``tools=``, ``documents=`` and any other keyword, e.g. ``enable_thinking=False``, reach the template).
+        With ``tokenize=True``, its token ids, encoded without adding special tokens: the template writes BOS."""
+        special = {key: token for key in SPECIAL_TOKEN_KEYS if (token := self._special(key)) is not None}
+        text = render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                    special_tokens=special, **kwargs)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)

@@ -113,7 +113,8 @@ class Engine:
     ) -> Iterator[Step]:
         """Generate for every prompt ``n`` times; yield each forward's tokens as they are decoded.
 
-        should_stop(row, generated ids) lets the caller end a row (stop strings live at the text level).
+        should_stop(row, generated ids) is called for every new token and lets the caller end a row
+        (stop strings live at the text level).
         """
         prompts = self.check_prompts(prompts)
         if n < 1:
@@ -143,9 +144,10 @@ class Engine:
             step = Step(active, tokens.tolist(), logprobs.tolist(), hidden=hidden, prefill=is_prefill)
             for row, tok in zip(active, step.token_ids):
                 generated[row].append(tok)
-                reason = self._finish_reason(tok, generated[row], config, cache.lengths[row], cache.max_len)
-                if reason is None and should_stop is not None and should_stop(row, generated[row]):
-                    reason = "stop"
+                # should_stop sees every token (text layers detokenize through it)
+                stop_now = should_stop is not None and should_stop(row, generated[row])
+                reason = "stop" if stop_now else self._finish_reason(tok, generated[row], config,
+                                                                      cache.lengths[row], cache.max_len)
                 if reason is not None:
                     step.finished[row] = reason
             yield step

@@ -126,9 +126,9 @@ class KVCache:
         index = torch.tensor(list(dst), device=self.device)
         for pair in self.layers:
             for t in pair:
-                t[index] = t[src]
+                t[index] = t[src].clone()  # clone: source and targets share the buffer
         for name in ("valid", "positions", "next_position"):
-            getattr(self, name)[index] = getattr(self, name)[src]
+            getattr(self, name)[index] = getattr(self, name)[src].clone()
         for d in dst:
             self.lengths[d] = self.lengths[src]
 

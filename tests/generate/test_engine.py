@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_parity import hf_checkpoint
+from tiny_lm import tiny_model
 
-from lucidlm.config import from_preset
 from lucidlm.generate.engine import Engine
 from lucidlm.generate.generation_config import GenerationConfig
 from lucidlm.generate.reference import greedy_no_cache
-from lucidlm.model.transformer import Transformer
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 8], [64, 2], [11, 12, 13, 14]]
 NEW = 16
@@ -32,15 +31,6 @@ def test_greedy_matches_transformers_generate(kind, tmp_path):
     for prompt, completion in zip(PROMPTS, ours):
         assert completion.token_ids == hf_greedy(hf, prompt, NEW)
         assert completion.finish_reason == "length"
-
-
-def tiny_model(preset: str = "llama-125m", seed: int = 0, **overrides) -> Transformer:
-    model = Transformer(from_preset(preset, tiny=True, **overrides)).eval()
-    model.init_weights(torch.Generator().manual_seed(seed))
-    with torch.no_grad():  # sharpen: random init at 0.02 gives near-uniform, tie-prone logits
-        for p in model.parameters():
-            p.mul_(15.0 if p.dim() >= 2 else 1.0)
-    return model
 
 
 @pytest.mark.parametrize("preset,overrides", [

@@ -1,0 +1,266 @@
+"""Logits processors and the sampler: one decode step for a batch whose rows may be different requests.
+
+Order, copied from transformers 5.23.0 ``GenerationMixin._get_logits_processor`` (generation/utils.py):
+
+1. repetition penalty, among the processors that always run (line 1472), greedy or not;
+2. only when sampling (``if generation_config.do_sample:``, line 1597), the former "warpers":
+   temperature (1613), top-k (1618), top-p (1622), min-p (1627).
+
+So min-p comes last: its threshold is relative to the top probability *after* temperature and after top-k/top-p
+have cut the tail. Greedy decoding (``do_sample=False``) takes the argmax after the repetition penalty alone
+(utils.py line 3278); sampling draws ``torch.multinomial(softmax(scores), 1)`` (lines 3274-3276).
+
+The Chinese study notes (seeds/003 §1.6.2, "KPT 联合采样") give top-k -> top-p -> temperature; transformers
+applies temperature *first*, so it changes which tokens top-p keeps, not only how flat the survivors are.
+seeds/004 §5 (prefill and decode) says nothing about the sampling order.
+
+Every row has its own parameters (continuous batching); a processor that is off in every row is skipped, and a
+row where it is off gets an exact no-op (divide by 1, a threshold that removes nothing), so a row's result never
+depends on its neighbours. Masked entries become -inf, as in transformers.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings of one request. The defaults switch every processor off."""
+
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off, must be in (0, 1]
+    min_p: float = 0.0  # 0 = off, in [0, 1]
+    repetition_penalty: float = 1.0  # 1 = off, > 0 (CTRL paper, Keskar et al. 2019)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        temperature = _real("temperature", self.temperature)
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        top_k = _integer("top_k", self.top_k)
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+        top_p = _real("top_p", self.top_p)
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+        min_p = _real("min_p", self.min_p)
+        if not 0 <= min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {min_p}")
+        penalty = _real("repetition_penalty", self.repetition_penalty)
+        if penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {penalty}")
+        if self.seed is not None:
+            seed = _integer("seed", self.seed)
+            if not 0 <= seed < 2**64:  # the range torch.Generator.manual_seed accepts without wrapping
+                raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _real(name: str, value: object) -> float:
+    # bool is an int in Python; temperature=True is a bug, not 1.0
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def _integer(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def seen_tokens(ids: Tensor, vocab_size: int, mask: Tensor | None = None) -> Tensor:
+    """(batch, seq) ids -> (batch, vocab) bool, True where the row contains the token.
+
+    ``mask`` (batch, seq), 0 at padding, keeps padding out. Ids outside [0, vocab) cannot be sampled, so like
+    transformers (which clamps them onto a dropped extra column) they mark nothing.
+    """
+    ids = ids.long()
+    keep = (ids >= 0) & (ids < vocab_size)
+    if mask is not None:
+        keep &= mask.bool()
+    seen = torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.bool, device=ids.device)
+    seen.scatter_(1, ids.masked_fill(~keep, vocab_size), True)  # the extra column absorbs what is left out
+    return seen[:, :vocab_size].contiguous()
+
+
+def mark_seen(seen: Tensor, new_ids: Tensor) -> Tensor:
+    """Record one decode step's (batch,) new ids in ``seen``, in place; returns ``seen``."""
+    seen[torch.arange(seen.shape[0], device=seen.device), new_ids] = True
+    return seen
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
+    """CTRL's penalty on tokens already present: divide positive logits, multiply negative ones, so the token
+    always becomes less likely when penalty > 1. Applied once per token however often it occurred."""
+    penalty = penalty.view(-1, 1)
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty).to(logits.dtype)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_temperature(logits: Tensor, temperature: Tensor) -> Tensor:
+    """Divide each row by its temperature (> 0; pass 1 for rows to leave alone, x / 1 is exact)."""
+    # float32 temperatures, then back to the logits dtype: for bf16/fp16 that is what dividing by a Python float
+    # does on CPU (compute in float32, round once)
+    return (logits / temperature.view(-1, 1)).to(logits.dtype)
+
+
+def apply_top_k(logits: Tensor, k: Tensor, min_tokens_to_keep: int = 1, k_max: int | None = None) -> Tensor:
+    """Keep the k highest logits of each row (k = 0: row untouched). Ties with the k-th value survive, as in
+    transformers (``scores < kth`` is removed). ``k_max``, the largest k, saves a device sync when known."""
+    vocab = logits.shape[-1]
+    k = k.view(-1)
+    # transformers: max(top_k, min_tokens_to_keep), then min(., vocab); clamp gives max when min > max
+    k = torch.where(k > 0, k.clamp(min=min_tokens_to_keep, max=vocab), 0)
+    if k_max is None:
+        k_max = int(k.max())  # a device sync; BatchSampling knows the value on the host
+    if k_max <= 0:
+        return logits
+    k_max = min(max(k_max, min_tokens_to_keep), vocab)
+    top = torch.topk(logits, k_max, dim=-1).values  # descending, so column k-1 is the k-th largest value
+    kth = top.gather(1, (k - 1).clamp(min=0).view(-1, 1)).masked_fill((k == 0).view(-1, 1), _NEG_INF)
+    return logits.masked_fill(logits < kth, _NEG_INF)
+
+
+def apply_top_p(logits: Tensor, p: Tensor, min_tokens_to_keep: int = 1) -> Tensor:
+    """Nucleus filtering; rows with p >= 1 are untouched.
+
+    transformers removes sorted entries whose ascending cumulative probability is <= 1 - top_p, with 1 - top_p
+    computed in Python (double) and rounded once; pass ``p`` as float64 to get that threshold bit for bit.
+    """
+    floor = torch.where(p < 1, 1 - p, -1.0)  # -1: no cumulative sum is <= -1, so the row keeps everything
+    return _top_p(logits, floor.view(-1), min_tokens_to_keep)
+
+
+def _top_p(logits: Tensor, floor: Tensor, min_tokens_to_keep: int = 1) -> Tensor:
+    # Same ops as TopPLogitsWarper: ascending sort, so ties fall as transformers' sort leaves them, and the
+    # largest logits (the ones always kept) are at the end
+    sorted_logits, order = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    # a comparison with a Python float rounds it to the tensor dtype; do the same with the per-row floor
+    remove = cumulative <= floor.view(-1, 1).to(cumulative.dtype)
+    remove[..., -min_tokens_to_keep:] = False
+    return logits.masked_fill(remove.scatter(1, order, remove), _NEG_INF)
+
+
+def apply_min_p(logits: Tensor, min_p: Tensor, min_tokens_to_keep: int = 1) -> Tensor:
+    """Drop tokens whose probability is below min_p times the row's top probability (min_p = 0: untouched)."""
+    probs = logits.softmax(dim=-1)
+    scaled = (min_p.view(-1, 1) * probs.amax(dim=-1, keepdim=True)).to(probs.dtype)
+    remove = probs < scaled
+    if min_tokens_to_keep > 1:
+        # with one token to keep this is a no-op: the top probability is never below min_p * itself (min_p <= 1)
+        keep = torch.topk(probs, min(min_tokens_to_keep, probs.shape[-1]), dim=-1).indices
+        remove.scatter_(-1, keep, False)
+    return logits.masked_fill(remove, _NEG_INF)
+
+
+def make_generators(params: list[SamplingParams], device: torch.device | str) -> list[torch.Generator | None]:
+    """One seeded generator per row with a seed; None (the global RNG) for the others and for greedy rows."""
+    return [
+        torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None and not p.greedy else None
+        for p in params
+    ]
+
+
+class BatchSampling:
+    """Per-row parameters as device tensors, built once per batch composition, so a decode step does no
+    host-to-device copies and no syncs. Greedy rows get neutral warper values: transformers runs no warper when
+    do_sample=False, so their processed logits are the raw logits after the repetition penalty."""
+
+    def __init__(self, params: list[SamplingParams], device: torch.device | str) -> None:
+        if not params:
+            raise ValueError("params is empty: a batch needs at least one row")
+        for i, p in enumerate(params):
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"params[{i}] must be SamplingParams, got {type(p).__name__}")
+            p.validate()
+        self.params = list(params)
+        self.batch_size = len(params)
+        greedy = [p.greedy for p in params]
+        temperature = [1.0 if g else float(p.temperature) for g, p in zip(greedy, params)]
+        top_k = [0 if g else p.top_k for g, p in zip(greedy, params)]
+        top_p = [1.0 if g else float(p.top_p) for g, p in zip(greedy, params)]
+        min_p = [0.0 if g else float(p.min_p) for g, p in zip(greedy, params)]
+        penalty = [float(p.repetition_penalty) for p in params]
+
+        f32 = dict(dtype=torch.float32, device=device)
+        self.greedy = torch.tensor(greedy, dtype=torch.bool, device=device)
+        self.temperature = torch.tensor(temperature, **f32)
+        self.top_k = torch.tensor(top_k, dtype=torch.int64, device=device)
+        # 1 - top_p in Python double, rounded once, as transformers' threshold is (float32 1 - float32 p is not)
+        self.top_p_floor = torch.tensor([1.0 - p if p < 1 else -1.0 for p in top_p], **f32)
+        self.min_p = torch.tensor(min_p, **f32)
+        self.repetition_penalty = torch.tensor(penalty, **f32)
+
+        # host-side flags: which processors run at all, decided once instead of every step
+        self.all_greedy = all(greedy)
+        self.any_greedy = any(greedy)
+        self.any_penalty = any(x != 1.0 for x in penalty)
+        self.any_temperature = any(x != 1.0 for x in temperature)
+        self.top_k_max = max(top_k)
+        self.any_top_p = any(x < 1.0 for x in top_p)
+        self.any_min_p = any(x > 0.0 for x in min_p)
+        self._sampled_rows = [i for i, g in enumerate(greedy) if not g]
+
+    @classmethod
+    def from_params(cls, params: list[SamplingParams], device: torch.device | str = "cpu") -> BatchSampling:
+        return cls(params, device)
+
+    def process(self, logits: Tensor, seen: Tensor | None) -> Tensor:
+        """(batch, vocab) logits -> processed logits (filtered entries -inf), in transformers' order."""
+        if logits.dim() != 2 or logits.shape[0] != self.batch_size:
+            raise ValueError(f"logits must be (batch={self.batch_size}, vocab), got {tuple(logits.shape)}")
+        if self.any_penalty:
+            if seen is None:
+                raise ValueError("a row has repetition_penalty != 1 but seen is None")
+            if seen.shape != logits.shape:
+                raise ValueError(f"seen must have the logits' shape {tuple(logits.shape)}, got {tuple(seen.shape)}")
+            logits = apply_repetition_penalty(logits, seen, self.repetition_penalty)
+        if self.any_temperature:
+            logits = apply_temperature(logits, self.temperature)
+        if self.top_k_max > 0:
+            logits = apply_top_k(logits, self.top_k, k_max=self.top_k_max)
+        if self.any_top_p:
+            logits = _top_p(logits, self.top_p_floor)
+        if self.any_min_p:
+            logits = apply_min_p(logits, self.min_p)
+        return logits
+
+    def sample(self, logits: Tensor, generators: list[torch.Generator | None]) -> Tensor:
+        """Next ids (batch,) int64 from ``process``'s output: argmax for greedy rows, a multinomial draw from the
+        softmax for the others, each seeded row from its own generator so its tokens do not depend on which
+        other requests share the batch."""
+        if len(generators) != self.batch_size:
+            raise ValueError(f"need one generator (or None) per row: {self.batch_size}, got {len(generators)}")
+        if self.all_greedy:
+            return logits.argmax(dim=-1)
+        probs = logits.softmax(dim=-1)
+        shared = [i for i in self._sampled_rows if generators[i] is None]
+        if len(shared) == self.batch_size:  # the common case: one draw for the whole batch
+            return torch.multinomial(probs, 1).squeeze(1)
+        tokens = logits.argmax(dim=-1) if self.any_greedy else logits.new_empty(self.batch_size, dtype=torch.int64)
+        if shared:
+            rows = torch.tensor(shared, device=logits.device)
+            tokens[rows] = torch.multinomial(probs[rows], 1).squeeze(1)
+        for i in self._sampled_rows:
+            if generators[i] is not None:
+                tokens[i : i + 1] = torch.multinomial(probs[i], 1, generator=generators[i])
+        return tokens
