@@ -79,6 +79,12 @@ def demo(
     run_demo(out, prompt, max_new_tokens, device, dtype)
 
 
+from .cli_generate import chat_command, generate_command  # noqa: E402  (the commands need `app`'s module first)
+
+app.command("generate")(generate_command)
+app.command("chat")(chat_command)
+
+
 def main() -> None:
     from .checkpoint import CheckpointError
 
