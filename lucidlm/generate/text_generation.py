@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .beam_search import beam_search
 from .engine import Completion, Engine
 from .generation_config import GenerationConfig
 from .strategies import AnswerExtractor, Scorer, Vote, best_of, last_number, majority_vote, mean_logprob
@@ -107,8 +108,6 @@ def sample_ids(lm: LM, ids: list[list[int]], config: GenerationConfig, n: int = 
 def _beam(lm: LM, ids: list[list[int]], config: GenerationConfig, num_return_sequences: int) -> list[Completion]:
     if config.stop:
         raise ValueError("stop strings are not supported with beam search; use stop_token_ids")
-    from .beam_search import beam_search
-
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
     results = beam_search(lm.model, ids, config, lm.eos_token_ids, pad, num_return_sequences=num_return_sequences)
