@@ -79,6 +79,24 @@ def demo(
     run_demo(out, prompt, max_new_tokens, device, dtype)
 
 
+@app.command()
+def bench(
+    prompt: Annotated[int, typer.Option(help="prompt tokens")] = 64,
+    new: Annotated[int, typer.Option(help="tokens to decode")] = 128,
+    repeats: Annotated[int, typer.Option(min=1, help="runs per measurement (the median is reported)")] = 3,
+    batch: Annotated[list[int] | None, typer.Option(help="decode batch sizes (repeatable)")] = None,
+    dtype: Annotated[list[str] | None, typer.Option(help="float32 and/or bfloat16 (repeatable)")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice)")] = None,
+) -> None:
+    """lucidlm vs transformers on the same random Llama-shaped 125M model: prefill and decode tok/s,
+    the memory-bandwidth bound, and an overhead-bound tiny model. Prints a Markdown table."""
+    from .bench import markdown_table, run_bench
+
+    rows, bandwidth = run_bench(prompt, new, repeats, tuple(batch or (1, 8)), tuple(dtype or ("float32", "bfloat16")),
+                                threads, print_fn=lambda s: typer.echo(s, err=True))
+    typer.echo(markdown_table(rows, bandwidth))
+
+
 from .cli_generate import chat_command, generate_command  # noqa: E402  (the commands need `app`'s module first)
 
 app.command("generate")(generate_command)

@@ -63,6 +63,7 @@ class Engine:
         eos_token_ids: Sequence[int] = (),
         pad_token_id: int = 0,
         prefill_chunk: int = 512,
+        compile: bool = False,
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
@@ -70,6 +71,7 @@ class Engine:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.pad_token_id = pad_token_id
         self.prefill_chunk = prefill_chunk
+        self.compile = compile  # decode steps run as one torch.compile'd graph over a static cache
 
     @property
     def device(self) -> torch.device:
@@ -123,8 +125,8 @@ class Engine:
         cfg = self.model.config
         n_rows = len(prompts) * n
         longest = max(len(p) for p in prompts)
-        cache = KVCache(cfg, n_rows, min(cfg.max_seq_len, longest + config.max_new_tokens), self.dtype,
-                        self.device, chunk_size=self.prefill_chunk)
+        cache = KVCache(cfg, n_rows, self._cache_len(longest + config.max_new_tokens), self.dtype,
+                        self.device, chunk_size=self.prefill_chunk, static=self.compile)
 
         # Prefill each distinct prompt once; its n samples share the cache by copying the slot.
         first_rows = [i * n for i in range(len(prompts))]
@@ -158,11 +160,39 @@ class Engine:
                 active = [active[i] for i in keep]
                 tokens = tokens[keep]
                 sampler.keep(keep)
-            out = self.model(tokens[:, None], cache=cache, slots=active, last_only=True,
-                             hidden_layers=hidden_layers)
-            logits, hidden = _split(out)
+            logits, hidden = _split(self.decode(cache, tokens[:, None], active, hidden_layers))
             logits = logits[:, -1]
             is_prefill = False
+
+    def decode(self, cache: KVCache, tokens: torch.Tensor, slots: list[int],
+               hidden_layers: Sequence[int] = ()) -> torch.Tensor | ModelOutput:
+        """One decode step: tokens (rows, 1) continue the sequences in cache ``slots``."""
+        if not self.compile:
+            return self.model(tokens, cache=cache, slots=slots, last_only=True, hidden_layers=hidden_layers)
+        # A compiled step is specialised to its shapes: run a power-of-two number of rows, filling
+        # up with slots whose sequences have finished (they are shorter, so never overflow), and
+        # drop their outputs. The batch thus shrinks 8 -> 4 -> 2 -> 1 and compiles a handful of times.
+        rows = len(slots)
+        width = min(cache.n_slots, 1 << (rows - 1).bit_length())
+        if width > rows:
+            taken = set(slots)
+            spare = [s for s in range(cache.n_slots) if s not in taken][: width - rows]
+            slots = slots + spare
+            tokens = torch.cat([tokens, tokens.new_full((len(spare), 1), self.pad_token_id)])
+        plan = cache.begin(slots, 1)  # host-side bookkeeping stays out of the compiled graph
+        out = compiled_forward(self.model)(tokens, plan, cache, tuple(hidden_layers), False, True)
+        if width == rows:
+            return out
+        if isinstance(out, ModelOutput):
+            return ModelOutput(out.logits[:rows], {k: h[:rows] for k, h in out.hidden_states.items()}, None)
+        return out[:rows]
+
+    def _cache_len(self, tokens: int) -> int:
+        """Cache cells for sequences of up to ``tokens``; compiled steps round up to a multiple of
+        STATIC_LEN_STEP so that calls of similar lengths share one compiled shape."""
+        if self.compile:
+            tokens = -(-tokens // STATIC_LEN_STEP) * STATIC_LEN_STEP
+        return min(self.model.config.max_seq_len, tokens)
 
     def _finish_reason(self, tok: int, generated: list[int], config: GenerationConfig, length: int,
                        max_len: int) -> str | None:
@@ -211,6 +241,19 @@ class Engine:
                 lps[row].append(lp)
             reasons.update(step.finished)
         return [Completion(ids[r], lps[r], reasons[r]) for r in range(n_rows)]
+
+
+STATIC_LEN_STEP = 256  # compiled decode: cache lengths are rounded up to a multiple of this
+
+
+def compiled_forward(model: Transformer) -> Callable[..., torch.Tensor | ModelOutput]:
+    """``model.forward_planned`` compiled with ``torch.compile``, once per model and kept on it
+    (compiling takes seconds; later engines and calls reuse it, recompiling only for new shapes)."""
+    fn = model.__dict__.get("_compiled_forward")
+    if fn is None:
+        fn = torch.compile(model.forward_planned, dynamic=False)  # static shapes: see Engine.decode
+        model.__dict__["_compiled_forward"] = fn
+    return fn
 
 
 def _split(out: torch.Tensor | ModelOutput) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

@@ -53,7 +53,8 @@ def encode_prompts(lm: LM, prompts: Prompt | Sequence[Prompt]) -> list[list[int]
 def engine_for(lm: LM, prefill_chunk: int = 512) -> Engine:
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-    return Engine(lm.model, eos_token_ids=lm.eos_token_ids, pad_token_id=pad, prefill_chunk=prefill_chunk)
+    return Engine(lm.model, eos_token_ids=lm.eos_token_ids, pad_token_id=pad, prefill_chunk=prefill_chunk,
+                  compile=lm.compile_decode)
 
 
 def _assemblers(lm: LM, config: GenerationConfig, n_rows: int) -> list[TextAssembler] | None:

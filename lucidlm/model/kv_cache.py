@@ -86,12 +86,16 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         chunk_size: int = 512,
+        static: bool = False,
     ) -> None:
         if n_slots < 1:
             raise ValueError(f"n_slots must be >= 1, got {n_slots}")
         if not 1 <= max_len <= cfg.max_seq_len:
             raise ValueError(f"max_len must be in [1, max_seq_len={cfg.max_seq_len}], got {max_len}")
         self.cfg, self.n_slots, self.max_len, self.chunk_size = cfg, n_slots, max_len, chunk_size
+        # static: every decode step (one new token per row) attends over all max_len cells (masked),
+        # so tensor shapes do not change from step to step and a compiled step is reused, not recompiled
+        self.static = static
         self.dtype, self.device = dtype, torch.device(device)
         self.layers = [self._allocate(layer) for layer in range(cfg.n_layers)]
         self.ring = [_cells(cfg, i, max_len, chunk_size) if cfg.is_sliding(i) else None for i in range(cfg.n_layers)]
@@ -175,9 +179,12 @@ class KVCache:
         for s in slots:
             self.lengths[s] += n_new
 
-        kv_len = max(starts) + n_new
+        static = self.static and n_new == 1  # decode steps only; prefill chunks run eagerly
+        kv_len = self.max_len if static else max(starts) + n_new
         first = slots[0]
         contiguous = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
+        if static:
+            contiguous = None  # a slice's bounds would be baked into a compiled step
         valid = self._rows(self.valid, slot_t, contiguous)[:, :kv_len]  # (b, kv_len)
         key_index = torch.arange(kv_len, device=dev)
         masks = {False: _mask(seq_index, key_index[None], valid)}

@@ -23,6 +23,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import attend
 from .kv_cache import KVCache
+from .linear import Linear
 from .norm import RMSNorm
 from .rope import apply_rope, yarn_mscale
 
@@ -53,15 +54,15 @@ class MultiHeadLatentAttention(nn.Module):
         qk_dim = self.nope + self.rope_dim
         bias = cfg.attn_qkv_bias
         if mla.q_lora_rank is None:
-            self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * qk_dim, bias=False)
+            self.q_proj = Linear(cfg.dim, cfg.n_heads * qk_dim, bias=False)
         else:  # queries are low-rank too (V3, V2 full): down, norm, up
-            self.q_a_proj = nn.Linear(cfg.dim, mla.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(cfg.dim, mla.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(mla.q_lora_rank, cfg.norm_eps)
-            self.q_b_proj = nn.Linear(mla.q_lora_rank, cfg.n_heads * qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(cfg.dim, self.rank + self.rope_dim, bias=bias)  # W_DKV and W_KR
+            self.q_b_proj = Linear(mla.q_lora_rank, cfg.n_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(cfg.dim, self.rank + self.rope_dim, bias=bias)  # W_DKV and W_KR
         self.kv_a_layernorm = RMSNorm(self.rank, cfg.norm_eps)
-        self.kv_b_proj = nn.Linear(self.rank, cfg.n_heads * (self.nope + self.v_dim), bias=False)  # W_UK, W_UV
-        self.o_proj = nn.Linear(cfg.n_heads * self.v_dim, cfg.dim, bias=cfg.attn_out_bias)
+        self.kv_b_proj = Linear(self.rank, cfg.n_heads * (self.nope + self.v_dim), bias=False)  # W_UK, W_UV
+        self.o_proj = Linear(cfg.n_heads * self.v_dim, cfg.dim, bias=cfg.attn_out_bias)
 
     def project_q(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, s, _ = x.shape

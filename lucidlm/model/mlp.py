@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Activation, ModelConfig
+from .linear import Linear
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -35,9 +36,9 @@ class MLP(nn.Module):
         self.gated = cfg.gated_mlp
         self.act = activation_fn(cfg.activation)
         if self.gated:
-            self.gate_proj = nn.Linear(cfg.dim, hidden, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.dim, hidden, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(hidden, cfg.dim, bias=cfg.mlp_bias)
+            self.gate_proj = Linear(cfg.dim, hidden, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.dim, hidden, bias=cfg.mlp_bias)
+        self.down_proj = Linear(hidden, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:

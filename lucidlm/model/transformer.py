@@ -21,7 +21,8 @@ from ..config import ModelConfig
 from .absolute_positions import LearnedPositions, SinusoidalPositions
 from .alibi import alibi_bias, alibi_slopes
 from .attention import Attention
-from .kv_cache import KVCache
+from .kv_cache import KVCache, StepPlan
+from .linear import Linear
 from .masks import build_mask, positions_from_attention_mask
 from .mla import MultiHeadLatentAttention
 from .mlp import MLP
@@ -78,7 +79,7 @@ class Transformer(nn.Module):
             self.positions = LearnedPositions(cfg.max_seq_len, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.init_buffers()
         self.tie_weights()
 
@@ -183,6 +184,13 @@ class Transformer(nn.Module):
         if len(slots) != b:
             raise ValueError(f"{len(slots)} slots given for a batch of {b} rows")
         plan = cache.begin(slots, s, attention_mask, position_ids)
+        return self.forward_planned(input_ids, plan, cache, hidden_layers, return_aux_loss, last_only)
+
+    def forward_planned(self, input_ids: torch.Tensor, plan: StepPlan, cache: KVCache,
+                        hidden_layers: Sequence[int] = (), return_aux_loss: bool = False,
+                        last_only: bool = False) -> torch.Tensor | ModelOutput:
+        """The cached forward after ``cache.begin`` placed the tokens: pure tensor work, so that a
+        decode step can be compiled (``torch.compile``) separately from the cache's host-side bookkeeping."""
         x = self._embed(input_ids, plan.position_ids)
         rope = self.rotary(plan.position_ids, x.dtype) if self.rotary is not None else None
         bias = alibi_bias(self.alibi, plan.position_ids, plan.key_positions) if self.alibi is not None else None

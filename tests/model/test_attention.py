@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lucidlm.config import ModelConfig
 from lucidlm.model.alibi import alibi_bias, alibi_slopes
@@ -176,3 +177,24 @@ def test_causal_mask_blocks_the_future():
     out_x, out_y = m(x, rope, mask), m(y, rope, mask)
     assert torch.equal(out_x[:, :4], out_y[:, :4])
     assert not torch.allclose(out_x[:, 4:], out_y[:, 4:])
+
+
+@pytest.mark.parametrize("n_kv_heads", [6, 2, 1])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_one_query_attention_equals_sdpa(n_kv_heads, with_bias):
+    """The decode-step formula (two matmuls, float32 softmax, grouped heads) equals SDPA."""
+    from lucidlm.model.attention import attend_one_query
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 6, 1, 16, generator=g)
+    k, v = torch.randn(2, 3, n_kv_heads, 20, 16, generator=g)
+    mask = torch.rand(3, 1, 1, 20, generator=g) > 0.4
+    mask[..., -1] = True
+    bias = torch.randn(3, 6, 1, 20, generator=g) if with_bias else None
+    additive = torch.zeros(3, 6, 1, 20) if bias is None else bias
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=additive.masked_fill(~mask, float("-inf")),
+                                              scale=0.3, enable_gqa=n_kv_heads != 6)
+    torch.testing.assert_close(attend_one_query(q, k, v, mask, 0.3, bias), expected, rtol=1e-5, atol=1e-6)
+    # attend() takes this path for bfloat16 decode steps on CPU
+    got = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, 0.3, bias)
+    torch.testing.assert_close(got.float(), expected, rtol=3e-2, atol=3e-2)

@@ -1,0 +1,74 @@
+"""Linear: the packed (oneDNN) path and the compiled matrix-vector path equal F.linear."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lucidlm.model.linear import Linear, gemv, pack_linears, unpack_linears
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def _layer(dtype, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return Linear(96, 40, bias=bias).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 17])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_equals_f_linear(dtype, rows, bias):
+    layer = _layer(dtype, bias)
+    x = torch.randn(2, rows, 96).to(dtype)
+    layer.pack(rows)
+    assert layer.is_packed
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), **TOL[dtype])
+
+
+def test_packed_copy_is_dropped_when_the_weight_changes():
+    layer = _layer(torch.float32)
+    layer.pack()
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # an optimizer step or load_state_dict writes in place
+        assert not layer.is_packed
+        x = torch.randn(4, 96)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_training_uses_the_parameter():
+    layer = _layer(torch.float32)
+    pack_linears(layer)
+    layer(torch.randn(3, 96)).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    unpack_linears(layer)
+    assert not layer.is_packed
+
+
+def test_packing_is_cpu_only():
+    layer = _layer(torch.float32).to("meta")
+    with pytest.raises(ValueError, match="CPU"):
+        layer.pack()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_equals_f_linear(dtype):
+    layer = _layer(dtype)
+    x = torch.randn(1, 1, 96).to(dtype)
+    torch.testing.assert_close(gemv(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias), **TOL[dtype])
+
+
+def test_compiled_one_row_uses_gemv_and_matches(monkeypatch):
+    import lucidlm.model.linear as linear
+
+    traced = []
+    monkeypatch.setattr(linear, "gemv", lambda *a: traced.append(1) or gemv(*a))
+    torch._dynamo.reset()
+    layer = _layer(torch.float32)
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert not traced  # eager: plain F.linear
+        compiled = torch.compile(layer, dynamic=False)
+        torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias))
+    assert traced
