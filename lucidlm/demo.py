@@ -2,7 +2,8 @@
 
 Builds a small random Llama-architecture model and a byte-level tokenizer, saves them as a
 Hugging Face checkpoint directory, loads it back through ``lucidlm.load``, checks the logits
-against transformers (when installed), and decodes a few tokens greedily.
+against transformers (when installed), decodes greedily with the engine (KV cache) and checks the
+tokens against the recompute-everything reference, then streams a sampled continuation.
 """
 
 from __future__ import annotations
@@ -65,9 +66,18 @@ def run_demo(out: Path, prompt: str, max_new_tokens: int, device: str, dtype: st
     diff = hf_max_diff(out, x, logits) if lm.dtype == torch.float32 else None
     table.add_row("max |Δlogit| vs transformers", "transformers not installed" if diff is None else f"{diff:.2e}")
     start = time.perf_counter()
-    new = greedy_no_cache(lm.model, ids, max_new_tokens, lm.tokenizer.eos_token_id)
-    elapsed = time.perf_counter() - start
-    table.add_row("greedy tokens", f"{len(new)} in {elapsed:.2f}s (no KV cache: the reference path)")
+    reference = greedy_no_cache(lm.model, ids, max_new_tokens, lm.tokenizer.eos_token_id)
+    slow = time.perf_counter() - start
+    start = time.perf_counter()
+    completion = lm.generate(ids, max_new_tokens=max_new_tokens)[0]
+    fast = time.perf_counter() - start
+    same = "identical" if completion.token_ids == reference else "DIFFERENT"
+    table.add_row("greedy, recomputing everything", f"{len(reference)} tokens in {slow:.2f}s")
+    table.add_row("greedy, engine with KV cache", f"{len(completion.token_ids)} tokens in {fast:.2f}s — {same} tokens")
+    table.add_row("mean logprob", f"{completion.mean_logprob:.3f}")
     console.print(table)
     console.print(f"[bold]prompt[/bold]: {prompt!r}")
-    console.print(f"[bold]continuation[/bold] (random weights, so noise): {lm.decode(new)!r}")
+    console.print(f"[bold]continuation[/bold] (random weights, so noise): {completion.text!r}")
+    for token in lm.stream(prompt, max_new_tokens=12, temperature=0.8, top_p=0.95, seed=0):
+        console.print(token.text, end="", markup=False, highlight=False)
+    console.print("  [dim](streamed, temperature 0.8, top-p 0.95, seed 0)[/dim]")

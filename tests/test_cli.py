@@ -36,6 +36,7 @@ def test_demo_builds_reloads_and_decodes(tmp_path):
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--max-new-tokens", "4", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "0.00e+00" in result.stdout  # logits identical to transformers on the saved checkpoint
+    assert "identical tokens" in result.stdout and "DIFFERENT" not in result.stdout  # engine == reference
     assert (tmp_path / "demo" / "config.json").exists() and (tmp_path / "demo" / "tokenizer.json").exists()
 
 

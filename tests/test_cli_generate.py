@@ -70,3 +70,11 @@ def test_bad_options_exit_2_naming_the_option(checkpoint, option, named):
 def test_unknown_option_is_rejected(checkpoint):
     result = runner.invoke(app, ["generate", "-m", str(checkpoint), "--top-q", "0.5", "Hi"])
     assert result.exit_code != 0 and "top-q" in result.output
+
+
+def test_generate_with_packed_weights_gives_the_same_tokens(checkpoint):
+    args = ["generate", "-m", str(checkpoint), "--max-new-tokens", "8", "--json", "--pack-weights", "Hi"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    expected = lucidlm.load(checkpoint).generate("Hi", max_new_tokens=8)[0]
+    assert json.loads(result.stdout)["token_ids"] == expected.token_ids

@@ -30,9 +30,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 
 def use_gemv(x: torch.Tensor) -> bool:
-    """One row (a batch-1 decode step), while compiling. With more rows inductor vectorises across
-    them and parallelises each output's reduction separately, far slower than BLAS."""
-    return torch.compiler.is_compiling() and x.numel() == x.shape[-1]
+    """One row (a batch-1 decode step) on CPU, while compiling (on CUDA, cuBLAS's gemv is fine).
+    With more rows inductor vectorises across them and parallelises each output's reduction
+    separately, far slower than BLAS."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]
 
 
 # Packed copies of weights, keyed by the weight's data pointer so that a compiled graph (which sees
@@ -98,13 +99,11 @@ class Linear(nn.Linear):
         return _packed_for(self.weight) is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_gemv(x):
-            return gemv(x, self.weight, self.bias)
-        if x.device.type == "cpu" and not torch.is_grad_enabled() and _PACKED:
-            if torch.compiler.is_compiling():
-                return _linear_packed_op(x, self.weight, self.bias)
-            return linear_packed(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        if x.device.type != "cpu" or torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        if torch.compiler.is_compiling():  # the registry is looked up at run time, inside the op
+            return gemv(x, self.weight, self.bias) if use_gemv(x) else _linear_packed_op(x, self.weight, self.bias)
+        return linear_packed(x, self.weight, self.bias) if _PACKED else F.linear(x, self.weight, self.bias)
 
 
 def pack_linears(model: nn.Module, rows: int = 1) -> int:
