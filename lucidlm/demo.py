@@ -23,6 +23,11 @@ from .model.transformer import Transformer
 from .tokenizer import byte_tokenizer
 
 
+# ChatML with the byte tokenizer's own end-of-sequence token, stored as transformers 5 does
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 def build_demo_checkpoint(out: Path, seed: int = 0) -> Path:
     tok = byte_tokenizer()
     cfg = from_preset("llama-125m", dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=704,
@@ -33,6 +38,7 @@ def build_demo_checkpoint(out: Path, seed: int = 0) -> Path:
     model.init_weights()
     save_model(model, out, FAMILIES["llama"])
     tok.save(out)
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)  # so `lucidlm chat -m DIR` works on it
     return out
 
 
