@@ -22,7 +22,6 @@ from .generate.reference import greedy_no_cache
 from .model.transformer import Transformer
 from .tokenizer import byte_tokenizer
 
-
 # ChatML with the byte tokenizer's own end-of-sequence token, stored as transformers 5 does
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
