@@ -1,0 +1,61 @@
+"""Training metrics as JSONL (one object per logged step) and the loss curve drawn from them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..checkpoint.safetensors_io import atomic_write
+
+
+class MetricsLog:
+    """Appends one JSON object per line; on resume, drops lines past the step the run resumes from
+    so the log reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [line for line in read_metrics(path) if line.get("step", 0) <= resume_step]
+            with atomic_write(path) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "training loss") -> Path:
+    """Train loss per step (and validation loss where measured) against steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    skipped = [(r["step"], r["skipped_loss"]) for r in records if "skipped_loss" in r]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5)
+    if skipped:
+        ax.plot(*zip(*skipped), "rx", label="skipped (spike)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_write(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return png_path
