@@ -1,0 +1,1 @@
+"""Training: data, the trainer, objectives (causal LM, DPO), checkpoints, distributed runs."""
