@@ -83,6 +83,8 @@ class TrainConfig:
                          "device", "out_dir", "eval_batches")
 
 
+# objective(model, batch) -> LossParts; an optional ``count(batch)`` says what a step averages over
+# (default: trained tokens; DPO: pairs)
 Objective = Callable[[nn.Module, dict[str, torch.Tensor]], LossParts]
 
 
@@ -153,7 +155,8 @@ class Trainer:
         cfg = self.config
         self.model.train()
         micro = [self._next_batch() for _ in range(cfg.grad_accum)]
-        step_tokens = max(1, sum(count_tokens(b) for b in micro))
+        count = getattr(self.objective, "count", count_tokens)  # what the step averages over: tokens, pairs...
+        step_tokens = max(1, sum(count(b) for b in micro))
         step_tokens = self._reduce_tokens(step_tokens)
         loss_total, extras, metrics = 0.0, 0.0, {}
         for batch in micro:
@@ -168,9 +171,10 @@ class Trainer:
             for k, v in parts.metrics.items():
                 metrics[k] = metrics.get(k, 0.0) + v / len(micro)
         loss_total = self._reduce_mean(loss_total)
-        self.tokens_seen += sum(int(b["input_ids"].numel()) for b in micro)
+        tokens = sum(int(v.numel()) for b in micro for k, v in b.items() if k.endswith("input_ids"))
+        self.tokens_seen += tokens
         self.step += 1
-        record = {"step": self.step, "tokens": sum(int(b["input_ids"].numel()) for b in micro), **metrics}
+        record = {"step": self.step, "tokens": tokens, **metrics}
         verdict = self.guard.check(loss_total)
         if verdict is not Verdict.OK:
             self.optimizer.zero_grad(set_to_none=True)
