@@ -12,8 +12,10 @@ class MetricsLog:
     """Appends one JSON object per line; on resume, drops lines past the step the run resumes from
     so the log reads as one uninterrupted run."""
 
-    def __init__(self, path: Path, resume_step: int | None = None) -> None:
-        self.path = path
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
+        if not enabled:  # a non-zero rank of a distributed run
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             path.write_text("")
@@ -23,6 +25,8 @@ class MetricsLog:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 

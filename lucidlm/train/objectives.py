@@ -48,7 +48,8 @@ class CausalLM:
         self.aux_loss_weight = aux_loss_weight
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossParts:
-        moe = getattr(getattr(model, "config", None), "moe", None) is not None
+        core = getattr(model, "module", model)  # under DDP the config is on the wrapped module
+        moe = getattr(getattr(core, "config", None), "moe", None) is not None
         out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
                     prefix_mask=batch.get("prefix_mask"), return_aux_loss=moe)
         logits = out.logits if moe else out

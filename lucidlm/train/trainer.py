@@ -109,6 +109,8 @@ class Trainer:
         if config.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("fp16 training needs CUDA (loss scaling); use precision='bf16' on CPU")
         self.model = model.to(self.device)
+        self.wrapped: nn.Module = self.model  # what the objective calls (DistributedTrainer: the DDP wrapper)
+        self.is_main = True  # writes logs and checkpoints (rank 0 of a distributed run)
         self.train_data, self.val_data = train_data, val_data
         self.objective = objective or CausalLM(config.aux_loss_weight)
         self.save_weights = save_weights or default_save_weights
@@ -133,9 +135,10 @@ class Trainer:
             self._restore(checkpoint, check_config=True)
         else:
             torch.manual_seed(self.config.seed)
-        self.log = MetricsLog(self.out_dir / "metrics.jsonl", resume_step=self.step if checkpoint else None)
+        self.log = MetricsLog(self.out_dir / "metrics.jsonl", resume_step=self.step if checkpoint else None,
+                              enabled=self.is_main)
         last: dict[str, float] = {}
-        with _progress(self.config.max_steps, self.step, self.config.progress) as bar:
+        with _progress(self.config.max_steps, self.step, self.config.progress if self.is_main else False) as bar:
             while self.step < self.config.max_steps:
                 start = time.perf_counter()
                 record = self._train_step()
@@ -148,7 +151,8 @@ class Trainer:
                 bar(record)
                 if self.step % self.config.save_every == 0 or self.step == self.config.max_steps:
                     self.save()
-        plot_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss_curve.png")
+        if self.is_main:
+            plot_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss_curve.png")
         return last
 
     def _train_step(self) -> dict:
@@ -159,18 +163,19 @@ class Trainer:
         step_tokens = max(1, sum(count(b) for b in micro))
         step_tokens = self._reduce_tokens(step_tokens)
         loss_total, extras, metrics = 0.0, 0.0, {}
-        for batch in micro:
-            with self._autocast():
-                parts = self.objective(self.model, batch)
-            loss = parts.loss_sum / step_tokens
-            if parts.extra is not None:
-                loss = loss + parts.extra / len(micro)
-                extras += float(parts.extra.detach()) / len(micro)
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        for i, batch in enumerate(micro):
+            with self._micro_batch(last=i == len(micro) - 1):
+                with self._autocast():
+                    parts = self.objective(self.wrapped, batch)
+                loss = parts.loss_sum * self._sum_to_mean() / step_tokens
+                if parts.extra is not None:
+                    loss = loss + parts.extra / len(micro)
+                    extras += float(parts.extra.detach()) / len(micro)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_total += float(parts.loss_sum.detach()) / step_tokens
             for k, v in parts.metrics.items():
                 metrics[k] = metrics.get(k, 0.0) + v / len(micro)
-        loss_total = self._reduce_mean(loss_total)
+        loss_total = self._reduce_sum(loss_total)
         tokens = sum(int(v.numel()) for b in micro for k, v in b.items() if k.endswith("input_ids"))
         self.tokens_seen += tokens
         self.step += 1
@@ -227,12 +232,21 @@ class Trainer:
         dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    # hooks for data-parallel training (see distributed.py): one process sums nothing
+    # hooks for data-parallel training (see distributed.py); in one process they do nothing
     def _reduce_tokens(self, tokens: int) -> int:
+        """The step's count over all ranks."""
         return tokens
 
-    def _reduce_mean(self, value: float) -> float:
+    def _reduce_sum(self, value: float) -> float:
         return value
+
+    def _sum_to_mean(self) -> float:
+        """DDP averages gradients over ranks; this factor turns that average back into the sum."""
+        return 1.0
+
+    def _micro_batch(self, last: bool):
+        """Context for one micro-batch's forward and backward (DDP: no gradient sync until the last)."""
+        return contextlib.nullcontext()
 
     # --- validation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -245,7 +259,7 @@ class Trainer:
                 break
             batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with self._autocast():
-                parts = self.objective(self.model, batch)
+                parts = self.objective(self.wrapped, batch)
             total += float(parts.loss_sum)
             tokens += parts.tokens
         if tokens == 0:
@@ -262,7 +276,9 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else None, "run_info": self.run_info,
         }
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        if not self.is_main:
+            return None
         return save_checkpoint(self.out_dir, self.step, lambda d: self.save_weights(self.model, d), self.state(),
                                self.config.keep_checkpoints)
 

@@ -1,0 +1,32 @@
+"""torchrun with 2 CPU ranks (gloo) follows the loss trajectory of one process with twice the accumulation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+
+def _losses(args: list[str]) -> list[float]:
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent.parent), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("LOSSES "))
+    return json.loads(line.removeprefix("LOSSES "))
+
+
+@pytest.mark.parametrize("strategy", ["ddp"])
+def test_two_ranks_equal_one_process_with_double_accumulation(tmp_path, strategy):
+    script = str(HERE / "ddp_run.py")
+    single = _losses([sys.executable, script, str(tmp_path / "one"), "4", strategy])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    double = _losses(torchrun + [script, str(tmp_path / "two"), "2", strategy])
+    assert len(single) == len(double) == 6
+    assert double == pytest.approx(single, rel=1e-5, abs=1e-6)
+    assert single[-1] < single[0]
