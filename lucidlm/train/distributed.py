@@ -15,6 +15,7 @@ loss being divided by the step's token count summed over ranks) computes the sam
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Iterable, Iterator
 
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .checkpointing import save_checkpoint
 from .trainer import Trainer
 
 
@@ -39,16 +41,17 @@ def init_distributed() -> tuple[int, int]:
 
 
 class ShardedData:
-    """Every ``world``-th batch of ``data``, starting at ``rank``. Each rank reads the whole stream
-    (simple, and the data position is the same on every rank, so one state_dict resumes them all)."""
+    """Every ``world``-th batch of ``data``, starting at ``rank``. Each rank reads the whole stream in
+    groups of ``world`` batches and keeps its own, so after any number of batches every rank stands at
+    the same data position and rank 0's state_dict resumes them all."""
 
     def __init__(self, data: Iterable, rank: int, world: int) -> None:
         self.data, self.rank, self.world = data, rank, world
 
     def __iter__(self) -> Iterator:
-        for i, batch in enumerate(self.data):
-            if i % self.world == self.rank:
-                yield batch
+        stream = iter(self.data)
+        while len(group := list(itertools.islice(stream, self.world))) == self.world:
+            yield group[self.rank]
 
     def state_dict(self) -> dict:
         return self.data.state_dict()
@@ -67,6 +70,11 @@ class DistributedTrainer(Trainer):
         if config.grad_accum < 1:
             config.validate()
         if strategy == "fsdp":
+            from ..model.transformer import Transformer
+
+            if not isinstance(model, Transformer):
+                raise ValueError("strategy 'fsdp' shards lucidlm Transformer models (block by block)")
+            self.plain_config = model.config
             _fully_shard(model)
         super().__init__(model, config, ShardedData(train_data, self.rank, self.world), val_data, **kw)
         self.strategy = strategy
@@ -100,10 +108,47 @@ class DistributedTrainer(Trainer):
         return float(t)
 
     def save(self):
-        path = super().save()
+        if self.strategy == "fsdp":
+            path = self._save_fsdp()
+        else:
+            path = super().save()
         if self.world > 1:
             dist.barrier()  # nobody runs ahead of a checkpoint that is still being written
         return path
+
+    # --- FSDP2 checkpoints: the full (unsharded) state, written by rank 0 in the usual layout -----------
+    def _save_fsdp(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=options)  # collective
+        if not self.is_main:
+            return None
+        plain = self._plain_model(model_state)
+        return save_checkpoint(self.out_dir, self.step, lambda d: self.save_weights(plain, d),
+                               self.state(optimizer_state=optim_state), self.config.keep_checkpoints)
+
+    def _plain_model(self, state: dict):
+        """An unsharded Transformer holding ``state`` (on CPU), to save in the checkpoint layout."""
+        from ..model.transformer import Transformer
+
+        with torch.device("meta"):
+            plain = Transformer(self.plain_config)
+        plain.load_state_dict(state, assign=True)
+        plain.tie_weights()
+        plain.init_buffers("cpu")
+        return plain
+
+    def _restore_model_and_optimizer(self, checkpoint, state: dict) -> None:
+        if self.strategy != "fsdp":
+            return super()._restore_model_and_optimizer(checkpoint, state)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        from ..checkpoint.loader import load_model
+
+        full = load_model(checkpoint, dtype=torch.float32, device="cpu").model.state_dict()  # every rank reads it
+        set_state_dict(self.model, self.optimizer, model_state_dict=full, optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
 
 
 def _fully_shard(model: nn.Module) -> None:

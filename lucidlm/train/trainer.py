@@ -268,10 +268,11 @@ class Trainer:
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     # --- checkpoints ----------------------------------------------------------------------------
-    def state(self) -> dict:
+    def state(self, optimizer_state: dict | None = None) -> dict:
         return {
             "step": self.step, "lr_scale": self.lr_scale, "tokens_seen": self.tokens_seen, "skipped": self.skipped,
-            "optimizer": self.optimizer.state_dict(), "guard": self.guard.state_dict(), "rng": rng_state(),
+            "optimizer": optimizer_state if optimizer_state is not None else self.optimizer.state_dict(),
+            "guard": self.guard.state_dict(), "rng": rng_state(),
             "data": self.train_data.state_dict() if hasattr(self.train_data, "state_dict") else None,
             "scaler": self.scaler.state_dict() if self.scaler else None, "run_info": self.run_info,
         }
@@ -286,8 +287,7 @@ class Trainer:
         state = load_state(checkpoint)
         if check_config:
             _check_same_run(state["run_info"], self.run_info, checkpoint)
-        self.load_weights(self.model, checkpoint)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._restore_model_and_optimizer(checkpoint, state)
         if state["data"] is not None and check_config:  # a rollback keeps reading forward
             self.train_data.load_state_dict(state["data"])
             self._train_iter = None
@@ -298,6 +298,10 @@ class Trainer:
             self.tokens_seen, self.skipped = state["tokens_seen"], state["skipped"]
             self.guard.load_state_dict(state["guard"])
             set_rng_state(state["rng"])
+
+    def _restore_model_and_optimizer(self, checkpoint: Path, state: dict) -> None:
+        self.load_weights(self.model, checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
 
     def _rollback(self) -> None:
         """Reload weights and optimizer from the last checkpoint (keep the data position and step: the
