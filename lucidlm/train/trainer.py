@@ -27,6 +27,7 @@ from torch import nn
 
 from ..device import resolve_device
 from .checkpointing import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from .config_file import opt
 from .metrics import MetricsLog, plot_loss_curve
 from .objectives import CausalLM, LossParts, count_tokens
 from .optim import build_optimizer, warmup_cosine
@@ -37,30 +38,30 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/train"
-    max_steps: int = 1000  # optimizer steps
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # the cosine ends at lr · min_lr_ratio
-    warmup_steps: int = 100
-    weight_decay: float = 0.1  # on >= 2-D weights only
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_accum: int = 1  # micro-batches per optimizer step
-    clip_grad_norm: float | None = 1.0  # None: no clipping
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling; CUDA only)
-    aux_loss_weight: float = 0.01  # MoE load-balancing loss weight
-    eval_every: int = 100
-    eval_batches: int = 20
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    spike_factor: float = 3.0  # a step's loss above factor × the running mean is skipped
-    spike_window: int = 20
-    max_spikes: int = 3  # spikes in a row before rolling back to the last checkpoint
-    rollback_lr_factor: float = 0.5
-    seed: int = 0
-    device: str = "auto"
-    progress: bool | None = None  # None: a bar when stderr is a terminal
+    out_dir: str = opt("runs/train", "directory for checkpoints, metrics.jsonl and loss_curve.png")
+    max_steps: int = opt(1000, "optimizer steps to train for")
+    lr: float = opt(3e-4, "peak learning rate")
+    min_lr_ratio: float = opt(0.1, "the cosine schedule ends at lr × min_lr_ratio")
+    warmup_steps: int = opt(100, "steps of linear warmup")
+    weight_decay: float = opt(0.1, "AdamW weight decay, on >= 2-D weights only")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    clip_grad_norm: float | None = opt(1.0, "clip the gradient norm to this (none: no clipping)")
+    precision: str = opt("fp32", "fp32, bf16 (autocast) or fp16 (autocast + loss scaling, CUDA only)")
+    aux_loss_weight: float = opt(0.01, "weight of the MoE load-balancing loss")
+    eval_every: int = opt(100, "steps between validation runs")
+    eval_batches: int = opt(20, "validation batches per run")
+    save_every: int = opt(100, "steps between checkpoints")
+    keep_checkpoints: int = opt(2, "checkpoints kept (older ones are deleted)")
+    log_every: int = opt(1, "steps between metrics.jsonl lines")
+    spike_factor: float = opt(3.0, "a step whose loss exceeds factor × the running mean is skipped")
+    spike_window: int = opt(20, "steps in the running mean of the spike guard")
+    max_spikes: int = opt(3, "spikes in a row before rolling back to the last checkpoint")
+    rollback_lr_factor: float = opt(0.5, "learning-rate multiplier applied at each rollback")
+    seed: int = opt(0, "seed of the run's random number generators")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    progress: bool | None = opt(None, "draw a progress bar (default: when stderr is a terminal)")
 
     def validate(self) -> None:
         problems = []
