@@ -18,8 +18,8 @@ out_dir, grad_accum, strategy = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 save_every = int(sys.argv[4]) if len(sys.argv) > 4 else 3
 model = Transformer(from_preset("llama-125m", tiny=True, vocab_size=64))
 model.init_weights(torch.Generator().manual_seed(0))
-config = TrainConfig(out_dir=out_dir, max_steps=6, lr=3e-3, warmup_steps=2, grad_accum=grad_accum, save_every=save_every,
-                     progress=False, device="cpu")
+config = TrainConfig(out_dir=out_dir, max_steps=6, lr=3e-3, warmup_steps=2, grad_accum=grad_accum,
+                     save_every=save_every, progress=False, device="cpu")
 trainer = DistributedTrainer(model, config, ProgressionData(batch=2), strategy=strategy)
 trainer.fit()
 if trainer.is_main:
