@@ -72,3 +72,35 @@ def test_compiled_one_row_uses_gemv_and_matches(monkeypatch):
         compiled = torch.compile(layer, dynamic=False)
         torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias))
     assert traced
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_training_path_matches_f_linear_values_and_gradients(bias):
+    from lucidlm.model.linear import OneDNNLinear
+
+    torch.manual_seed(0)
+    w = torch.randn(40, 96, requires_grad=True)
+    b = torch.randn(40, requires_grad=True) if bias else None
+    x = torch.randn(3, 7, 96).transpose(0, 1).requires_grad_(True)  # non-contiguous (7, 3, 96)
+    g = torch.randn(7, 3, 40)
+    y = OneDNNLinear.apply(x, w, b)
+    grads = torch.autograd.grad(y, [x, w] + ([b] if bias else []), g)
+    y_ref = F.linear(x, w, b)
+    grads_ref = torch.autograd.grad(y_ref, [x, w] + ([b] if bias else []), g)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, ref in zip(grads, grads_ref):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_training_forward_uses_onednn_unless_autocast(monkeypatch):
+    import lucidlm.model.linear as linear
+
+    calls = []
+    original = linear.OneDNNLinear.apply
+    monkeypatch.setattr(linear.OneDNNLinear, "apply", lambda *a: calls.append(1) or original(*a))
+    layer = _layer(torch.float32)
+    layer(torch.randn(4, 96)).sum().backward()
+    assert calls == [1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(4, 96)).dtype == torch.bfloat16  # autocast still applies
+    assert calls == [1]
