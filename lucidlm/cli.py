@@ -87,9 +87,22 @@ def bench(
     batch: Annotated[list[int] | None, typer.Option(help="decode batch sizes (repeatable)")] = None,
     dtype: Annotated[list[str] | None, typer.Option(help="float32 and/or bfloat16 (repeatable)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice)")] = None,
+    train: Annotated[bool, typer.Option("--train", help="measure training instead: tokens/s and peak memory")]
+    = False,
 ) -> None:
     """lucidlm vs transformers on the same random Llama-shaped 125M model: prefill and decode tok/s,
-    the memory-bandwidth bound, and an overhead-bound tiny model. Prints a Markdown table."""
+    the memory-bandwidth bound, and an overhead-bound tiny model. Prints a Markdown table.
+    With --train: training tokens/s and peak memory on a Llama-shaped 30M model."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if train:
+        from .train.bench_train import run_train_bench, train_table
+
+        theirs, ours = run_train_bench(steps=repeats + 2)
+        typer.echo(train_table(theirs, ours, 4, 256))
+        return
     from .bench import markdown_table, run_bench
 
     rows, bandwidth = run_bench(prompt, new, repeats, tuple(batch or (1, 8)), tuple(dtype or ("float32", "bfloat16")),
