@@ -32,9 +32,9 @@ TEMPLATES = [
 ]
 
 
-def person(rng: random.Random) -> dict:
+def person(rng: random.Random, name: str) -> dict:
     age = rng.randint(20, 80)
-    return {"name": f"{rng.choice(FIRST)} {rng.choice(LAST)}", "job": rng.choice(JOBS),
+    return {"name": name, "job": rng.choice(JOBS),
             "place": rng.choice(PLACES), "age": age, "years": rng.randint(1, age - 18)}
 
 
@@ -54,7 +54,10 @@ def write_corpus(out_dir: str | Path, documents: int = 2000, files: int = 4, see
     if documents < 1 or files < 1:
         raise ValueError(f"need documents >= 1 and files >= 1, got {documents} and {files}")
     rng = random.Random(seed)
-    people = [person(rng) for _ in range(population)]  # facts stay fixed across documents
+    if not 2 <= population <= len(FIRST) * len(LAST):
+        raise ValueError(f"population must be in [2, {len(FIRST) * len(LAST)}], got {population}")
+    names = rng.sample([f"{first} {last}" for first in FIRST for last in LAST], population)  # unique people
+    people = [person(rng, name) for name in names]  # facts stay fixed across documents
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
