@@ -115,6 +115,10 @@ from .cli_generate import chat_command, generate_command  # noqa: E402  (the com
 app.command("generate")(generate_command)
 app.command("chat")(chat_command)
 
+from .cli_train import register as _register_training  # noqa: E402
+
+_register_training(app)
+
 
 def main() -> None:
     from .checkpoint import CheckpointError

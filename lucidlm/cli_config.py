@@ -1,44 +1,57 @@
 """Command-line verbs driven by a run-config dataclass: ``--config FILE`` plus one option per field.
 
-Every leaf field of the dataclass (nested ones dotted: ``--train.lr``) becomes an option whose help
-is the field's own; values given on the command line override the file, which overrides defaults
-(see ``train/config_file.py``). ``--print-config`` shows the resolved config and exits.
+Every leaf field of the dataclass becomes an option named after it, nested ones dotted and
+underscores as dashes (``train.max_steps`` → ``--train.max-steps``), with the field's own help.
+Values given on the command line override the file, which overrides the defaults (see
+``train/config_file.py``). ``--print-config`` shows the resolved config and exits. The verb is an
+ordinary typer command: its signature is generated from the dataclass.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import MISSING, asdict
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import click
+import typer
 
 from .train.config_file import build, describe, leaves
 
 
-def config_command(name: str, cls: type, run: Callable[[Any], None], help: str) -> click.Command:
-    params: list[click.Parameter] = [
-        click.Option(["--config"], type=click.Path(dir_okay=False, path_type=Path), default=None,
-                     help="YAML or TOML file with the run's options; command-line options override it"),
-        click.Option(["--print-config"], is_flag=True, default=False, help="print the resolved config and exit"),
-    ]
-    dests: dict[str, str] = {}
-    for dotted, kind, f in leaves(cls):
-        dest = dotted.replace(".", "__")
-        dests[dest] = dotted
-        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory
-                                                                is not MISSING else None)
-        text = f"{f.metadata.get('help', '')}  [{describe(kind)}; default: {default}]"
-        params.append(click.Option([f"--{dotted}", dest], default=None, help=text, metavar="VALUE"))
+def option_name(dotted: str) -> str:
+    return "--" + dotted.replace("_", "-")
 
-    def callback(config: Path | None, print_config: bool, **values: Any) -> None:
-        overrides = {dests[k]: v for k, v in values.items() if v is not None}
-        cfg = build(cls, config, overrides)
+
+def config_command(cls: type, run: Callable[[Any], None], doc: str) -> Callable[..., None]:
+    """A function typer can register (``app.command(name)(fn)``) whose options are ``cls``'s fields."""
+    dests: dict[str, str] = {}
+    params = [
+        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Path | None, typer.Option("--config", help="YAML or TOML file of options; the command line overrides it",
+                                      dir_okay=False)]),
+        inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+            bool, typer.Option("--print-config", help="print the resolved config and exit")]),
+    ]
+    for dotted, kind, f in leaves(cls):
+        dest = "opt__" + dotted.replace(".", "__")
+        dests[dest] = dotted
+        default = f.default if f.default is not MISSING else (
+            f.default_factory() if f.default_factory is not MISSING else None)
+        text = f"{f.metadata.get('help', '')} ({describe(kind)}, default {default})"
+        params.append(inspect.Parameter(dest, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            str | None, typer.Option(option_name(dotted), help=text, metavar="VALUE", show_default=False)]))
+
+    def command(**values: Any) -> None:
+        config, print_config = values.pop("config"), values.pop("print_config")
+        cfg = build(cls, config, {dests[k]: v for k, v in values.items() if v is not None})
         if print_config:
-            click.echo(json.dumps(asdict(cfg), indent=2, default=str))
+            typer.echo(json.dumps(asdict(cfg), indent=2, default=str))
             return
         run(cfg)
 
-    return click.Command(name, params=params, callback=callback, help=help, short_help=help.split("\n")[0])
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = doc
+    return command

@@ -1,0 +1,44 @@
+"""Training verbs: ``lucidlm pretrain`` (sft, dpo and tokenizer train follow), each driven by a run-config
+dataclass — ``--config run.yaml`` plus one documented option per field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .cli_config import config_command
+from .train.recipes import PretrainRun
+
+
+def _pretrain(run: PretrainRun) -> None:
+    from .train.recipes import run_pretrain
+
+    last = run_pretrain(run)
+    typer.echo(json.dumps({k: v for k, v in last.items() if isinstance(v, int | float)}))
+    typer.echo(f"model: {run.train.out_dir}/model   loss curve: {run.train.out_dir}/loss_curve.png", err=True)
+
+
+def corpus(
+    out: Annotated[Path, typer.Argument(help="directory to write the .txt files into")],
+    documents: Annotated[int, typer.Option(help="documents in all")] = 20000,
+    files: Annotated[int, typer.Option(help="files to spread them over")] = 8,
+    seed: Annotated[int, typer.Option(help="the same seed writes the same corpus")] = 0,
+) -> None:
+    """Write the generated English corpus (a made-up town) for pretraining without downloads."""
+    from .train.corpus import write_corpus
+
+    paths = write_corpus(out, documents, files, seed)
+    size = sum(p.stat().st_size for p in paths)
+    typer.echo(f"{len(paths)} files, {documents} documents, {size / 1e6:.1f} MB in {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("corpus")(corpus)
+    app.command("pretrain")(config_command(
+        PretrainRun, _pretrain,
+        "Pretrain a language model on text files (packed blocks, next-token loss).\n\n"
+        "Every option can also come from --config run.yaml (sections: model, train).\n"
+        "Example: lucidlm pretrain --data corpus/ --model.dim 256 --model.n-layers 4 --train.max-steps 500"))

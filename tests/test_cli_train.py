@@ -1,0 +1,40 @@
+"""`lucidlm corpus` and `lucidlm pretrain` as a user runs them: a config file, overrides, a loadable model."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+import lucidlm
+from lucidlm.cli import app
+
+runner = CliRunner()
+
+
+def test_corpus_then_pretrain_from_a_config_file_with_overrides(tmp_path):
+    result = runner.invoke(app, ["corpus", str(tmp_path / "town"), "--documents", "600", "--files", "2"])
+    assert result.exit_code == 0, result.output
+    config = tmp_path / "run.toml"
+    config.write_text(f'data = ["{tmp_path / "town"}"]\nblock_size = 64\nbatch_size = 4\n'
+                      '[model]\ndim = 64\nn_layers = 2\nn_heads = 4\nn_kv_heads = 2\nffn_dim = 128\n'
+                      f'[train]\nmax_steps = 100\nlr = 0.003\nwarmup_steps = 2\nout_dir = "{tmp_path / "run"}"\n')
+    printed = runner.invoke(app, ["pretrain", "--config", str(config), "--train.max-steps", "12", "--print-config"])
+    assert printed.exit_code == 0, printed.output
+    resolved = json.loads(printed.stdout)
+    assert resolved["train"]["max_steps"] == 12 and resolved["train"]["lr"] == 0.003 and resolved["model"]["dim"] == 64
+    result = runner.invoke(app, ["pretrain", "--config", str(config), "--train.max-steps", "12",
+                                 "--train.eval-every", "6", "--train.save-every", "6"])
+    assert result.exit_code == 0, result.output
+    last = json.loads(result.stdout.strip().splitlines()[-1])
+    assert last["step"] == 12 and "val_loss" in last
+    lm = lucidlm.load(tmp_path / "run" / "model")
+    assert lm.config.dim == 64 and lm.generate("Anna", max_new_tokens=3)[0].token_ids
+    assert (tmp_path / "run" / "loss_curve.png").exists()
+
+
+def test_pretrain_errors_name_the_problem(tmp_path):
+    result = runner.invoke(app, ["pretrain", "--train.max-steps", "x"])
+    assert result.exit_code != 0 and "train.max_steps" in str(result.exception)
+    result = runner.invoke(app, ["pretrain", "--train.out-dir", str(tmp_path / "r")])
+    assert "no training data" in str(result.exception)
