@@ -10,7 +10,9 @@ from typing import Annotated
 import typer
 
 from .cli_config import config_command
-from .train.recipes import PretrainRun
+from .train.recipes import PretrainRun, TokenizerRun
+
+tokenizer_app = typer.Typer(help="Tokenizers: train a byte-level BPE on your text.", no_args_is_help=True)
 
 
 def _pretrain(run: PretrainRun) -> None:
@@ -35,8 +37,20 @@ def corpus(
     typer.echo(f"{len(paths)} files, {documents} documents, {size / 1e6:.1f} MB in {out}")
 
 
+def _tokenizer(run: TokenizerRun) -> None:
+    from .train.recipes import run_tokenizer
+
+    tok = run_tokenizer(run)
+    typer.echo(f"{tok.vocab_size} tokens -> {run.out}/tokenizer.json (+ tokenizer_config.json with a chat template)")
+
+
 def register(app: typer.Typer) -> None:
     app.command("corpus")(corpus)
+    tokenizer_app.command("train")(config_command(
+        TokenizerRun, _tokenizer,
+        "Train a byte-level BPE tokenizer (with special tokens and a ChatML template) that transformers' "
+        "AutoTokenizer also loads.\n\nExample: lucidlm tokenizer train --data corpus/ --vocab-size 4000 --out tok/"))
+    app.add_typer(tokenizer_app, name="tokenizer")
     app.command("pretrain")(config_command(
         PretrainRun, _pretrain,
         "Pretrain a language model on text files (packed blocks, next-token loss).\n\n"

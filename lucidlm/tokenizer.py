@@ -86,9 +86,15 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def save(self, directory: str | Path) -> None:
+        """tokenizer.json + tokenizer_config.json, each written atomically."""
+        from lucidlm.checkpoint.safetensors_io import atomic_write
+
         directory = Path(directory)
-        self.backend.save(str(directory / "tokenizer.json"))
-        (directory / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_write(directory / "tokenizer.json") as tmp:
+            self.backend.save(str(tmp))
+        with atomic_write(directory / "tokenizer_config.json") as tmp:
+            tmp.write_text(json.dumps(self.config, indent=2) + "\n")
 
 
 def byte_tokenizer(special_tokens: tuple[str, ...] = ("<|bos|>", "<|eos|>", "<|pad|>")) -> Tokenizer:

@@ -38,3 +38,17 @@ def test_pretrain_errors_name_the_problem(tmp_path):
     assert result.exit_code != 0 and "train.max_steps" in str(result.exception)
     result = runner.invoke(app, ["pretrain", "--train.out-dir", str(tmp_path / "r")])
     assert "no training data" in str(result.exception)
+
+
+def test_tokenizer_train_then_pretrain_with_it(tmp_path):
+    assert runner.invoke(app, ["corpus", str(tmp_path / "town"), "--documents", "400", "--files", "2"]).exit_code == 0
+    result = runner.invoke(app, ["tokenizer", "train", "--data", str(tmp_path / "town"), "--vocab-size", "400",
+                                 "--out", str(tmp_path / "tok")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["pretrain", "--data", str(tmp_path / "town"), "--tokenizer", str(tmp_path / "tok"),
+                                 "--model.dim", "64", "--model.n-layers", "1", "--model.n-heads", "4",
+                                 "--model.n-kv-heads", "2", "--model.ffn-dim", "128", "--block-size", "32",
+                                 "--batch-size", "2", "--train.max-steps", "3", "--train.out-dir", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    lm = lucidlm.load(tmp_path / "r" / "model")
+    assert lm.tokenizer.vocab_size == lm.config.vocab_size <= 400 and lm.tokenizer.chat_template

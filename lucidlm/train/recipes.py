@@ -52,6 +52,24 @@ class PretrainRun:
     train: TrainConfig = opt(factory=TrainConfig, help="the trainer")
 
 
+@dataclass
+class TokenizerRun:
+    data: list[str] = opt(factory=list, help="text files or directories of .txt files to learn merges from")
+    vocab_size: int = opt(8000, "tokens in the vocabulary (bytes + special tokens + merges)")
+    out: str = opt("tokenizer", "directory to write tokenizer.json and tokenizer_config.json into")
+    min_frequency: int = opt(2, "a pair must occur this often to be merged")
+    model_max_length: int = opt(2048, "context length recorded in tokenizer_config.json")
+
+
+def run_tokenizer(run: TokenizerRun) -> Tokenizer:
+    from .tokenizer_training import train_bpe_tokenizer
+
+    if not run.data:
+        raise ValueError("no training text: give --data FILE[,FILE...]")
+    return train_bpe_tokenizer(run.data, run.vocab_size, run.out, min_frequency=run.min_frequency,
+                               model_max_length=run.model_max_length)
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
     if spec == "bytes":
         return byte_tokenizer()
