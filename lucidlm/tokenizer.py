@@ -108,7 +108,7 @@ def byte_tokenizer(special_tokens: tuple[str, ...] = ("<|bos|>", "<|eos|>", "<|p
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(list(special_tokens))
-    bos, eos, pad = special_tokens
+    bos, eos, pad = special_tokens[:3]  # any further ones (chat turn markers) are plain special tokens
     backend.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", special_tokens=[(bos, backend.token_to_id(bos))]
     )
