@@ -113,7 +113,7 @@ class LM:
 
 
 def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: str | torch.device = "auto", *,
-         compile: bool = False, pack_weights: bool = False) -> LM:
+         adapter: str | Path | None = None, compile: bool = False, pack_weights: bool = False) -> LM:
     """Load a Hugging Face-format checkpoint directory (config.json + safetensors + tokenizer.json).
 
     dtype: "float32", "bfloat16", "float16" or "auto" (the checkpoint's own). device: "auto"
@@ -121,6 +121,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: 
     compile: decode steps run as one ``torch.compile``'d graph (seconds to compile per batch
     shape; then several times less overhead per step, and batch-1 matrix-vector products near
     the memory bandwidth on CPU).
+    adapter: a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to apply.
     pack_weights: (CPU) keep a copy of every linear weight in oneDNN's blocked layout, which it
     multiplies about twice as fast as the plain one, for prefill and decode; costs the weights' size again.
     """
@@ -129,6 +130,11 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: 
     if pack_weights and torch.device(target).type != "cpu":
         raise ValueError(f"pack_weights is a CPU layout (oneDNN); the device is {target}")
     loaded = load_model(path, dtype=dtype, device=target)
+    if adapter is not None:
+        from .checkpoint.peft_adapter import load_adapter
+
+        load_adapter(loaded.model, loaded.family, adapter)
+        loaded.model.eval()
     if pack_weights:
         pack_linears(loaded.model)
     gen_path = path / "generation_config.json"

@@ -1,0 +1,156 @@
+"""LoRA (Hu et al. 2021): a frozen weight W plus a trainable low-rank update, y = W x + (α/r) · B A x.
+
+A (r × in) starts random (Kaiming-uniform, as PEFT), B (out × r) at zero, so training starts from
+the base model exactly. Only A and B train: r·(in + out) parameters per wrapped layer instead of
+in·out. ``merge`` folds B A · α/r into W for inference at the base model's speed; ``unmerge`` takes
+it back out. ``disabled(model)`` runs the base model alone — the reference policy for DPO and the
+base distribution for the probe's KL term, with no second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .linear import Linear
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = TARGETS  # Linear layers by name (any MLP/attention projection)
+    layers: list[int] | None = None  # blocks to adapt (None: all)
+    use_rslora: bool = False  # scale α/√r instead of α/r (Kalajdzievski 2023)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: Linear, r: int, scaling: float, dropout: float) -> None:
+        super().__init__()
+        self.base_layer = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def delta(self) -> torch.Tensor:
+        """(out, in): the update B A · scaling."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged or self.disabled:
+            if self.merged and self.disabled:
+                raise RuntimeError("unmerge a merged LoRA layer before disabling it")
+            return y
+        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base_layer.weight += self.delta().to(self.base_layer.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base_layer.weight -= self.delta().to(self.base_layer.weight.dtype)
+            self.merged = False
+
+
+def _block_index(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else None
+
+
+def check_config(model: nn.Module, config: LoRAConfig) -> None:
+    if isinstance(config.r, bool) or not isinstance(config.r, int) or config.r < 1:
+        raise ValueError(f"LoRA rank r must be an integer >= 1, got {config.r!r}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {config.dropout}")
+    unknown = sorted(set(config.target_modules) - set(TARGETS))
+    if unknown or not config.target_modules:
+        raise ValueError(f"unknown LoRA target modules {unknown or '[]'}; choose from {list(TARGETS)}")
+    n = len(getattr(model, "blocks", []))
+    bad = [i for i in config.layers or [] if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"LoRA layers {bad} out of range for a model of {n} blocks")
+
+
+def lora_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Names of the Linear layers ``apply_lora`` wraps (checked config; the model is not touched)."""
+    check_config(model, config)
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, Linear) and name.rsplit(".", 1)[-1] in config.target_modules
+             and (config.layers is None or _block_index(name) in config.layers)]
+    if not names:
+        raise ValueError(f"no Linear layer named {list(config.target_modules)} in the chosen blocks")
+    return names
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Wrap the chosen Linear layers of the chosen blocks in place; freeze everything else."""
+    targets = [(name, model.get_submodule(name)) for name in lora_targets(model, config)]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, base in targets:
+        parent_name, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent_name), child, LoRALinear(base, config.r, config.scaling, config.dropout))
+    model.lora_config = config
+    return model
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter: ``<layer>.lora_A.weight`` and ``<layer>.lora_B.weight`` per wrapped layer."""
+    return {f"{n}.{ab}.weight": getattr(m, ab).weight.detach()
+            for n, m in lora_layers(model) for ab in ("lora_A", "lora_B")}
+
+
+def merge_lora(model: nn.Module) -> None:
+    for _, m in lora_layers(model):
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for _, m in lora_layers(model):
+        m.unmerge()
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: every LoRA update switched off inside the block."""
+    layers = [m for _, m in lora_layers(model)]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
