@@ -9,8 +9,10 @@ ordinary typer command: its signature is generated from the dataclass.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
+import typing
 from collections.abc import Callable
 from dataclasses import MISSING, asdict
 from pathlib import Path
@@ -35,18 +37,32 @@ def config_command(cls: type, run: Callable[[Any], None], doc: str) -> Callable[
         inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
             bool, typer.Option("--print-config", help="print the resolved config and exit")]),
     ]
+    for f in dataclasses.fields(cls):  # optional sections (e.g. lora) switch on with a flag and their defaults
+        kind = typing.get_type_hints(cls)[f.name]
+        if type(None) in typing.get_args(kind) and any(dataclasses.is_dataclass(t) for t in typing.get_args(kind)):
+            dest = "section__" + f.name
+            dests[dest] = f.name
+            params.append(inspect.Parameter(dest, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+                bool, typer.Option(option_name(f.name), help=f"{f.metadata.get('help', '')} (a flag)")]))
     for dotted, kind, f in leaves(cls):
         dest = "opt__" + dotted.replace(".", "__")
         dests[dest] = dotted
         default = f.default if f.default is not MISSING else (
             f.default_factory() if f.default_factory is not MISSING else None)
         text = f"{f.metadata.get('help', '')} ({describe(kind)}, default {default})"
+        if kind is bool or kind == bool | None:  # --name / --no-name
+            flag = option_name(dotted)
+            params.append(inspect.Parameter(dest, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+                bool | None, typer.Option(f"{flag}/--no-{flag[2:]}", help=text, show_default=False)]))
+            continue
         params.append(inspect.Parameter(dest, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
             str | None, typer.Option(option_name(dotted), help=text, metavar="VALUE", show_default=False)]))
 
     def command(**values: Any) -> None:
         config, print_config = values.pop("config"), values.pop("print_config")
-        cfg = build(cls, config, {dests[k]: v for k, v in values.items() if v is not None})
+        overrides = {dests[k]: v for k, v in values.items()
+                     if v is not None and not (k.startswith("section__") and v is False)}
+        cfg = build(cls, config, overrides)
         if print_config:
             typer.echo(json.dumps(asdict(cfg), indent=2, default=str))
             return

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from .cli_config import config_command
-from .train.recipes import PretrainRun, TokenizerRun
+from .train.recipes import DPORun, PretrainRun, SFTRun, TokenizerRun
 
 tokenizer_app = typer.Typer(help="Tokenizers: train a byte-level BPE on your text.", no_args_is_help=True)
 
@@ -44,7 +44,36 @@ def _tokenizer(run: TokenizerRun) -> None:
     typer.echo(f"{tok.vocab_size} tokens -> {run.out}/tokenizer.json (+ tokenizer_config.json with a chat template)")
 
 
+def _report(result) -> None:
+    last, where, stats = result
+    typer.echo(json.dumps({k: v for k, v in last.items() if isinstance(v, int | float)}))
+    typer.echo(f"result: {where}   data: {stats['truncated']} examples truncated, {stats['skipped_lines']} bad lines "
+               "skipped", err=True)
+
+
+def _sft(run: SFTRun) -> None:
+    from .train.recipes import run_sft
+
+    _report(run_sft(run))
+
+
+def _dpo(run: DPORun) -> None:
+    from .train.recipes import run_dpo
+
+    _report(run_dpo(run))
+
+
 def register(app: typer.Typer) -> None:
+    app.command("sft")(config_command(
+        SFTRun, _sft,
+        "Supervised fine-tuning on JSONL conversations, loss on the assistant turns only; --lora trains a "
+        "PEFT-format adapter instead of every weight.\n\n"
+        "Example: lucidlm sft --model base/ --data chats.jsonl --lora --lora.r 8 --out adapter/"))
+    app.command("dpo")(config_command(
+        DPORun, _dpo,
+        "Direct Preference Optimization on JSONL {prompt, chosen, rejected} rows; the reference is the starting "
+        "model (frozen copy, or the adapter switched off with --lora).\n\n"
+        "Example: lucidlm dpo --model sft/ --data pairs.jsonl --beta 0.1 --lora --out dpo-adapter/"))
     app.command("corpus")(corpus)
     tokenizer_app.command("train")(config_command(
         TokenizerRun, _tokenizer,

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
 from typer.testing import CliRunner
 
 import lucidlm
 from lucidlm.cli import app
+from lucidlm.train.metrics import read_metrics
 
 runner = CliRunner()
 
@@ -52,3 +55,50 @@ def test_tokenizer_train_then_pretrain_with_it(tmp_path):
     assert result.exit_code == 0, result.output
     lm = lucidlm.load(tmp_path / "r" / "model")
     assert lm.tokenizer.vocab_size == lm.config.vocab_size <= 400 and lm.tokenizer.chat_template
+
+
+def _chat_rows(n):
+    people = ["Anna", "Ben", "Clara", "David"]
+    return [{"messages": [{"role": "user", "content": f"Who is number {i % 4}?"},
+                          {"role": "assistant", "content": f"{people[i % 4]}."}]} for i in range(n)]
+
+
+def test_sft_with_lora_writes_a_peft_adapter_and_dpo_widens_the_margin(tmp_path):
+    from lucidlm.demo import build_demo_checkpoint
+
+    base = build_demo_checkpoint(tmp_path / "base")  # carries a chat template
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in _chat_rows(16)) + "\n")
+    common = ["--train.max-steps", "6", "--train.lr", "0.01", "--train.warmup-steps", "1", "--batch-size", "4",
+              "--max-len", "64"]
+    result = runner.invoke(app, ["sft", "--model", str(base), "--data", str(tmp_path / "chat.jsonl"), "--lora",
+                                 "--lora.r", "4", "--lora.targets", "q_proj,v_proj", "--out", str(tmp_path / "adapter"),
+                                 "--train.out-dir", str(tmp_path / "sft")] + common)
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["target_modules"] == ["q_proj", "v_proj"]
+    plain, adapted = lucidlm.load(base), lucidlm.load(base, adapter=tmp_path / "adapter")
+    ids = torch.tensor([plain.encode("Who is number 2?")])
+    assert not torch.allclose(plain.model(ids), adapted.model(ids))
+    losses = [r["loss"] for r in read_metrics(tmp_path / "sft" / "metrics.jsonl")]
+    assert losses[-1] < losses[0]
+
+    pairs = [{"prompt": "Who bakes?", "chosen": "Anna.", "rejected": "Nobody."}] * 8
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in pairs) + "\n")
+    result = runner.invoke(app, ["dpo", "--model", str(base), "--data", str(tmp_path / "pairs.jsonl"), "--lora",
+                                 "--beta", "0.5", "--train.out-dir", str(tmp_path / "dpo")] + common)
+    assert result.exit_code == 0, result.output
+    margins = [r["margin"] for r in read_metrics(tmp_path / "dpo" / "metrics.jsonl")]
+    assert margins[0] == pytest.approx(0.0, abs=1e-4) and margins[-1] > margins[0]
+    assert (tmp_path / "dpo" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_full_sft_exports_a_model(tmp_path):
+    from lucidlm.demo import build_demo_checkpoint
+
+    base = build_demo_checkpoint(tmp_path / "base")
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in _chat_rows(8)) + "\n")
+    result = runner.invoke(app, ["sft", "--model", str(base), "--data", str(tmp_path / "chat.jsonl"),
+                                 "--train.max-steps", "2", "--train.out-dir", str(tmp_path / "run"), "--prefix-lm"])
+    assert result.exit_code == 0, result.output
+    lm = lucidlm.load(tmp_path / "run" / "model")
+    assert lm.tokenizer.chat_template and lm.config.dim == 256

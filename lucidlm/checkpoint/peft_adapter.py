@@ -82,30 +82,50 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
 
 
 def load_adapter(model: Transformer, family: Family, directory: str | Path) -> Transformer:
-    """Apply the PEFT adapter in ``directory`` to ``model`` (wraps its layers, then fills A and B)."""
-    directory = Path(directory)
+    """Apply the PEFT adapter in ``directory`` to ``model`` (wraps its layers, then fills A and B).
+    Every name and shape is checked before the model changes."""
     config = read_adapter_config(directory)
+    expected, tensors = _adapter_tensors(model, family, Path(directory), config)
+    apply_lora(model, config)
+    _fill(model, expected, tensors)
+    return model
+
+
+def fill_adapter(model: Transformer, family: Family, directory: str | Path) -> None:
+    """Load A and B from ``directory`` into a model that already carries the same LoRA layers (resume)."""
+    config: LoRAConfig = model.lora_config
+    expected, tensors = _adapter_tensors(model, family, Path(directory), config, wrapped=True)
+    _fill(model, expected, tensors)
+
+
+def _adapter_tensors(model: Transformer, family: Family, directory: Path, config: LoRAConfig, wrapped: bool = False):
     weights = directory / WEIGHTS_FILE
     if not weights.exists():
         raise CheckpointError(f"{directory}: no {WEIGHTS_FILE}")
+    if wrapped:
+        targets = [name.removesuffix(".base_layer") for name, _ in lora_layers(model)]
+    else:
+        targets = lora_targets(model, config)
     with safe_open(str(weights), framework="pt") as f:
         stored = {k.replace(".default.", "."): k for k in f.keys()}  # some PEFT versions keep the adapter name
-        modules = {name: _their_module(model, family, name) for name in lora_targets(model, config)}
-        expected = {f"{PREFIX}{their}.{ab}.weight": (ours, ab) for ours, their in modules.items()
-                    for ab in ("lora_A", "lora_B")}
+        expected = {f"{PREFIX}{_their_module(model, family, ours)}.{ab}.weight": (ours, ab)
+                    for ours in targets for ab in ("lora_A", "lora_B")}
         missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
         if missing or unexpected:
             raise CheckpointError(f"{weights}: adapter tensors do not match the model: missing {missing[:4]}, "
                                   f"unexpected {unexpected[:4]}")
         tensors = {key: f.get_tensor(stored[key]) for key in expected}
-    for key, (ours, ab) in expected.items():  # every shape checked before the model changes
+    for key, (ours, ab) in expected.items():
         base = model.get_submodule(ours)
+        base = base.base_layer if wrapped else base
         shape = (config.r, base.in_features) if ab == "lora_A" else (base.out_features, config.r)
         if tuple(tensors[key].shape) != shape:
             raise CheckpointError(f"{weights}: {key} has shape {list(tensors[key].shape)}, the model needs "
                                   f"{list(shape)}")
-    apply_lora(model, config)
+    return expected, tensors
+
+
+def _fill(model: Transformer, expected: dict, tensors: dict) -> None:
     with torch.no_grad():
         for key, (ours, ab) in expected.items():
             getattr(model.get_submodule(ours), ab).weight.copy_(tensors[key])
-    return model

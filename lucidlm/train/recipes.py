@@ -19,6 +19,7 @@ import torch
 
 from ..checkpoint.loader import FAMILIES, load_model
 from ..config import from_preset
+from ..model.lora import TARGETS, LoRAConfig
 from ..model.transformer import Transformer
 from ..tokenizer import Tokenizer, byte_tokenizer
 from .config_file import opt
@@ -139,3 +140,131 @@ def _export(trainer: Trainer, final: Path) -> None:
         shutil.rmtree(final)
     tmp.rename(final)
 
+
+
+# --- fine-tuning: SFT and DPO, full or LoRA ------------------------------------------------------
+@dataclass
+class LoRAOptions:
+    r: int = opt(16, "LoRA rank")
+    alpha: float = opt(32.0, "LoRA alpha (the update is scaled by alpha / r)")
+    dropout: float = opt(0.05, "dropout on the LoRA input")
+    targets: list[str] = opt(factory=lambda: list(TARGETS), help="Linear layers to adapt")
+    layers: list[int] | None = opt(None, "blocks to adapt (default: all)")
+    use_rslora: bool = opt(False, "scale by alpha / sqrt(r) (rsLoRA)")
+
+    def to_config(self) -> LoRAConfig:
+        return LoRAConfig(self.r, self.alpha, self.dropout, tuple(self.targets), self.layers, self.use_rslora)
+
+
+@dataclass
+class SFTRun:
+    model: str | None = opt(None, "checkpoint directory to fine-tune (its tokenizer and chat template are used)")
+    data: list[str] = opt(factory=list, help="JSONL files: {messages: [...]} or {prompt, response} rows")
+    val_data: list[str] = opt(factory=list, help="validation JSONL files (optional)")
+    max_len: int | None = opt(None, "tokens per example, longer ones truncated and counted (default: the context)")
+    batch_size: int = opt(4, "examples per micro-batch (padded to the longest)")
+    prefix_lm: bool = opt(False, "the prompt attends both ways (prefix-LM); the response stays causal")
+    skip_bad_lines: bool = opt(False, "skip (and count) malformed JSONL lines instead of stopping")
+    lora: LoRAOptions | None = opt(None, "train a LoRA adapter instead of every weight (--lora for defaults)")
+    out: str | None = opt(None, "result directory: the PEFT adapter with LoRA, else the model "
+                                "(default: out_dir/adapter or out_dir/model)")
+    train: TrainConfig = opt(factory=TrainConfig, help="the trainer")
+
+
+@dataclass
+class DPORun(SFTRun):
+    beta: float = opt(0.1, "DPO beta: how far the policy may move from the reference")
+    label_smoothing: float = opt(0.0, "conservative DPO: probability that a preference label is flipped")
+
+
+def _fine_tune_setup(run: SFTRun):
+    if run.model is None:
+        raise ValueError("give the checkpoint to fine-tune: --model DIR")
+    if not run.data:
+        raise ValueError("no training data: give --data FILE[,FILE...]")
+    loaded = load_model(run.model, dtype=torch.float32)
+    tokenizer = Tokenizer.from_dir(run.model)
+    if tokenizer is None:
+        raise ValueError(f"{run.model}: no tokenizer.json to encode the data with")
+    if run.max_len is None:
+        run.max_len = loaded.config.max_seq_len
+    if run.max_len > loaded.config.max_seq_len:
+        raise ValueError(f"max_len {run.max_len} exceeds the model's context {loaded.config.max_seq_len}")
+    model, family = loaded.model, loaded.family
+    if run.lora is not None:
+        from ..model.lora import apply_lora
+
+        apply_lora(model, run.lora.to_config())
+        save = partial(_save_adapter, family)
+        load = partial(_load_adapter, family)
+    else:
+        save = partial(_with_tokenizer, partial(default_save_weights, family=family), tokenizer)
+        load = None
+    return model, family, tokenizer, save, load
+
+
+def _save_adapter(family, model, directory: Path) -> None:
+    from ..checkpoint.peft_adapter import save_adapter
+
+    save_adapter(model, family, directory)
+
+
+def _load_adapter(family, model, directory: Path) -> None:
+    from ..checkpoint.peft_adapter import fill_adapter
+
+    fill_adapter(model, family, directory)
+
+
+def _run_info(run: SFTRun, kind: str) -> dict:
+    return {"kind": kind, "model": str(Path(run.model).resolve()), "data": [str(Path(d).resolve()) for d in run.data],
+            "max_len": run.max_len, "batch_size": run.batch_size, "prefix_lm": run.prefix_lm,
+            "lora": dataclasses.asdict(run.lora) if run.lora else None}
+
+
+def _finish(trainer: Trainer, run: SFTRun) -> Path:
+    default = "adapter" if run.lora is not None else "model"
+    final = Path(run.out) if run.out else Path(run.train.out_dir) / default
+    _export(trainer, final)
+    return final
+
+
+def run_sft(run: SFTRun) -> tuple[dict, Path, dict]:
+    """Returns (last metrics, where the result went, data statistics)."""
+    from .sft_data import SFTDataset
+
+    model, family, tokenizer, save, load = _fine_tune_setup(run)
+    train = SFTDataset(run.data, tokenizer, run.max_len, run.batch_size, prefix_lm=run.prefix_lm,
+                       skip_bad_lines=run.skip_bad_lines)
+    val = None
+    if run.val_data:
+        val = list(itertools.islice(SFTDataset(run.val_data, tokenizer, run.max_len, run.batch_size, epochs=1,
+                                               prefix_lm=run.prefix_lm), run.train.eval_batches))
+    trainer = Trainer(model, run.train, train, val, save_weights=save, load_weights=load,
+                      run_info=_run_info(run, "sft"))
+    last = trainer.fit()
+    return last, _finish(trainer, run), {"truncated": train.truncated, "skipped_lines": len(train.skipped)}
+
+
+def run_dpo(run: DPORun) -> tuple[dict, Path, dict]:
+    from .dpo import DPO, frozen_reference
+    from .sft_data import PreferenceDataset
+
+    model, family, tokenizer, save, load = _fine_tune_setup(run)
+    if run.lora is not None:  # the reference is the same model with its adapters off: no second copy
+        from ..model.lora import disabled
+
+        def reference(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            with disabled(model):
+                return model(ids, attention_mask=mask)
+    else:
+        reference = frozen_reference(model)
+    train = PreferenceDataset(run.data, tokenizer, run.max_len, run.batch_size, skip_bad_lines=run.skip_bad_lines)
+    val = None
+    if run.val_data:
+        val = list(itertools.islice(PreferenceDataset(run.val_data, tokenizer, run.max_len, run.batch_size,
+                                                      epochs=1), run.train.eval_batches))
+    info = {**_run_info(run, "dpo"), "beta": run.beta, "label_smoothing": run.label_smoothing}
+    trainer = Trainer(model, run.train, train, val, objective=DPO(reference, run.beta, run.label_smoothing),
+                      save_weights=save, load_weights=load, run_info=info)
+    last = trainer.fit()
+    return last, _finish(trainer, run), {"truncated": train.formatter.truncated, "skipped_lines": len(train.skipped)}
