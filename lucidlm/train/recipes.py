@@ -50,6 +50,7 @@ class PretrainRun:
     block_size: int = opt(256, "tokens per training sequence")
     batch_size: int = opt(8, "sequences per micro-batch")
     model: ModelSpec = opt(factory=ModelSpec, help="the model")
+    strategy: str = opt("ddp", "under torchrun: ddp (every rank holds the model) or fsdp (sharded, FSDP2)")
     train: TrainConfig = opt(factory=TrainConfig, help="the trainer")
 
 
@@ -99,6 +100,19 @@ def build_model(spec: ModelSpec, tokenizer: Tokenizer) -> tuple[Transformer, obj
     return model, FAMILIES[spec.family]
 
 
+def make_trainer(strategy: str, *args, **kwargs) -> Trainer:
+    """A Trainer, or under torchrun (WORLD_SIZE > 1) a DistributedTrainer with ``strategy``."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .distributed import DistributedTrainer
+
+        return DistributedTrainer(*args, strategy=strategy, **kwargs)
+    if strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+    return Trainer(*args, **kwargs)
+
+
 def _with_tokenizer(save, tokenizer: Tokenizer, model, directory: Path) -> None:
     save(model, directory)
     tokenizer.save(directory)  # every checkpoint is a complete, loadable model directory
@@ -120,10 +134,10 @@ def run_pretrain(run: PretrainRun) -> dict:
     save = partial(_with_tokenizer, partial(default_save_weights, family=family), tokenizer)
     info = {"kind": "pretrain", "model": model.config.to_dict(), "data": [str(p) for p in train.files],
             "block_size": run.block_size, "batch_size": run.batch_size, "tokenizer_vocab": tokenizer.vocab_size}
-    trainer = Trainer(model, run.train, train, val, save_weights=save, run_info=info)
+    trainer = make_trainer(run.strategy, model, run.train, train, val, save_weights=save, run_info=info)
     last = trainer.fit()
-    final = Path(run.train.out_dir) / "model"
-    _export(trainer, final)
+    if trainer.is_main:
+        _export(trainer, Path(run.train.out_dir) / "model")
     return last
 
 
@@ -168,6 +182,7 @@ class SFTRun:
     lora: LoRAOptions | None = opt(None, "train a LoRA adapter instead of every weight (--lora for defaults)")
     out: str | None = opt(None, "result directory: the PEFT adapter with LoRA, else the model "
                                 "(default: out_dir/adapter or out_dir/model)")
+    strategy: str = opt("ddp", "under torchrun: ddp (every rank holds the model) or fsdp (sharded, FSDP2)")
     train: TrainConfig = opt(factory=TrainConfig, help="the trainer")
 
 
@@ -224,7 +239,8 @@ def _run_info(run: SFTRun, kind: str) -> dict:
 def _finish(trainer: Trainer, run: SFTRun) -> Path:
     default = "adapter" if run.lora is not None else "model"
     final = Path(run.out) if run.out else Path(run.train.out_dir) / default
-    _export(trainer, final)
+    if trainer.is_main:
+        _export(trainer, final)
     return final
 
 
@@ -239,8 +255,8 @@ def run_sft(run: SFTRun) -> tuple[dict, Path, dict]:
     if run.val_data:
         val = list(itertools.islice(SFTDataset(run.val_data, tokenizer, run.max_len, run.batch_size, epochs=1,
                                                prefix_lm=run.prefix_lm), run.train.eval_batches))
-    trainer = Trainer(model, run.train, train, val, save_weights=save, load_weights=load,
-                      run_info=_run_info(run, "sft"))
+    trainer = make_trainer(run.strategy, model, run.train, train, val, save_weights=save, load_weights=load,
+                           run_info=_run_info(run, "sft"))
     last = trainer.fit()
     return last, _finish(trainer, run), {"truncated": train.truncated, "skipped_lines": len(train.skipped)}
 
@@ -264,7 +280,8 @@ def run_dpo(run: DPORun) -> tuple[dict, Path, dict]:
         val = list(itertools.islice(PreferenceDataset(run.val_data, tokenizer, run.max_len, run.batch_size,
                                                       epochs=1), run.train.eval_batches))
     info = {**_run_info(run, "dpo"), "beta": run.beta, "label_smoothing": run.label_smoothing}
-    trainer = Trainer(model, run.train, train, val, objective=DPO(reference, run.beta, run.label_smoothing),
-                      save_weights=save, load_weights=load, run_info=info)
+    trainer = make_trainer(run.strategy, model, run.train, train, val,
+                           objective=DPO(reference, run.beta, run.label_smoothing), save_weights=save,
+                           load_weights=load, run_info=info)
     last = trainer.fit()
     return last, _finish(trainer, run), {"truncated": train.formatter.truncated, "skipped_lines": len(train.skipped)}
