@@ -59,3 +59,22 @@ class CausalLM:
             extra = self.aux_loss_weight * out.aux_loss
         metrics = {"aux_loss": float(out.aux_loss.detach())} if moe and out.aux_loss is not None else {}
         return LossParts(loss_sum, tokens, extra, metrics)
+
+
+class Seq2Seq:
+    """Next-target-token loss for an encoder–decoder: batches hold ``src`` (b, s) and ``tgt`` (b, t) =
+    BOS, the target, EOS, then padding; the model reads tgt[:, :-1] and predicts tgt[:, 1:]."""
+
+    def __init__(self, pad_id: int, label_smoothing: float = 0.0) -> None:
+        self.pad_id, self.label_smoothing = pad_id, label_smoothing
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["tgt"][:, 1:] != self.pad_id).sum())
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossParts:
+        tgt = batch["tgt"]
+        logits = model(batch["src"], tgt[:, :-1], batch.get("src_mask"))  # (b, t-1, vocab)
+        target = tgt[:, 1:].masked_fill(tgt[:, 1:] == self.pad_id, IGNORE_INDEX)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum", label_smoothing=self.label_smoothing)
+        return LossParts(loss, int((target != IGNORE_INDEX).sum()))
