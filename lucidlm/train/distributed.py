@@ -53,6 +53,10 @@ class ShardedData:
         while len(group := list(itertools.islice(stream, self.world))) == self.world:
             yield group[self.rank]
 
+    @property
+    def truncated(self) -> int | None:
+        return getattr(self.data, "truncated", None)
+
     def state_dict(self) -> dict:
         return self.data.state_dict()
 

@@ -181,6 +181,9 @@ class Trainer:
         self.tokens_seen += tokens
         self.step += 1
         record = {"step": self.step, "tokens": tokens, **metrics}
+        truncated = getattr(self.train_data, "truncated", None)  # examples cut to the context so far (SFT)
+        if truncated:
+            record["truncated"] = truncated
         verdict = self.guard.check(loss_total)
         if verdict is not Verdict.OK:
             self.optimizer.zero_grad(set_to_none=True)

@@ -104,3 +104,27 @@ def test_preference_pairs(tmp_path):
         "Anna.<|im_end|>\n"
     assert trained_text(tok, {"input_ids": batch["rejected_input_ids"], "labels": batch["rejected_labels"]}, 1) == \
         "Go.<|im_end|>\n"
+
+
+def test_prefix_lm_batches_let_the_prompt_attend_both_ways_and_truncation_reaches_the_log(tmp_path):
+    from tiny_lm import tiny_model
+
+    from lucidlm.train.metrics import read_metrics
+    from lucidlm.train.trainer import TrainConfig, Trainer
+
+    tok = byte_tokenizer()
+    rows = [{"prompt": "abcd", "response": "xy"}, {"prompt": "q", "response": "z" * 40}]
+    data = SFTDataset([write(tmp_path / "p.jsonl", rows)], tok, 24, batch_size=2, prefix_lm=True)
+    batch = next(iter(data))
+    model = tiny_model(vocab_size=tok.vocab_size)
+    changed = batch["input_ids"].clone()
+    changed[0, 3] = tok.encode("Z", add_special_tokens=False)[0]  # a later prompt token
+    with torch.no_grad():
+        a = model(batch["input_ids"], prefix_mask=batch["prefix_mask"])[0, 1]
+        b = model(changed, prefix_mask=batch["prefix_mask"])[0, 1]
+        causal = model(batch["input_ids"])[0, 1], model(changed)[0, 1]
+    assert not torch.allclose(a, b)  # position 1 sees position 3 inside the prefix
+    torch.testing.assert_close(*causal)  # without the prefix mask it cannot
+    config = TrainConfig(out_dir=str(tmp_path / "run"), max_steps=2, progress=False, save_every=10)
+    Trainer(model, config, SFTDataset([tmp_path / "p.jsonl"], tok, 24, 2, prefix_lm=True)).fit()
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["truncated"] >= 1
