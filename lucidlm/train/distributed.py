@@ -33,6 +33,7 @@ def init_distributed() -> tuple[int, int]:
     if world == 1:
         return 0, 1
     if not dist.is_initialized():
+        DistributedTrainer.owns_group = True
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -67,6 +68,8 @@ class ShardedData:
 class DistributedTrainer(Trainer):
     """``Trainer`` over torchrun ranks. ``strategy``: "ddp" or "fsdp" (FSDP2 ``fully_shard`` per block)."""
 
+    owns_group = False  # this module joined the process group, so it leaves it when training ends
+
     def __init__(self, model: nn.Module, config, train_data, val_data=None, strategy: str = "ddp", **kw) -> None:
         if strategy not in ("ddp", "fsdp"):
             raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")
@@ -87,6 +90,14 @@ class DistributedTrainer(Trainer):
             from torch.nn.parallel import DistributedDataParallel
 
             self.wrapped = DistributedDataParallel(self.model)
+
+    def fit(self, resume: bool = True) -> dict[str, float]:
+        last = super().fit(resume)
+        if self.world > 1 and DistributedTrainer.owns_group and dist.is_initialized():
+            dist.barrier()  # every rank done before the group goes (a rank exiting early aborts the others)
+            dist.destroy_process_group()
+            DistributedTrainer.owns_group = False
+        return last
 
     def _reduce_tokens(self, tokens: int) -> int:
         return int(self._all_reduce(float(tokens)))
