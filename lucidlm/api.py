@@ -20,6 +20,7 @@ from .generate.strategies import AnswerExtractor, Scorer, Vote, last_number, mea
 from .generate.text_generation import Prompt, StreamToken
 from .model.linear import pack_linears
 from .model.transformer import Transformer
+from .probe.probe import LoadedProbe, attach_probe, predictive_scores
 from .tokenizer import Tokenizer
 
 
@@ -35,6 +36,7 @@ class LM:
     hf_config: dict | None = None
     generation_defaults: dict = field(default_factory=dict)  # the checkpoint's generation_config.json
     compile_decode: bool = False  # run decode steps as one torch.compile'd graph (see Engine)
+    probe: LoadedProbe | None = None  # hallucination probe: generate/stream then score every token
 
     @property
     def device(self) -> torch.device:
@@ -63,6 +65,16 @@ class LM:
                 if isinstance(i, int) and i not in ids:
                     ids.append(i)
         return ids
+
+    @torch.no_grad()
+    def token_scores(self, text: str | Sequence[int]) -> list[float]:
+        """The probe's score of every token of ``text`` from one full forward (position 0: NaN)."""
+        if self.probe is None:
+            raise ValueError("no probe loaded: lucidlm.load(path, probe=PROBE_DIR)")
+        ids = self.encode(text) if isinstance(text, str) else list(text)
+        layer = self.probe.config.layer
+        out = self.model(torch.tensor([ids], device=self.device), hidden_layers=[layer])
+        return predictive_scores(self.probe.head, out.hidden_states[layer])[0].tolist()
 
     # --- generation (see lucidlm/generate) ------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], *, best_of: int = 1, scorer: Scorer = mean_logprob,
@@ -113,7 +125,8 @@ class LM:
 
 
 def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: str | torch.device = "auto", *,
-         adapter: str | Path | None = None, compile: bool = False, pack_weights: bool = False) -> LM:
+         adapter: str | Path | None = None, probe: str | Path | None = None, compile: bool = False,
+         pack_weights: bool = False) -> LM:
     """Load a Hugging Face-format checkpoint directory (config.json + safetensors + tokenizer.json).
 
     dtype: "float32", "bfloat16", "float16" or "auto" (the checkpoint's own). device: "auto"
@@ -122,6 +135,8 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: 
     shape; then several times less overhead per step, and batch-1 matrix-vector products near
     the memory bandwidth on CPU).
     adapter: a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to apply.
+    probe: a probe directory (probe_config.json + probe_head.safetensors [+ its LoRA adapter]): then
+    ``generate``/``stream`` give every token a hallucination score and ``token_scores`` scores a text.
     pack_weights: (CPU) keep a copy of every linear weight in oneDNN's blocked layout, which it
     multiplies about twice as fast as the plain one, for prefill and decode; costs the weights' size again.
     """
@@ -135,9 +150,12 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: 
 
         load_adapter(loaded.model, loaded.family, adapter)
         loaded.model.eval()
+    attached = None
+    if probe is not None:
+        attached = attach_probe(loaded.model, probe, loaded.family)
     if pack_weights:
         pack_linears(loaded.model)
     gen_path = path / "generation_config.json"
     defaults = json.loads(gen_path.read_text()) if gen_path.exists() else {}
     return LM(loaded.model, Tokenizer.from_dir(path), loaded.config, path, loaded.family, loaded.hf_config, defaults,
-              compile_decode=compile)
+              compile_decode=compile, probe=attached)

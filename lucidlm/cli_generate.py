@@ -28,6 +28,8 @@ BestOf = Annotated[int, typer.Option(help="sample N completions, print the one w
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")]
 Dtype = Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (the checkpoint's)")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the decode step (compiles for seconds first)")]
+Probe = Annotated[Path | None, typer.Option(help="probe directory: score every token (JSON: scores; text: risky "
+                                             "tokens in red)")]
 PackWeights = Annotated[bool, typer.Option("--pack-weights", help="CPU: oneDNN-packed weights, ~2x faster matmuls, "
                                            "twice the weight memory")]
 
@@ -41,10 +43,11 @@ def _options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalt
     return options
 
 
-def _load(model: Path, device: str, dtype: str, compile: bool = False, pack_weights: bool = False):
+def _load(model: Path, device: str, dtype: str, compile: bool = False, pack_weights: bool = False,
+          probe: Path | None = None):
     from .api import load
 
-    lm = load(model, dtype=dtype, device=device, compile=compile, pack_weights=pack_weights)
+    lm = load(model, dtype=dtype, device=device, compile=compile, pack_weights=pack_weights, probe=probe)
     if lm.tokenizer is None:
         raise ValueError(f"{model}: no tokenizer.json, so text prompts cannot be encoded")
     return lm
@@ -71,6 +74,8 @@ def generate_command(
     dtype: Dtype = "float32",
     compile: Compile = False,
     pack_weights: PackWeights = False,
+    probe: Probe = None,
+    threshold: Annotated[float, typer.Option(help="with --probe: tokens scoring above this are shown in red")] = 0.5,
 ) -> None:
     """Continue each PROMPT, streaming the text (or print JSON with --json)."""
     from .generate.generation_config import GenerationConfig
@@ -78,7 +83,7 @@ def generate_command(
     options = _options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams,
                        length_penalty)
     GenerationConfig.from_kwargs(**options)  # bad options fail before the model loads
-    lm = _load(model, device, dtype, compile, pack_weights)
+    lm = _load(model, device, dtype, compile, pack_weights, probe)
     inputs = [_chat_ids(lm, p) if chat else p for p in prompts]
     if as_json or num_beams > 1 or best_of > 1:  # whole results: one batch
         results = lm.generate(inputs, best_of=best_of, **options)
@@ -87,13 +92,16 @@ def generate_command(
                           finish_reason=c.finish_reason)
             if c.score is not None:
                 record["score"] = c.score
+            if c.scores is not None:
+                record["scores"] = c.scores
             typer.echo(json.dumps(record, ensure_ascii=False) if as_json else c.text)
         return
     for i, prompt in enumerate(inputs):
         if len(prompts) > 1:
             typer.secho(f"--- prompt {i}: {prompts[i]!r}", fg=typer.colors.BRIGHT_BLACK, err=True)
         for token in lm.stream(prompt, **options):
-            sys.stdout.write(token.text)
+            risky = token.score is not None and token.score > threshold
+            sys.stdout.write(typer.style(token.text, fg=typer.colors.RED, bold=True) if risky else token.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
 

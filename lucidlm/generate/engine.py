@@ -50,6 +50,7 @@ class Completion:
     finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
     text: str | None = None
     score: float | None = None  # best-of-N / beam score when a strategy ranked it
+    scores: list[float] | None = None  # per-token hallucination scores when a probe is loaded
 
     @property
     def mean_logprob(self) -> float:
@@ -229,18 +230,25 @@ class Engine:
         *,
         n: int = 1,
         should_stop: Callable[[int, list[int]], bool] | None = None,
+        hidden_layers: Sequence[int] = (),
+        token_scores: Callable[[Step], list[float]] | None = None,
     ) -> list[Completion]:
-        """All completions, row i·n + j being sample j of prompt i."""
+        """All completions, row i·n + j being sample j of prompt i. ``token_scores(step)`` gives a score
+        per row of each step (a probe reading ``step.hidden``), collected into ``Completion.scores``."""
         n_rows = len(prompts) * n
         ids: list[list[int]] = [[] for _ in range(n_rows)]
         lps: list[list[float]] = [[] for _ in range(n_rows)]
+        scores: list[list[float]] = [[] for _ in range(n_rows)]
         reasons: dict[int, str] = {}
-        for step in self.steps(prompts, config, n=n, should_stop=should_stop):
-            for row, tok, lp in zip(step.rows, step.token_ids, step.logprobs):
+        for step in self.steps(prompts, config, n=n, should_stop=should_stop, hidden_layers=hidden_layers):
+            step_scores = token_scores(step) if token_scores is not None else [None] * len(step.rows)
+            for row, tok, lp, sc in zip(step.rows, step.token_ids, step.logprobs, step_scores):
                 ids[row].append(tok)
                 lps[row].append(lp)
+                scores[row].append(sc)
             reasons.update(step.finished)
-        return [Completion(ids[r], lps[r], reasons[r]) for r in range(n_rows)]
+        return [Completion(ids[r], lps[r], reasons[r], scores=scores[r] if token_scores else None)
+                for r in range(n_rows)]
 
 
 STATIC_LEN_STEP = 256  # compiled decode: cache lengths are rounded up to a multiple of this

@@ -10,12 +10,14 @@ string and, by default, special tokens — as the OpenAI API does.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from .beam_search import beam_search
-from .engine import Completion, Engine
+from .engine import Completion, Engine, Step
 from .generation_config import GenerationConfig
 from .strategies import AnswerExtractor, Scorer, Vote, best_of, last_number, majority_vote, mean_logprob
 from .text import TextAssembler
@@ -32,6 +34,7 @@ class StreamToken:
     text: str  # the text this token makes visible (may be "" while a character or stop string is pending)
     logprob: float
     finish_reason: str | None = None  # set on the last token
+    score: float | None = None  # hallucination score of this token when a probe is loaded
 
 
 def encode_prompts(lm: LM, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
@@ -89,16 +92,32 @@ def generate(
     return [best_of(completions[i * best_of_n : (i + 1) * best_of_n], scorer) for i in range(len(ids))]
 
 
+def probe_scorer(lm: LM) -> tuple[list[int], Callable[[Step], list[float]] | None]:
+    """(hidden layers to hand out, step -> per-row scores) for the LM's probe, if it has one. A step's
+    last position is the state that decoded its token, so the score comes from that same forward."""
+    if lm.probe is None:
+        return [], None
+    head, layer = lm.probe.head, lm.probe.config.layer
+
+    def scores(step: Step) -> list[float]:
+        with torch.no_grad():
+            return head.scores(step.hidden[layer][:, -1]).tolist()
+
+    return [layer], scores
+
+
 def sample_ids(lm: LM, ids: list[list[int]], config: GenerationConfig, n: int = 1) -> list[Completion]:
     """``n`` completions per prompt, row i·n + j being sample j of prompt i, with their text."""
     engine = engine_for(lm)
+    layers, scorer = probe_scorer(lm)
     texts = _assemblers(lm, config, len(ids) * n)
 
     def stop_string_seen(row: int, generated: list[int]) -> bool:
         texts[row].push(generated[-1])
         return texts[row].stopped
 
-    completions = engine.generate(ids, config, n=n, should_stop=stop_string_seen if texts else None)
+    completions = engine.generate(ids, config, n=n, should_stop=stop_string_seen if texts else None,
+                                  hidden_layers=layers, token_scores=scorer)
     if texts:
         for c, t in zip(completions, texts):
             t.finish()
@@ -136,12 +155,13 @@ def stream(lm: LM, prompt: Prompt, **options: Any) -> Iterator[StreamToken]:
         return text.stopped
 
     engine = engine_for(lm)
-    for step in engine.steps(ids, config, should_stop=stop_string_seen if text else None):
+    layers, scorer = probe_scorer(lm)
+    for step in engine.steps(ids, config, should_stop=stop_string_seen if text else None, hidden_layers=layers):
         reason = step.finished.get(0)
         piece = pieces.pop() if text else ""
         if reason is not None and text is not None:
             piece += text.finish()
-        yield StreamToken(step.token_ids[0], piece, step.logprobs[0], reason)
+        yield StreamToken(step.token_ids[0], piece, step.logprobs[0], reason, scorer(step)[0] if scorer else None)
 
 
 def sample(lm: LM, prompt: Prompt, n: int, **options: Any) -> list[Completion]:
