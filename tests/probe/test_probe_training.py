@@ -1,0 +1,61 @@
+"""A trained probe beats the random-init head on labels its layer can see; the layer sweep and LoRA probes train."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from tiny_lm import tiny_model
+
+from lucidlm.model.lora import LoRAConfig, lora_layers
+from lucidlm.probe.data import IGNORE, LabeledExample
+from lucidlm.probe.evaluate import evaluate_probe
+from lucidlm.probe.train import ProbeTrainConfig, sweep, train_probe
+
+TRIGGERS = set(range(10, 20))  # a token right after one of these is "hallucinated"
+
+
+def examples(n: int, seed: int) -> list[LabeledExample]:
+    """Random sequences; prompt = first 4 tokens; a response token is positive when the token before it is a
+    trigger; spans = runs of 3 response tokens, positive if any token in them is."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ids = [rng.randrange(3, 60) for _ in range(24)]
+        labels = [IGNORE] * 4 + [int(ids[t - 1] in TRIGGERS) for t in range(4, 24)]
+        span_ids = [-1] * 4 + [(t - 4) // 3 if t < 22 else -1 for t in range(4, 24)]
+        span_labels = [max(labels[t] for t in range(24) if span_ids[t] == s) for s in range(6)]
+        out.append(LabeledExample(ids, labels, span_ids, span_labels))
+    return out
+
+
+def test_trained_probe_beats_the_random_head_and_the_baselines():
+    model = tiny_model(vocab_size=64, sharpen=1.0)  # unsharpened: the residual stream still carries the token
+    head = train_probe(model, examples(64, 0), ProbeTrainConfig(layer=1, steps=150, lr=1e-2, progress=False), 0)
+    report = evaluate_probe(model, head, 1, examples(32, 1), pad_id=0)
+    probe, random_head = report["probe"], report["baselines"]["random_head"]
+    assert probe["token"]["auroc"] > 0.9 and probe["span_max"]["auroc"] > 0.9
+    assert probe["span_max"]["auroc"] > random_head["span_max"]["auroc"] + 0.2
+    assert probe["span_max"]["auroc"] > report["baselines"]["nll"]["span_max"]["auroc"]
+    assert set(report["baselines"]) == {"nll", "entropy", "random_head"}
+    assert all(p.requires_grad is False for p in model.parameters())  # the base stayed frozen
+
+
+def test_sweep_trains_a_head_per_layer_in_one_pass():
+    model = tiny_model(vocab_size=64)
+    heads = sweep(model, examples(32, 0), [0, 1], ProbeTrainConfig(layer=0, steps=40, lr=1e-2, progress=False), 0)
+    assert set(heads) == {0, 1}
+    assert not torch.equal(heads[0].linear.weight, heads[1].linear.weight)
+    with pytest.raises(IndexError, match=r"probe layers \[7\] out of range"):
+        sweep(model, examples(4, 0), [7], ProbeTrainConfig(layer=7, steps=1), 0)
+
+
+def test_lora_probe_trains_adapters_only_up_to_the_probed_layer():
+    model = tiny_model(vocab_size=64)
+    config = ProbeTrainConfig(layer=0, steps=20, lr=1e-2, lora=LoRAConfig(r=2, dropout=0.0), kl_weight=0.5,
+                              progress=False)
+    train_probe(model, examples(16, 0), config, 0)
+    layers = {name.split(".")[1] for name, _ in lora_layers(model)}
+    assert layers == {"0"}
+    assert any(m.lora_B.weight.abs().sum() > 0 for _, m in lora_layers(model))
