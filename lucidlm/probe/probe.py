@@ -130,9 +130,16 @@ class ProbedModel(nn.Module):
         return ProbedOutput(logits, predictive_scores(self.head, hidden), hidden)
 
 
-def save_probe(directory: str | Path, head: ProbeHead, config: ProbeConfig) -> Path:
+def save_probe(directory: str | Path, head: ProbeHead, config: ProbeConfig, model: nn.Module | None = None,
+               family=None) -> Path:
+    """The head and config; with ``model`` carrying LoRA layers (a LoRA probe), also its PEFT adapter."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if model is not None and getattr(model, "lora_config", None) is not None:
+        from ..checkpoint.peft_adapter import save_adapter
+
+        save_adapter(model, family, directory)
+        config = ProbeConfig(**{**asdict(config), "has_adapter": True})
     with atomic_write(directory / HEAD_FILE) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(tmp))
     write_json(directory / CONFIG_FILE, asdict(config))

@@ -59,3 +59,25 @@ def test_lora_probe_trains_adapters_only_up_to_the_probed_layer():
     layers = {name.split(".")[1] for name, _ in lora_layers(model)}
     assert layers == {"0"}
     assert any(m.lora_B.weight.abs().sum() > 0 for _, m in lora_layers(model))
+
+
+def test_lora_probe_directory_round_trip(tmp_path):
+    import lucidlm
+    from lucidlm.checkpoint.loader import load_model
+    from lucidlm.demo import build_demo_checkpoint
+    from lucidlm.probe.probe import ProbeConfig, save_probe
+
+    base = build_demo_checkpoint(tmp_path / "model")
+    loaded = load_model(base)
+    config = ProbeTrainConfig(layer=1, steps=5, lr=1e-2, lora=LoRAConfig(r=2, dropout=0.0), progress=False)
+    rows = [LabeledExample(e.input_ids, e.labels, e.span_ids, e.span_labels) for e in examples(8, 0)]
+    head = train_probe(loaded.model, rows, config, 0)
+    save_probe(tmp_path / "probe", head, ProbeConfig(1, 256, 4), loaded.model, loaded.family)
+    assert (tmp_path / "probe" / "adapter_config.json").exists()
+    lm = lucidlm.load(base, probe=tmp_path / "probe")
+    assert lm.probe.config.has_adapter and len(list(lora_layers(lm.model))) == 2 * 7
+    ids = rows[0].input_ids
+    with torch.no_grad():
+        out = loaded.model(torch.tensor([ids]), hidden_layers=[1])
+        expected = head.scores(out.hidden_states[1][0, :-1])
+    torch.testing.assert_close(torch.tensor(lm.token_scores(ids)[1:]), expected, rtol=1e-5, atol=1e-6)
