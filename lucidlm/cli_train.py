@@ -63,7 +63,56 @@ def _dpo(run: DPORun) -> None:
     _report(run_dpo(run))
 
 
+probe_app = typer.Typer(help="Hallucination probes: train, evaluate, sweep layers.", no_args_is_help=True)
+
+
+def _probe_train(run) -> None:
+    from .probe.recipes import run_probe_train
+
+    typer.echo(json.dumps(run_probe_train(run), indent=2))
+
+
+def _probe_sweep(run) -> None:
+    from .probe.recipes import run_probe_sweep
+
+    typer.echo(json.dumps(run_probe_sweep(run), indent=2))
+
+
+def probe_eval(
+    model: Annotated[Path, typer.Option("--model", "-m", help="checkpoint directory")],
+    probe: Annotated[Path, typer.Option(help="probe directory")],
+    data: Annotated[list[Path], typer.Option(help="annotated JSONL file(s) (repeatable)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the full report as JSON")] = False,
+) -> None:
+    """Evaluate a probe on annotated conversations, with the NLL, entropy and random-head baselines on the same
+    spans: AUROC, AUPRC, recall at 10% FPR, best F1 and ECE at token, in-span and span-max level."""
+    from .probe.recipes import run_probe_eval
+
+    report = run_probe_eval(str(model), str(probe), [str(d) for d in data])
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    rows = [("probe", report["probe"])] + list(report["baselines"].items())
+    typer.echo("| method | span-max AUROC | token AUROC | span-max AUPRC | recall@10%FPR |\n|---|---|---|---|---|")
+    for name, levels in rows:
+        typer.echo(f"| {name} | {levels['span_max']['auroc']:.3f} | {levels['token']['auroc']:.3f} | "
+                   f"{levels['span_max']['auprc']:.3f} | {levels['span_max']['recall_at_10fpr']:.3f} |")
+
+
 def register(app: typer.Typer) -> None:
+    from .probe.recipes import ProbeRun
+
+    probe_app.command("train")(config_command(
+        ProbeRun, _probe_train,
+        "Train a probe head on block --layer (with --lora: also LoRA on blocks 0..layer, KL-regularised) from "
+        "annotated JSONL; writes the probe directory --out.\n\n"
+        "Example: lucidlm probe train --model m/ --data train.jsonl --val-data test.jsonl --layer 2 --out probe/"))
+    probe_app.command("sweep")(config_command(
+        ProbeRun, _probe_sweep,
+        "Train one head per layer in one pass and report span-max AUROC per layer (sweep.json, auroc_per_layer.png "
+        "in --out)."))
+    probe_app.command("eval")(probe_eval)
+    app.add_typer(probe_app, name="probe")
     app.command("sft")(config_command(
         SFTRun, _sft,
         "Supervised fine-tuning on JSONL conversations, loss on the assistant turns only; --lora trains a "

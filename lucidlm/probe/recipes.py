@@ -1,0 +1,145 @@
+"""What ``lucidlm probe train / eval / sweep`` do: annotated JSONL in, a probe directory or a report out."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..checkpoint.loader import load_model
+from ..model.lora import TARGETS, LoRAConfig
+from ..tokenizer import Tokenizer
+from ..train.config_file import opt
+from ..train.jsonl import DataError, read_rows
+from .data import LabeledExample, LabelStats, label_row
+from .evaluate import evaluate_probe
+from .probe import ProbeConfig, save_probe
+from .train import ProbeTrainConfig, sweep, train_probe
+
+
+@dataclass
+class ProbeLoRA:
+    r: int = opt(16, "LoRA rank on the blocks up to the probed layer")
+    alpha: float = opt(32.0, "LoRA alpha")
+    dropout: float = opt(0.05, "LoRA dropout")
+    targets: list[str] = opt(factory=lambda: list(TARGETS), help="Linear layers to adapt")
+    kl_weight: float = opt(0.5, "weight of KL(base || probed) on next-token distributions (keeps generation intact)")
+    lr: float = opt(1e-4, "LoRA learning rate")
+
+
+@dataclass
+class ProbeRun:
+    model: str | None = opt(None, "checkpoint directory of the model to probe")
+    data: list[str] = opt(factory=list, help="annotated JSONL: {conversation, annotations:[{span,label,index}]}")
+    val_data: list[str] = opt(factory=list, help="annotated JSONL for the evaluation printed at the end")
+    layer: int = opt(-1, "block whose output is probed (negative: from the end)")
+    layers: list[int] = opt(factory=list, help="sweep: the blocks to train a head on (default: all)")
+    steps: int = opt(300, "optimizer steps")
+    batch_size: int = opt(8, "conversations per step")
+    lr: float = opt(1e-3, "head learning rate")
+    anneal_fraction: float = opt(0.5, "span-max loss weight reaches 1 after this fraction of training")
+    lora: ProbeLoRA | None = opt(None, "also train LoRA on blocks 0..layer (--lora for defaults)")
+    out: str = opt("probe", "probe directory to write (probe_config.json, probe_head.safetensors, adapter)")
+    seed: int = opt(0, "seed")
+
+
+def read_examples(files: list[str], tokenizer: Tokenizer) -> tuple[list[LabeledExample], LabelStats]:
+    stats = LabelStats()
+    rows: list[LabeledExample] = []
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        rows += [ex for _, ex in read_rows(path, 0, lambda r: _label(r, tokenizer, stats), False, print)]
+    if not rows:
+        raise ValueError(f"no annotated conversations in {files}")
+    return rows, stats
+
+
+def _label(row: dict, tokenizer: Tokenizer, stats: LabelStats) -> LabeledExample:
+    try:
+        return label_row(row, tokenizer, stats)
+    except (ValueError, KeyError, TypeError) as e:  # reported with the file and line by read_rows
+        raise DataError(str(e)) from None
+
+
+def _setup(run: ProbeRun):
+    if run.model is None:
+        raise ValueError("give the model to probe: --model DIR")
+    loaded = load_model(run.model)
+    tokenizer = Tokenizer.from_dir(run.model)
+    if tokenizer is None:
+        raise ValueError(f"{run.model}: no tokenizer.json")
+    n = loaded.config.n_layers
+    layer = run.layer % n if -n <= run.layer < n else None
+    if layer is None:
+        raise IndexError(f"layer {run.layer} out of range for a model of {n} blocks")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return loaded, tokenizer, layer, pad
+
+
+def _train_config(run: ProbeRun, layer: int) -> ProbeTrainConfig:
+    lora = None
+    if run.lora is not None:
+        lora = LoRAConfig(r=run.lora.r, alpha=run.lora.alpha, dropout=run.lora.dropout,
+                          target_modules=tuple(run.lora.targets))
+    return ProbeTrainConfig(layer=layer, steps=run.steps, batch_size=run.batch_size, lr=run.lr,
+                            anneal_fraction=run.anneal_fraction, lora=lora,
+                            lora_lr=run.lora.lr if run.lora else 1e-4,
+                            kl_weight=run.lora.kl_weight if run.lora else 0.0, seed=run.seed)
+
+
+def run_probe_train(run: ProbeRun) -> dict:
+    loaded, tokenizer, layer, pad = _setup(run)
+    train, stats = read_examples(run.data, tokenizer)
+    head = train_probe(loaded.model, train, _train_config(run, layer), pad)
+    config = ProbeConfig(layer, loaded.config.dim, loaded.config.n_layers)
+    save_probe(run.out, head, config, loaded.model, loaded.family)
+    report = {"probe": run.out, "layer": layer, "train": asdict(stats)}
+    if run.val_data:
+        val, val_stats = read_examples(run.val_data, tokenizer)
+        report["eval"] = evaluate_probe(loaded.model, head, layer, val, pad)
+        report["eval_data"] = asdict(val_stats)
+    return report
+
+
+def run_probe_eval(model: str, probe: str, data: list[str]) -> dict:
+    import lucidlm
+
+    lm = lucidlm.load(model, probe=probe, device="cpu")
+    examples, stats = read_examples(data, lm.tokenizer)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    report = evaluate_probe(lm.model, lm.probe.head, lm.probe.config.layer, examples, pad)
+    report["data"] = asdict(stats)
+    return report
+
+
+def run_probe_sweep(run: ProbeRun) -> dict:
+    loaded, tokenizer, _, pad = _setup(run)
+    layers = run.layers or list(range(loaded.config.n_layers))
+    train, _ = read_examples(run.data, tokenizer)
+    val, _ = read_examples(run.val_data or run.data, tokenizer)
+    heads = sweep(loaded.model, train, layers, _train_config(run, layers[0]), pad)
+    per_layer = {layer: evaluate_probe(loaded.model, head, layer, val, pad) for layer, head in heads.items()}
+    out = Path(run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {str(layer): r["probe"]["span_max"]["auroc"] for layer, r in per_layer.items()}
+    plot_auroc_per_layer(summary, out / "auroc_per_layer.png")
+    (out / "sweep.json").write_text(json.dumps(per_layer, indent=2))
+    return {"span_max_auroc_per_layer": summary, "report": str(out / "sweep.json")}
+
+
+def plot_auroc_per_layer(summary: dict[str, float], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([int(k) for k in summary], list(summary.values()), "o-")
+    ax.set_xlabel("probed block")
+    ax.set_ylabel("span-max AUROC")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
