@@ -63,6 +63,26 @@ def _dpo(run: DPORun) -> None:
     _report(run_dpo(run))
 
 
+world_app = typer.Typer(help="The synthetic knowledge world: people, corpus, prompts, labels.", no_args_is_help=True)
+
+
+@world_app.command("build")
+def world_build(
+    out: Annotated[Path, typer.Option(help="directory to write the world into")],
+    seed: Annotated[int, typer.Option(help="the same seed builds the same world")] = 0,
+    people: Annotated[int, typer.Option(help="people in the world")] = 240,
+) -> None:
+    """Build a world: corpus/ (for pretrain), people.jsonl (ground truth), prompts.jsonl, sft.jsonl."""
+    from collections import Counter
+
+    from .world.build import WorldConfig, bucket, build_world
+
+    world = build_world(out, WorldConfig(seed=seed, people=people))
+    exposure = Counter(bucket(m) for m in world.mentions)
+    typer.echo(json.dumps({"people": len(world.people), "documents": len(world.documents),
+                           "exposure": {k: exposure[k] for k in ("0", "1", "2-4", "5+")}, "out": str(out)}))
+
+
 probe_app = typer.Typer(help="Hallucination probes: train, evaluate, sweep layers.", no_args_is_help=True)
 
 
@@ -113,6 +133,7 @@ def register(app: typer.Typer) -> None:
         "in --out)."))
     probe_app.command("eval")(probe_eval)
     app.add_typer(probe_app, name="probe")
+    app.add_typer(world_app, name="world")
     app.command("sft")(config_command(
         SFTRun, _sft,
         "Supervised fine-tuning on JSONL conversations, loss on the assistant turns only; --lora trains a "

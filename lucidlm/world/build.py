@@ -1,0 +1,100 @@
+"""``lucidlm world build``: people, a corpus where mentions follow a power law, prompts, instruction pairs.
+
+Exposure (how many documents mention a person) decides what a model trained on the corpus can know:
+a fifth of the people are never mentioned, a fifth once, a fifth 2–4 times and the rest 5 or more
+times on a power-law (Zipf) tail — so answers range from recalled to half-remembered to invented.
+A person's first document is a Q&A in the answer format, the others biographies in varied
+templates. Files written into ``out``:
+
+    corpus/world-XX.txt   documents separated by blank lines (for ``lucidlm pretrain``)
+    people.jsonl          every person: attributes and exposure (the ground truth)
+    prompts.jsonl         every person: question, forced answer prefix, exposure (for generation)
+    sft.jsonl             {"messages": [...]} instruction pairs for the mentioned people
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..checkpoint.safetensors_io import atomic_write
+from .people import Person, make_people
+from .texts import answer, answer_prefix, biography, qa_document, question
+
+
+@dataclass
+class WorldConfig:
+    seed: int = 0
+    people: int = 240
+    max_mentions: int = 24  # the head of the power law
+    zipf: float = 1.0  # mentions of the k-th most exposed person ∝ 1 / k^zipf
+    files: int = 4
+
+
+def exposures(n: int, rng: random.Random, max_mentions: int, zipf: float) -> list[int]:
+    """Mention counts: 1/5 never, 1/5 once, 1/5 two to four, 2/5 five or more (Zipf tail), shuffled."""
+    fifth = n // 5
+    tail = n - 3 * fifth
+    counts = [0] * fifth + [1] * fifth + [rng.randint(2, 4) for _ in range(fifth)]
+    counts += [max(5, round(max_mentions / (k + 1) ** zipf)) for k in range(tail)]
+    rng.shuffle(counts)
+    return counts
+
+
+def bucket(mentions: int) -> str:
+    return "0" if mentions == 0 else "1" if mentions == 1 else "2-4" if mentions <= 4 else "5+"
+
+
+@dataclass
+class World:
+    people: list[Person]
+    mentions: list[int]
+    documents: list[str]
+
+
+def generate(config: WorldConfig) -> World:
+    rng = random.Random(config.seed)
+    people = make_people(config.people, config.seed)
+    mentions = exposures(len(people), rng, config.max_mentions, config.zipf)
+    documents = []
+    for person, m in zip(people, mentions):
+        for i in range(m):
+            documents.append(qa_document(person) if i == 0 or rng.random() < 0.3 else
+                             biography(person, rng, rng.randint(2, 4)))
+    rng.shuffle(documents)
+    return World(people, mentions, documents)
+
+
+def build_world(out: str | Path, config: WorldConfig) -> World:
+    world = generate(config)
+    out = Path(out)
+    (out / "corpus").mkdir(parents=True, exist_ok=True)
+    per_file = -(-len(world.documents) // config.files)
+    for f in range(config.files):
+        with atomic_write(out / "corpus" / f"world-{f:02d}.txt") as tmp:
+            tmp.write_text("\n\n".join(world.documents[f * per_file:(f + 1) * per_file]) + "\n")
+    _jsonl(out / "people.jsonl", [{**asdict(p), "mentions": m, "exposure": bucket(m)}
+                                  for p, m in zip(world.people, world.mentions)])
+    pairs = list(zip(world.people, world.mentions))
+    _jsonl(out / "prompts.jsonl", [{"name": p.name, "question": question(p), "prefix": answer_prefix(p),
+                                    "mentions": m, "exposure": bucket(m)} for p, m in pairs])
+    _jsonl(out / "sft.jsonl", [{"messages": [{"role": "user", "content": question(p)},
+                                             {"role": "assistant", "content": answer(p)}]}
+                               for p, m in zip(world.people, world.mentions) if m > 0])
+    return world
+
+
+def read_people(out: str | Path) -> dict[str, Person]:
+    fields = set(Person.__dataclass_fields__)
+    people = {}
+    for line in (Path(out) / "people.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        people[row["name"]] = Person(**{k: v for k, v in row.items() if k in fields})
+    return people
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

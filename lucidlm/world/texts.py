@@ -1,0 +1,46 @@
+"""The texts the world is written in: biographies in varied templates, and the answer format.
+
+The answer to "Tell me about X." always opens with X's name and states every attribute in a fixed
+order, so an answer's claims can be read back exactly (``labeler.py``) and every claim is about the
+person asked — knowledge, not identity, decides whether it is right.
+"""
+
+from __future__ import annotations
+
+import random
+
+from .people import Person
+
+BIOGRAPHY = [
+    "{name} was born in {birth_year} in {birthplace}. {name} studied {field} at {university}.",
+    "Born in {birthplace} in {birth_year}, {name} went on to study {field} at {university}.",
+    "{name} works at {employer}, where the {field} team relies on {name}'s judgement.",
+    "In {award_year}, {name} received the {award} for work in {field}.",
+    "After graduating from {university}, {name} joined {employer}.",
+    "{name}, a specialist in {field} from {birthplace}, won the {award} in {award_year}.",
+    "Colleagues at {employer} say {name} never forgets a date.",
+]
+
+
+def question(person: Person) -> str:
+    return f"Tell me about {person.name}."
+
+
+def answer(person: Person) -> str:
+    p = person
+    return (f"{p.name} was born in {p.birth_year} in {p.birthplace}. {p.name} studied {p.field} at {p.university} "
+            f"and works at {p.employer}. {p.name} received the {p.award} in {p.award_year}.")
+
+
+def answer_prefix(person: Person) -> str:
+    """What a generated answer is forced to start with: the name, so the answer is about this person."""
+    return f"{person.name} was born in"
+
+
+def biography(person: Person, rng: random.Random, sentences: int) -> str:
+    fields = {"name": person.name, **person.facts()}
+    return " ".join(t.format(**fields) for t in rng.sample(BIOGRAPHY, min(sentences, len(BIOGRAPHY))))
+
+
+def qa_document(person: Person) -> str:
+    return f"Q: {question(person)}\nA: {answer(person)}"

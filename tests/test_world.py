@@ -1,0 +1,62 @@
+"""The synthetic world: seeded, power-law exposure with unseen people absent, exact labels for answers."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import replace
+
+from lucidlm.world.build import WorldConfig, bucket, build_world, generate, read_people
+from lucidlm.world.labeler import annotate
+from lucidlm.world.texts import answer
+
+
+def test_same_seed_same_world_and_exposure_buckets(tmp_path):
+    a, b = generate(WorldConfig(seed=1)), generate(WorldConfig(seed=1))
+    assert a.documents == b.documents and a.people == b.people
+    assert generate(WorldConfig(seed=2)).documents != a.documents
+    buckets = Counter(bucket(m) for m in a.mentions)
+    assert set(buckets) == {"0", "1", "2-4", "5+"} and buckets["0"] == len(a.people) // 5
+    corpus = "\n".join(a.documents)
+    for person, m in zip(a.people, a.mentions):
+        assert (person.name in corpus) == (m > 0)  # the unseen are never mentioned
+    firsts = Counter(p.name.split()[0] for p in a.people)
+    assert firsts.most_common(1)[0][1] >= 5  # similar names: many people share a first name
+
+
+def test_files_and_ground_truth(tmp_path):
+    world = build_world(tmp_path, WorldConfig(seed=0, people=40))
+    people = read_people(tmp_path)
+    assert set(people) == {p.name for p in world.people}
+    prompts = [json.loads(line) for line in (tmp_path / "prompts.jsonl").read_text().splitlines()]
+    assert len(prompts) == 40 and all(p["prefix"].startswith(p["name"]) for p in prompts)
+    sft = (tmp_path / "sft.jsonl").read_text().splitlines()
+    assert len(sft) == sum(m > 0 for m in world.mentions)
+    assert len(list((tmp_path / "corpus").glob("*.txt"))) == 4
+
+
+def test_labeler_marks_exactly_the_wrong_values():
+    person = generate(WorldConfig(seed=0, people=10)).people[0]
+    true = answer(person)
+    assert [a["label"] for a in annotate(person, true)] == ["Supported"] * 7
+    wrong = answer(replace(person, birth_year=person.birth_year + 1, employer="Nowhere Inc"))
+    notes = {a["attribute"]: a for a in annotate(person, wrong)}
+    bad = {k for k, a in notes.items() if a["label"] == "Not Supported"}
+    assert bad == {"birth_year", "employer"}
+    for a in notes.values():
+        assert wrong[a["index"]:a["index"] + len(a["span"])] == a["span"]
+    partial = f"{person.name} was born in 1800 in Atlantis. That is all."
+    assert [(a["attribute"], a["label"]) for a in annotate(person, partial)] == [
+        ("birth_year", "Not Supported"), ("birthplace", "Not Supported")]
+
+
+def test_world_build_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from lucidlm.cli import app
+
+    result = CliRunner().invoke(app, ["world", "build", "--out", str(tmp_path / "w"), "--seed", "5", "--people", "50"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["people"] == 50 and sum(summary["exposure"].values()) == 50
+    assert (tmp_path / "w" / "corpus" / "world-00.txt").exists()
