@@ -45,7 +45,7 @@ class ModelSpec:
 class PretrainRun:
     data: list[str] = opt(factory=list, help="text files or directories of .txt files (blank lines separate documents)")
     val_data: list[str] = opt(factory=list, help="validation text files; none: hold out val_percent of `data`")
-    val_percent: float = opt(1.0, "percent of documents held out for validation when val_data is empty")
+    val_percent: float = opt(1.0, "percent of documents held out for validation when val_data is empty (0: none)")
     tokenizer: str = opt("bytes", "directory with tokenizer.json, or `bytes` for the 259-token byte tokenizer")
     block_size: int = opt(256, "tokens per training sequence")
     batch_size: int = opt(8, "sequences per micro-batch")
@@ -128,9 +128,11 @@ def run_pretrain(run: PretrainRun) -> dict:
     split = None if run.val_data else "train"
     train = PackedTextDataset(run.data, tokenizer, run.block_size, run.batch_size, split=split,
                               val_percent=run.val_percent)
-    val_source = PackedTextDataset(run.val_data or run.data, tokenizer, run.block_size, run.batch_size, epochs=1,
-                                   split=None if run.val_data else "val", val_percent=run.val_percent)
-    val = list(itertools.islice(val_source, run.train.eval_batches))  # a fixed validation set
+    val = None  # val_percent 0 and no val_data: no validation
+    if run.val_data or run.val_percent > 0:
+        val_source = PackedTextDataset(run.val_data or run.data, tokenizer, run.block_size, run.batch_size, epochs=1,
+                                       split=None if run.val_data else "val", val_percent=run.val_percent)
+        val = list(itertools.islice(val_source, run.train.eval_batches))  # a fixed validation set
     save = partial(_with_tokenizer, partial(default_save_weights, family=family), tokenizer)
     info = {"kind": "pretrain", "model": model.config.to_dict(), "data": [str(p) for p in train.files],
             "block_size": run.block_size, "batch_size": run.batch_size, "tokenizer_vocab": tokenizer.vocab_size}
