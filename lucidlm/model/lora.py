@@ -27,28 +27,39 @@ class LoRAConfig:
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
-    target_modules: tuple[str, ...] = TARGETS  # Linear layers by name (any MLP/attention projection)
+    # Linear layers by name, or by a dotted tail of their path as PEFT matches (attn.q_proj, blocks.0.attn.q_proj)
+    target_modules: tuple[str, ...] = TARGETS
     layers: list[int] | None = None  # blocks to adapt (None: all)
     use_rslora: bool = False  # scale α/√r instead of α/r (Kalajdzievski 2023)
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return lora_scaling(self.r, self.alpha, self.use_rslora)
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """α/r, or α/√r (rsLoRA: keeps the update's size stable as r grows)."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: Linear, r: int, scaling: float, dropout: float) -> None:
+    """``base_layer`` (frozen) + ``lora_B(lora_A(dropout(x))) · scaling``; parameter names as PEFT's."""
+
+    def __init__(self, base: Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 use_rslora: bool = False) -> None:
         super().__init__()
         self.base_layer = base
         for p in base.parameters():
             p.requires_grad_(False)
+        self.r, self.lora_alpha = r, lora_alpha
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         device, dtype = base.weight.device, base.weight.dtype
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=dtype)
+        # Created in PEFT's order (A, B, then A re-drawn), so one seed gives PEFT's A exactly.
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=dtype)  # weight (r, in)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=dtype)  # weight (out, r)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.scaling = scaling
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
 
@@ -61,24 +72,33 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+        y = self.base_layer(x)  # (..., out)
+        if self.merged and self.disabled:
+            raise RuntimeError("a merged LoRA layer cannot be disabled; unmerge it first (disabled() does)")
         if self.merged or self.disabled:
-            if self.merged and self.disabled:
-                raise RuntimeError("unmerge a merged LoRA layer before disabling it")
             return y
-        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        h = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # (..., r)
+        return y + (self.lora_B(h) * self.scaling).to(y.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            self.base_layer.weight += self.delta().to(self.base_layer.weight.dtype)
+            self._add_to_base(self.delta())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base_layer.weight -= self.delta().to(self.base_layer.weight.dtype)
+            self._add_to_base(-self.delta())
             self.merged = False
+
+    def _add_to_base(self, delta: torch.Tensor) -> None:
+        # The in-place add bumps the weight's version, which marks a oneDNN-packed copy stale (the
+        # base then runs plain F.linear, correctly); re-packing keeps a packed model at packed speed.
+        packed = self.base_layer.is_packed
+        self.base_layer.weight += delta.to(self.base_layer.weight.dtype)
+        if packed:
+            self.base_layer.pack()
 
 
 def _block_index(name: str) -> int | None:
@@ -87,24 +107,32 @@ def _block_index(name: str) -> int | None:
 
 
 def check_config(model: nn.Module, config: LoRAConfig) -> None:
+    """Raise ValueError naming what is wrong with ``config`` for ``model``; touches nothing."""
     if isinstance(config.r, bool) or not isinstance(config.r, int) or config.r < 1:
         raise ValueError(f"LoRA rank r must be an integer >= 1, got {config.r!r}")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {config.dropout}")
-    unknown = sorted(set(config.target_modules) - set(TARGETS))
+    unknown = sorted(t for t in set(config.target_modules) if t.rsplit(".", 1)[-1] not in TARGETS)
     if unknown or not config.target_modules:
         raise ValueError(f"unknown LoRA target modules {unknown or '[]'}; choose from {list(TARGETS)}")
     n = len(getattr(model, "blocks", []))
     bad = [i for i in config.layers or [] if not 0 <= i < n]
     if bad:
         raise ValueError(f"LoRA layers {bad} out of range for a model of {n} blocks")
+    if any(True for _ in lora_layers(model)):
+        raise ValueError("the model already carries LoRA layers (one adapter at a time)")
+
+
+def targeted(name: str, targets: tuple[str, ...]) -> bool:
+    """PEFT's rule: a target is the module's path or a dotted tail of it."""
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def lora_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Names of the Linear layers ``apply_lora`` wraps (checked config; the model is not touched)."""
     check_config(model, config)
     names = [name for name, m in model.named_modules()
-             if isinstance(m, Linear) and name.rsplit(".", 1)[-1] in config.target_modules
+             if isinstance(m, Linear) and targeted(name, config.target_modules)
              and (config.layers is None or _block_index(name) in config.layers)]
     if not names:
         raise ValueError(f"no Linear layer named {list(config.target_modules)} in the chosen blocks")
@@ -118,13 +146,19 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         p.requires_grad_(False)
     for name, base in targets:
         parent_name, child = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent_name), child, LoRALinear(base, config.r, config.scaling, config.dropout))
+        layer = LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora)
+        setattr(model.get_submodule(parent_name), child, layer)
     model.lora_config = config
     return model
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every A and B weight (what an optimizer of a LoRA run gets)."""
+    return [p for _, m in lora_layers(model) for p in (m.lora_A.weight, m.lora_B.weight)]
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -145,8 +179,12 @@ def unmerge_lora(model: nn.Module) -> None:
 
 @contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model: every LoRA update switched off inside the block."""
+    """Run the base model: every LoRA update switched off inside the block (merged layers are
+    unmerged for its duration, as PEFT's ``disable_adapter`` does, and merged again after)."""
     layers = [m for _, m in lora_layers(model)]
+    merged = [m for m in layers if m.merged]
+    for m in merged:
+        m.unmerge()
     for m in layers:
         m.disabled = True
     try:
@@ -154,3 +192,5 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m in layers:
             m.disabled = False
+        for m in merged:
+            m.merge()
