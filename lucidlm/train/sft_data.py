@@ -145,6 +145,7 @@ class JsonlDataset(ABC):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         s = self.state
         while self.epochs is None or s["epoch"] < self.epochs:
+            from_start = s["file"] == 0 and s["line"] == 0  # a resumed epoch may have nothing left to read
             produced = False
             items: list = []
             while s["file"] < len(self.files):
@@ -161,7 +162,7 @@ class JsonlDataset(ABC):
                 produced = True
                 yield self.collate(items)  # the epoch's last, smaller batch
             s["epoch"], s["file"], s["line"] = s["epoch"] + 1, 0, 0
-            if not produced:
+            if not produced and from_start:
                 raise ValueError(f"no usable rows in {[str(f) for f in self.files]}"
                                  + (f" ({len(self.skipped)} bad lines skipped)" if self.skipped else ""))
 

@@ -128,3 +128,14 @@ def test_prefix_lm_batches_let_the_prompt_attend_both_ways_and_truncation_reache
     config = TrainConfig(out_dir=str(tmp_path / "run"), max_steps=2, progress=False, save_every=10)
     Trainer(model, config, SFTDataset([tmp_path / "p.jsonl"], tok, 24, 2, prefix_lm=True)).fit()
     assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["truncated"] >= 1
+
+
+def test_resume_from_the_end_of_an_epoch(tmp_path):
+    tok = byte_tokenizer()
+    path = write(tmp_path / "e.jsonl", [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(4)])
+    first = SFTDataset([path], tok, 64, 2)
+    head = list(itertools.islice(iter(first), 2))  # exactly one epoch: the state stands at its last row
+    second = SFTDataset([path], tok, 64, 2)
+    second.load_state_dict(first.state_dict())
+    nxt = next(iter(second))
+    assert torch.equal(nxt["input_ids"], head[0]["input_ids"])  # the next epoch starts again at row 1
