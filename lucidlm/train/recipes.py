@@ -211,6 +211,7 @@ def _fine_tune_setup(run: SFTRun):
     if run.lora is not None:
         from ..model.lora import apply_lora
 
+        torch.manual_seed(run.train.seed)  # the adapters' initial A comes from the run's seed, nothing before it
         apply_lora(model, run.lora.to_config())
         save = partial(_save_adapter, family)
         load = partial(_load_adapter, family)
