@@ -5,13 +5,12 @@ import json
 from datetime import datetime
 
 import pytest
+import transformers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lucidlm.chat_template import _compile, render_chat_template, validate_messages
 from lucidlm.tokenizer import Tokenizer, byte_tokenizer
-
-transformers = pytest.importorskip("transformers")
 
 # --- templates from real checkpoints -------------------------------------------------------------------------
 
