@@ -67,16 +67,20 @@ def info(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="where to write the demo checkpoint")] = Path("runs/demo"),
-    prompt: Annotated[str, typer.Option(help="text to continue")] = "The capital of France is",
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens to decode")] = 24,
+    out: Annotated[Path, typer.Option(help="cache directory: every stage is kept here and reused")] = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(help="world seed (another seed: other people, corpus and model)")] = 0,
+    people: Annotated[int, typer.Option(min=10, help="people in the world")] = 480,
+    lm_steps: Annotated[int, typer.Option(min=1, help="pretraining steps of the small model")] = 500,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16 (for answering and scoring)")] = "float32",
 ) -> None:
-    """Build a small random model as a Hugging Face checkpoint, reload it, check it, decode."""
-    from .demo import run_demo
+    """The main job: build a synthetic world of people, train a small model on it, train a hallucination
+    probe on its answers, and report how well the probe catches the model's false claims (vs token NLL,
+    entropy and a random head), what acting on its scores buys, and live answers coloured by risk.
+    Each stage is cached under --out; a second run starts in seconds."""
+    from .demo import DemoConfig, run_demo
 
-    run_demo(out, prompt, max_new_tokens, device, dtype)
+    run_demo(out, DemoConfig(seed=seed, people=people, lm_steps=lm_steps, device=device, dtype=dtype))
 
 
 @app.command()
@@ -89,14 +93,22 @@ def bench(
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice)")] = None,
     train: Annotated[bool, typer.Option("--train", help="measure training instead: tokens/s and peak memory")]
     = False,
+    probe: Annotated[bool, typer.Option("--probe", help="measure what a hallucination probe adds to a streaming "
+                                                        "decode step")] = False,
 ) -> None:
     """lucidlm vs transformers on the same random Llama-shaped 125M model: prefill and decode tok/s,
     the memory-bandwidth bound, and an overhead-bound tiny model. Prints a Markdown table.
-    With --train: training tokens/s and peak memory on a Llama-shaped 30M model."""
+    With --train: training tokens/s and peak memory on a Llama-shaped 30M model.
+    With --probe: the decode-step cost of scoring every token with a probe while streaming."""
     if threads:
         import torch
 
         torch.set_num_threads(threads)
+    if probe:
+        from .probe.bench_probe import probe_table, run_probe_bench
+
+        typer.echo(probe_table(run_probe_bench(prompt, min(new, 64), max(repeats, 5))))
+        return
     if train:
         from .train.bench_train import run_train_bench, train_table
 

@@ -1,88 +1,406 @@
-"""``lucidlm demo``: the end-to-end path on a model built here, with nothing downloaded.
+"""``lucidlm demo``: the main job. A model learns a synthetic world, then a probe learns when it is wrong.
 
-Builds a small random Llama-architecture model and a byte-level tokenizer, saves them as a
-Hugging Face checkpoint directory, loads it back through ``lucidlm.load``, checks the logits
-against transformers (when installed), decodes greedily with the engine (KV cache) and checks the
-tokens against the recompute-everything reference, then streams a sampled continuation.
+Stages, each cached under ``out`` and rebuilt only when its settings (or an earlier stage) change:
+
+    world      fictional people; a corpus where mentions follow a power law   (world/build.py)
+    tokenizer  byte-level BPE learned on the corpus, with a Q:/A: chat template
+    lm         a small Llama-architecture model pretrained on the corpus       (train/recipes.py)
+    answers    the model answers "Tell me about X." for everyone, greedy and sampled;
+               every claim graded against the ground truth                      (world/answers.py)
+    probe      a linear head on one block's residual stream, trained on the answers about half
+               of the people                                                     (probe/train.py)
+    report     on the other half: probe vs token NLL, entropy and a random head; selective
+               answering (accuracy vs attempt rate); best-of-N by the probe       (probe/selective.py)
+
+Then it streams a few answers with every token coloured by its live probe score.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import random
+import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from .api import load
-from .checkpoint import FAMILIES, save_model
-from .config import from_preset
-from .generate.reference import greedy_no_cache
-from .model.transformer import Transformer
-from .tokenizer import byte_tokenizer
+from .checkpoint.safetensors_io import atomic_write
 
-# ChatML with the byte tokenizer's own end-of-sequence token, stored as transformers 5 does
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# "Q: question\nA: answer" — the format of the corpus' Q&A documents, so pretraining alone teaches answering
+QA_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n{% else %}A: "
+               "{{ m['content'] }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}A: {% endif %}")
 
 
-def build_demo_checkpoint(out: Path, seed: int = 0) -> Path:
-    tok = byte_tokenizer()
-    cfg = from_preset("llama-125m", dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=704,
-                      vocab_size=tok.vocab_size, max_seq_len=512, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    model.init_weights()
-    save_model(model, out, FAMILIES["llama"])
-    tok.save(out)
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)  # so `lucidlm chat -m DIR` works on it
-    return out
+@dataclass
+class DemoConfig:
+    seed: int = 0
+    people: int = 480
+    vocab_size: int = 1024
+    dim: int = 256
+    n_layers: int = 4
+    lm_steps: int = 500
+    lm_lr: float = 2e-3
+    samples: int = 3  # answers per person: greedy + sampled at temperature 1
+    probe_layer: int = -2
+    probe_steps: int = 400
+    best_of: int = 4
+    device: str = "auto"
+    dtype: str = "float32"
 
 
-def hf_max_diff(path: Path, ids: torch.Tensor, logits: torch.Tensor) -> float | None:
-    """Max |lucidlm − transformers| logit difference, or None when transformers is absent."""
-    try:
-        import transformers
-    except ImportError:
-        return None
-    transformers.logging.set_verbosity_error()
-    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return (ref(ids.cpu()).logits - logits.float().cpu()).abs().max().item()
+STAGES = ("world", "tokenizer", "lm", "answers", "probe")
 
 
-def run_demo(out: Path, prompt: str, max_new_tokens: int, device: str, dtype: str) -> None:
-    console = Console()
+def _stage_keys(config: DemoConfig) -> dict[str, str]:
+    """A fingerprint per stage covering its own settings and every earlier stage's."""
+    settings = {
+        "world": [config.seed, config.people],
+        "tokenizer": [config.vocab_size, QA_TEMPLATE],
+        "lm": [config.dim, config.n_layers, config.lm_steps, config.lm_lr],
+        "answers": [config.samples, config.dtype],
+        "probe": [config.probe_layer, config.probe_steps],
+    }
+    keys, chain = {}, ""
+    for stage in STAGES:
+        chain = hashlib.sha256((chain + json.dumps(settings[stage])).encode()).hexdigest()[:16]
+        keys[stage] = chain
+    return keys
+
+
+class Cache:
+    """``out/<stage>/`` plus ``out/<stage>.done`` holding the stage's fingerprint, written last."""
+
+    def __init__(self, out: Path, config: DemoConfig) -> None:
+        self.out, self.keys = out, _stage_keys(config)
+
+    def fresh(self, stage: str) -> bool:
+        marker = self.out / f"{stage}.done"
+        return marker.exists() and marker.read_text() == self.keys[stage]
+
+    def start(self, stage: str) -> Path:
+        """An empty directory for the stage (a stale or half-built one is removed first)."""
+        (self.out / f"{stage}.done").unlink(missing_ok=True)
+        path = self.out / stage
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        return path
+
+    def finish(self, stage: str) -> None:
+        with atomic_write(self.out / f"{stage}.done") as tmp:
+            tmp.write_text(self.keys[stage])
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def split_people(names: list[str], seed: int) -> tuple[set[str], set[str]]:
+    """Half the people train the probe, the other half evaluate it (no person is in both)."""
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    return set(order[: len(order) // 2]), set(order[len(order) // 2:])
+
+
+# --- the stages -------------------------------------------------------------------------------------
+def build_world_stage(cache: Cache, config: DemoConfig, console: Console) -> Path:
+    from .world.build import WorldConfig, build_world
+
+    if not cache.fresh("world"):
+        build_world(cache.start("world"), WorldConfig(seed=config.seed, people=config.people))
+        cache.finish("world")
+    return cache.out / "world"
+
+
+def build_tokenizer_stage(cache: Cache, config: DemoConfig, world: Path) -> Path:
+    from .train.tokenizer_training import train_bpe_tokenizer
+
+    if not cache.fresh("tokenizer"):
+        train_bpe_tokenizer([world / "corpus"], config.vocab_size, cache.start("tokenizer"), chat_template=QA_TEMPLATE)
+        cache.finish("tokenizer")
+    return cache.out / "tokenizer"
+
+
+def train_lm_stage(cache: Cache, config: DemoConfig, world: Path, tokenizer: Path) -> Path:
+    from .train.recipes import ModelSpec, PretrainRun, run_pretrain
+    from .train.trainer import TrainConfig
+
+    if not cache.fresh("lm"):
+        out = cache.out / "lm"
+        if (out / "model").exists() or not (cache.out / "lm.partial").exists():
+            cache.start("lm")  # a new run; an interrupted one (lm.partial) resumes from its checkpoint
+            (cache.out / "lm.partial").write_text(cache.keys["lm"])
+        model = ModelSpec(preset="llama-125m", dim=config.dim, n_layers=config.n_layers, n_heads=config.dim // 32,
+                          n_kv_heads=config.dim // 64, ffn_dim=3 * config.dim, max_seq_len=512, seed=config.seed)
+        train = TrainConfig(out_dir=str(out), max_steps=config.lm_steps, lr=config.lm_lr, warmup_steps=50,
+                            save_every=100, eval_every=10**9, log_every=10, seed=config.seed, device=config.device,
+                            progress=True)
+        run_pretrain(PretrainRun(data=[str(world / "corpus")], tokenizer=str(tokenizer), block_size=256, batch_size=8,
+                                 val_percent=0, model=model, train=train))
+        (cache.out / "lm.partial").unlink(missing_ok=True)
+        cache.finish("lm")
+    return cache.out / "lm" / "model"
+
+
+def answers_stage(cache: Cache, config: DemoConfig, world: Path, lm) -> tuple[list[dict], list[dict]]:
+    """(probe-training rows, evaluation rows): every person answered, split by person."""
+    from .world.answers import generate_answers
+    from .world.build import read_people
+
+    if not cache.fresh("answers"):
+        out = cache.start("answers")
+        prompts = _read_jsonl(world / "prompts.jsonl")
+        rows = generate_answers(lm, prompts, read_people(world), samples=config.samples, seed=config.seed,
+                                progress=True)
+        train_names, _ = split_people([p["name"] for p in prompts], config.seed)
+        _jsonl(out / "train.jsonl", [r for r in rows if r["name"] in train_names])
+        _jsonl(out / "eval.jsonl", [r for r in rows if r["name"] not in train_names])
+        cache.finish("answers")
+    return _read_jsonl(cache.out / "answers" / "train.jsonl"), _read_jsonl(cache.out / "answers" / "eval.jsonl")
+
+
+def probe_stage(cache: Cache, config: DemoConfig, lm, train_rows: list[dict]) -> Path:
+    from .probe.data import label_row
+    from .probe.probe import ProbeConfig, save_probe
+    from .probe.train import ProbeTrainConfig, train_probe
+
+    if not cache.fresh("probe"):
+        out = cache.start("probe")
+        n = lm.config.n_layers
+        layer = config.probe_layer % n
+        examples = [label_row(r, lm.tokenizer) for r in train_rows]
+        head = train_probe(lm.model, examples, ProbeTrainConfig(layer=layer, steps=config.probe_steps,
+                                                                batch_size=16, seed=config.seed, progress=True),
+                           _pad(lm))
+        save_probe(out, head, ProbeConfig(layer, lm.config.dim, n), lm.model, lm.family)
+        cache.finish("probe")
+    return cache.out / "probe"
+
+
+def _pad(lm) -> int:
+    return lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+
+
+# --- the report -------------------------------------------------------------------------------------
+NAMES = {"probe": "probe (linear head)", "nll": "span max token NLL", "entropy": "span max entropy",
+         "random_head": "random-init head"}
+
+
+def evaluation(lm, eval_rows: list[dict], out: Path) -> tuple[dict, dict]:
+    """(metrics report, per-method span-max arrays) on the evaluation people, plots into ``out``."""
+    from .probe.data import label_row
+    from .probe.evaluate import METHODS, collect_all, report, span_arrays
+    from .probe.plots import plot_reliability, plot_roc
+
+    examples = [label_row(r, lm.tokenizer) for r in eval_rows]
+    collected = collect_all(lm.model, lm.probe.head, lm.probe.config.layer, examples, _pad(lm))
+    arrays = {m: span_arrays(collected, m) for m in METHODS}
+    plot_roc({NAMES[m]: arrays[m] for m in METHODS}, out / "roc.png")
+    plot_reliability(*arrays["probe"], out / "reliability.png")
+    return report(collected, lm.probe.config.layer), arrays
+
+
+def metrics_table(result: dict) -> Table:
+    table = Table(title="hallucination detection on held-out people (span max over each claim)")
+    for col in ("method", "AUROC", "AUPRC", "recall @10% FPR", "best F1", "ECE"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    rows = {"probe": result["probe"], **result["baselines"]}
+    for name, levels in rows.items():
+        m = levels["span_max"]
+        ece = f"{m['ece']:.3f}" if "ece" in m else "—"
+        style = "bold green" if name == "probe" else None
+        table.add_row(NAMES[name], f"{m['auroc']:.3f}", f"{m['auprc']:.3f}", f"{m['recall_at_10fpr']:.3f}",
+                      f"{m['best_f1']:.3f}", ece, style=style)
+    return table
+
+
+def attempt_table(arrays: dict, out: Path) -> tuple[Table, dict]:
+    """Selective answering: a claim is stated only when its risk is low; accuracy at each attempt rate."""
+    from .probe.plots import plot_attempt_curves
+    from .probe.selective import accuracy_at, attempt_curve
+
+    curves = {NAMES[m]: attempt_curve(s, y == 0) for m, (s, y) in arrays.items()}
+    plot_attempt_curves(curves, out / "attempt_curve.png")
+    rates = (1.0, 0.8, 0.6, 0.4)
+    table = Table(title="selective answering: accuracy of the claims stated when the riskiest are withheld")
+    table.add_column("risk measure")
+    for r in rates:
+        table.add_column(f"state {r:.0%}", justify="right")
+    for name, rows in curves.items():
+        table.add_row(name, *[f"{accuracy_at(rows, r):.1%}" for r in rates])
+    return table, curves
+
+
+def best_of_n(lm, eval_rows: list[dict], world: Path, n: int, seed: int) -> dict:
+    """Claim accuracy on the evaluation people: greedy, one sample, and the best of ``n`` samples chosen
+    by mean logprob or by the probe (lowest max score) — the same ``n`` samples for both choices."""
+    from .generate.generation_config import GenerationConfig
+    from .generate.strategies import mean_logprob
+    from .generate.text_generation import sample_ids
+    from .probe.selective import lowest_max_score
+    from .world.answers import answer_row, prompt_ids
+    from .world.build import read_people
+
+    people = read_people(world)
+    names = sorted({r["name"] for r in eval_rows})
+    prompts = {p["name"]: p for p in _read_jsonl(world / "prompts.jsonl")}
+    chosen: dict[str, list[dict]] = {"one sample": [], "best of n by mean logprob": [], "best of n by probe": []}
+    config = GenerationConfig.from_kwargs(max_new_tokens=56, stop=["\n"], temperature=1.0, seed=seed)
+    for i in range(0, len(names), 32):
+        batch = [prompts[name] for name in names[i:i + 32]]
+        samples = sample_ids(lm, [prompt_ids(lm, p) for p in batch], config, n=n)  # row j·n + k: sample k of j
+        for j, p in enumerate(batch):
+            mine = samples[j * n:(j + 1) * n]
+            rows = [answer_row(p, people[p["name"]], c.text, k) for k, c in enumerate(mine)]
+            chosen["one sample"].append(rows[0])
+            chosen["best of n by mean logprob"].append(rows[max(range(n), key=lambda k: mean_logprob(mine[k]))])
+            chosen["best of n by probe"].append(rows[max(range(n), key=lambda k: lowest_max_score(mine[k]))])
+    return {k: _claim_accuracy(v) for k, v in chosen.items()}
+
+
+def _claim_accuracy(rows: list[dict]) -> float:
+    labels = [a["label"] == "Supported" for r in rows for a in r["annotations"]]
+    return float(np.mean(labels)) if labels else float("nan")
+
+
+def risk_color(score: float) -> str:
+    """Green (safe) through yellow to red (likely hallucinated)."""
+    s = min(max(score, 0.0), 1.0)
+    red, green = (int(255 * min(1, 2 * s)), int(255 * min(1, 2 * (1 - s))))
+    return f"rgb({red},{green},60)"
+
+
+def show_live(lm, world: Path, eval_rows: list[dict], console: Console, threshold: float = 0.5) -> None:
+    """Stream greedy answers for a few held-out people of each exposure, every token coloured by the
+    score the probe gave it in the same decode step; the truth underneath, wrong claims struck out."""
+    from .probe.selective import flagged_spans
+    from .world.answers import answer_row, prompt_ids
+    from .world.build import read_people
+
+    people = read_people(world)
+    prompts = {p["name"]: p for p in _read_jsonl(world / "prompts.jsonl")}
+    picks = []
+    for bucket in ("5+", "2-4", "1", "0"):
+        names = sorted({r["name"] for r in eval_rows if r["exposure"] == bucket})
+        picks += names[:1]
+    console.rule("live: each token coloured by its probe score (green safe → red risky), from the same decode step")
+    for name in picks:
+        p = prompts[name]
+        console.print(Text(f"Q: {p['question']}  (mentioned {p['mentions']}× in the corpus)", style="bold"))
+        line = Text("A: ")
+        line.append(p["prefix"], style="dim")
+        pieces, scores = [], []
+        for token in lm.stream(prompt_ids(lm, p), max_new_tokens=56, stop=["\n"]):
+            pieces.append(token.text)
+            scores.append(token.score)
+            line.append(token.text, style=risk_color(token.score))
+        console.print(line)
+        row = answer_row(p, people[name], "".join(pieces), 0)
+        truth = Text("   truth: ")
+        for a, attribute in zip(row["annotations"], row["attributes"]):
+            ok = a["label"] == "Supported"
+            truth.append(f"{attribute}={a['span']}", style="green" if ok else "red strike")
+            if not ok:
+                truth.append(f" ({people[name].facts()[attribute]})", style="green")
+            truth.append("  ")
+        console.print(truth)
+        flagged = flagged_spans(pieces, scores, threshold)
+        if flagged:
+            console.print("   flagged: " + ", ".join(f"{f.text.strip()!r} ({f.max_score:.2f})" for f in flagged),
+                          style="yellow")
+
+
+def run_demo(out: Path, config: DemoConfig, console: Console | None = None) -> dict:
+    """Every stage (cached), the evaluation report, then live coloured answers. Returns report.json's content."""
+    import lucidlm
+
+    console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
-    build_demo_checkpoint(out)
-    lm = load(out, dtype=dtype, device=device)
-    ids = lm.encode(prompt)
-    table = Table(title="lucidlm demo — a random Llama-architecture model, saved and reloaded")
-    table.add_column("what")
-    table.add_column("value")
-    table.add_row("checkpoint", str(out))
-    table.add_row("parameters", f"{lm.model.num_parameters() / 1e6:.2f} M")
-    table.add_row("device / dtype", f"{lm.device} / {str(lm.dtype).replace('torch.', '')}")
-    x = torch.tensor([ids], device=lm.device)
-    with torch.no_grad():
-        logits = lm.model(x)
-    diff = hf_max_diff(out, x, logits) if lm.dtype == torch.float32 else None
-    table.add_row("max |Δlogit| vs transformers", "transformers not installed" if diff is None else f"{diff:.2e}")
+    cache = Cache(out, config)
+    timings: dict[str, float] = {}
     start = time.perf_counter()
-    reference = greedy_no_cache(lm.model, ids, max_new_tokens, lm.tokenizer.eos_token_id)
-    slow = time.perf_counter() - start
-    start = time.perf_counter()
-    completion = lm.generate(ids, max_new_tokens=max_new_tokens)[0]
-    fast = time.perf_counter() - start
-    same = "identical" if completion.token_ids == reference else "DIFFERENT"
-    table.add_row("greedy, recomputing everything", f"{len(reference)} tokens in {slow:.2f}s")
-    table.add_row("greedy, engine with KV cache", f"{len(completion.token_ids)} tokens in {fast:.2f}s — {same} tokens")
-    table.add_row("mean logprob", f"{completion.mean_logprob:.3f}")
-    console.print(table)
-    console.print(f"[bold]prompt[/bold]: {prompt!r}")
-    console.print(f"[bold]continuation[/bold] (random weights, so noise): {completion.text!r}")
-    for token in lm.stream(prompt, max_new_tokens=12, temperature=0.8, top_p=0.95, seed=0):
-        console.print(token.text, end="", markup=False, highlight=False)
-    console.print("  [dim](streamed, temperature 0.8, top-p 0.95, seed 0)[/dim]")
+
+    def timed(stage: str, work):
+        began = time.perf_counter()
+        cached = cache.fresh(stage)
+        with console.status(f"{stage}…") if cached else _nothing():
+            result = work()
+        timings[stage] = time.perf_counter() - began
+        console.print(f"[green]✓[/green] {stage:<9} {'cached' if cached else f'{timings[stage]:.0f}s'}")
+        return result
+
+    world = timed("world", lambda: build_world_stage(cache, config, console))
+    tokenizer = timed("tokenizer", lambda: build_tokenizer_stage(cache, config, world))
+    model_dir = timed("lm", lambda: train_lm_stage(cache, config, world, tokenizer))
+    lm = lucidlm.load(model_dir, dtype=config.dtype, device=config.device)
+    train_rows, eval_rows = timed("answers", lambda: answers_stage(cache, config, world, lm))
+    probe_dir = timed("probe", lambda: probe_stage(cache, config, lm, train_rows))
+    lm = lucidlm.load(model_dir, dtype=config.dtype, device=config.device, probe=probe_dir)
+
+    began = time.perf_counter()
+    reports = out / "report"
+    reports.mkdir(exist_ok=True)
+    result, arrays = evaluation(lm, eval_rows, reports)
+    console.print(_world_table(train_rows + eval_rows, lm, config))
+    console.print(metrics_table(result))
+    attempts, curves = attempt_table(arrays, reports)
+    console.print(attempts)
+    best = best_of_n(lm, eval_rows, world, config.best_of, config.seed)
+    console.print(_best_of_table(best, config.best_of))
+    timings["report"] = time.perf_counter() - began
+    show_live(lm, world, eval_rows, console)
+    timings["total"] = time.perf_counter() - start
+    summary = {"config": asdict(config), "metrics": result, "selective_answering": curves, "best_of_n": best,
+               "accuracy_by_exposure": _accuracy(train_rows + eval_rows), "seconds": timings}
+    with atomic_write(reports / "report.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    console.print(f"\nreport: {reports}/report.json  plots: roc.png reliability.png attempt_curve.png  "
+                  f"probe: {probe_dir}  model: {model_dir}  ({timings['total']:.0f}s)")
+    console.print(f"try: lucidlm generate -m {model_dir} --probe {probe_dir} \"Q: Tell me about ...\\nA:\"",
+                  style="dim")
+    return summary
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _accuracy(rows: list[dict]) -> dict:
+    from .world.answers import accuracy_by_exposure
+
+    return accuracy_by_exposure(rows)
+
+
+def _world_table(rows: list[dict], lm, config: DemoConfig) -> Table:
+    table = Table(title=f"what the {lm.model.num_parameters() / 1e6:.1f}M-parameter model knows "
+                        f"(world seed {config.seed}, {config.people} people, {config.samples} answers each)")
+    table.add_column("mentions in corpus")
+    table.add_column("claims", justify="right")
+    table.add_column("true", justify="right")
+    for bucket, b in _accuracy(rows).items():
+        table.add_row(bucket, str(b["claims"]), f"{b['supported'] / max(1, b['claims']):.1%}")
+    return table
+
+
+def _best_of_table(best: dict, n: int) -> Table:
+    table = Table(title=f"best-of-{n} on held-out people: claim accuracy of the answer kept")
+    table.add_column("answer kept")
+    table.add_column("claims true", justify="right")
+    for name, acc in best.items():
+        table.add_row(name.replace(" n ", f" {n} "), f"{acc:.1%}")
+    return table

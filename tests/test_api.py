@@ -3,12 +3,12 @@ import torch
 from hf_models import save_hf_model
 
 import lucidlm
-from lucidlm.demo import build_demo_checkpoint
+from lucidlm.random_checkpoint import build_random_checkpoint
 
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
-    return build_demo_checkpoint(tmp_path_factory.mktemp("demo"))
+    return build_random_checkpoint(tmp_path_factory.mktemp("demo"))
 
 
 def test_load_returns_model_tokenizer_config(demo_dir):

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import lucidlm
 from lucidlm.cli import app
-from lucidlm.demo import build_demo_checkpoint
+from lucidlm.random_checkpoint import build_random_checkpoint
 
 runner = CliRunner()
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -20,7 +20,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = build_demo_checkpoint(tmp_path_factory.mktemp("ckpt"))
+    path = build_random_checkpoint(tmp_path_factory.mktemp("ckpt"))
     config = json.loads((path / "tokenizer_config.json").read_text())
     config["chat_template"] = CHATML
     (path / "tokenizer_config.json").write_text(json.dumps(config))

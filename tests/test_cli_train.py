@@ -64,9 +64,9 @@ def _chat_rows(n):
 
 
 def test_sft_with_lora_writes_a_peft_adapter_and_dpo_widens_the_margin(tmp_path):
-    from lucidlm.demo import build_demo_checkpoint
+    from lucidlm.random_checkpoint import build_random_checkpoint
 
-    base = build_demo_checkpoint(tmp_path / "base")  # carries a chat template
+    base = build_random_checkpoint(tmp_path / "base")  # carries a chat template
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in _chat_rows(16)) + "\n")
     common = ["--train.max-steps", "6", "--train.lr", "0.01", "--train.warmup-steps", "1", "--batch-size", "4",
               "--max-len", "64"]
@@ -93,9 +93,9 @@ def test_sft_with_lora_writes_a_peft_adapter_and_dpo_widens_the_margin(tmp_path)
 
 
 def test_full_sft_exports_a_model(tmp_path):
-    from lucidlm.demo import build_demo_checkpoint
+    from lucidlm.random_checkpoint import build_random_checkpoint
 
-    base = build_demo_checkpoint(tmp_path / "base")
+    base = build_random_checkpoint(tmp_path / "base")
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in _chat_rows(8)) + "\n")
     result = runner.invoke(app, ["sft", "--model", str(base), "--data", str(tmp_path / "chat.jsonl"),
                                  "--train.max-steps", "2", "--train.out-dir", str(tmp_path / "run"), "--prefix-lm"])

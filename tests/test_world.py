@@ -60,3 +60,33 @@ def test_world_build_cli(tmp_path):
     summary = json.loads(result.stdout)
     assert summary["people"] == 50 and sum(summary["exposure"].values()) == 50
     assert (tmp_path / "w" / "corpus" / "world-00.txt").exists()
+
+
+def test_fact_checks_mark_exactly_the_swapped_values():
+    import random
+    import re
+
+    from lucidlm.world.build import alternative_values
+    from lucidlm.world.texts import fact_check
+
+    people = generate(WorldConfig(seed=3, people=30)).people
+    person = people[0]
+    truth = answer(person)
+    for seed in range(5):
+        text = fact_check(person, random.Random(seed), alternative_values(people))
+        verdicts = re.findall(r" \[(true|false)\]", text)
+        assert len(verdicts) == 7
+        clean = re.sub(r" \[(true|false)\]", "", text).removeprefix("Fact check: ")
+        notes = annotate(person, clean)  # the labeler agrees with every verdict
+        assert [a["label"] == "Supported" for a in notes] == [v == "true" for v in verdicts]
+        assert (clean == truth) == all(v == "true" for v in verdicts)
+
+
+def test_strangers_are_outside_the_world_and_answered_honestly():
+    world = generate(WorldConfig(seed=4, people=60, strangers=0.5))
+    unknown = [d for d in world.documents if "I know nothing about" in d]
+    assert len(unknown) == 30
+    names = {p.name for p in world.people}
+    for doc in unknown:
+        stranger = doc.split("Tell me about ")[1].split(".")[0]
+        assert stranger not in names and doc.count(stranger) == 2

@@ -13,6 +13,7 @@ from ..train.config_file import opt
 from ..train.jsonl import DataError, read_rows
 from .data import LabeledExample, LabelStats, label_row
 from .evaluate import evaluate_probe
+from .plots import plot_auroc_per_layer
 from .probe import ProbeConfig, save_probe
 from .train import ProbeTrainConfig, sweep, train_probe
 
@@ -127,19 +128,3 @@ def run_probe_sweep(run: ProbeRun) -> dict:
     plot_auroc_per_layer(summary, out / "auroc_per_layer.png")
     (out / "sweep.json").write_text(json.dumps(per_layer, indent=2))
     return {"span_max_auroc_per_layer": summary, "report": str(out / "sweep.json")}
-
-
-def plot_auroc_per_layer(summary: dict[str, float], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([int(k) for k in summary], list(summary.values()), "o-")
-    ax.set_xlabel("probed block")
-    ax.set_ylabel("span-max AUROC")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)

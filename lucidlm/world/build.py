@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..checkpoint.safetensors_io import atomic_write
-from .people import Person, make_people
-from .texts import answer, answer_prefix, biography, qa_document, question
+from .people import FIRST, LAST, Person, make_people
+from .texts import answer, answer_prefix, biography, fact_check, qa_document, question, unknown_document
 
 
 @dataclass
@@ -31,6 +31,11 @@ class WorldConfig:
     max_mentions: int = 24  # the head of the power law
     zipf: float = 1.0  # mentions of the k-th most exposed person ∝ 1 / k^zipf
     files: int = 4
+    qa_share: float = 0.3  # of a person's documents after the first (always a Q&A)
+    # Optional document kinds meant to give a model a "do I know this?" feature (see texts.py); at
+    # the demo's scale (a 3M model, minutes of CPU) neither did, and both cost recall, so they are off
+    fact_check_share: float = 0.0  # fact-check documents: values marked [true] / [false]
+    strangers: float = 0.0  # names outside the world, answered "I know nothing about X." (× people)
 
 
 def exposures(n: int, rng: random.Random, max_mentions: int, zipf: float) -> list[int]:
@@ -41,6 +46,20 @@ def exposures(n: int, rng: random.Random, max_mentions: int, zipf: float) -> lis
     counts += [max(5, round(max_mentions / (k + 1) ** zipf)) for k in range(tail)]
     rng.shuffle(counts)
     return counts
+
+
+def alternative_values(people: list[Person]) -> dict[str, list[str]]:
+    """Per attribute, every value some person has: where a fact check's wrong values come from."""
+    years = [str(y) for y in range(1925, 2030)]
+    out = {a: sorted({p.facts()[a] for p in people}) for a in people[0].facts()}
+    return out | {"birth_year": years, "award_year": years}
+
+
+def stranger_names(people: list[Person], n: int, rng: random.Random) -> list[str]:
+    """Names from the same pools that belong to no person of the world."""
+    taken = {p.name for p in people}
+    free = [f"{f} {last}" for f in FIRST for last in LAST if f"{f} {last}" not in taken]
+    return rng.sample(free, min(n, len(free)))
 
 
 def bucket(mentions: int) -> str:
@@ -58,11 +77,18 @@ def generate(config: WorldConfig) -> World:
     rng = random.Random(config.seed)
     people = make_people(config.people, config.seed)
     mentions = exposures(len(people), rng, config.max_mentions, config.zipf)
+    alternatives = alternative_values(people)
     documents = []
     for person, m in zip(people, mentions):
         for i in range(m):
-            documents.append(qa_document(person) if i == 0 or rng.random() < 0.3 else
-                             biography(person, rng, rng.randint(2, 4)))
+            kind = rng.random()
+            if i == 0 or kind < config.qa_share:
+                documents.append(qa_document(person))
+            elif kind < config.qa_share + config.fact_check_share:
+                documents.append(fact_check(person, rng, alternatives))
+            else:
+                documents.append(biography(person, rng, rng.randint(2, 4)))
+    documents += [unknown_document(name) for name in stranger_names(people, int(config.strangers * len(people)), rng)]
     rng.shuffle(documents)
     return World(people, mentions, documents)
 

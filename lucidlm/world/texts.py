@@ -44,3 +44,31 @@ def biography(person: Person, rng: random.Random, sentences: int) -> str:
 
 def qa_document(person: Person) -> str:
     return f"Q: {question(person)}\nA: {answer(person)}"
+
+
+def fact_check(person: Person, rng: random.Random, alternatives: dict[str, list[str]]) -> str:
+    """The answer about ``person`` with about half of its values swapped for plausible wrong ones, every
+    value followed by a verdict: "[true]" or "[false]".
+
+    Like the corrections and fact-checks of real text, these make a model that reads a claim judge it
+    against what it remembers — the "is this right?" feature a probe reads while the model writes its
+    own answers. ``alternatives``: per attribute, values to draw wrong ones from."""
+    facts = person.facts()
+    shown = {}
+    for attribute, value in facts.items():
+        if rng.random() < 0.5:
+            shown[attribute] = f"{value} [true]"
+        else:
+            wrong = rng.choice([v for v in alternatives[attribute] if v != value])
+            shown[attribute] = f"{wrong} [false]"
+    p = person
+    return (f"Fact check: {p.name} was born in {shown['birth_year']} in {shown['birthplace']}. {p.name} studied "
+            f"{shown['field']} at {shown['university']} and works at {shown['employer']}. {p.name} received the "
+            f"{shown['award']} in {shown['award_year']}.")
+
+
+def unknown_document(name: str) -> str:
+    """A Q&A about a name the world holds no facts for: the model learns to tell known names from unknown
+    ones (the "do I know this?" feature of real models that probes read), and answers honestly when asked
+    freely — its hallucinations come when an answer is forced to begin with facts."""
+    return f"Q: Tell me about {name}.\nA: I know nothing about {name}."

@@ -11,7 +11,6 @@ from hf_parity import random_hf_model
 from tiny_lm import tiny_lm
 
 import lucidlm
-from lucidlm.demo import build_demo_checkpoint
 from lucidlm.probe.probe import (
     LoadedProbe,
     ProbeConfig,
@@ -21,6 +20,7 @@ from lucidlm.probe.probe import (
     predictive_scores,
     save_probe,
 )
+from lucidlm.random_checkpoint import build_random_checkpoint
 
 IDS = torch.tensor([[5, 9, 2, 7, 1, 4, 8, 3]])
 
@@ -73,7 +73,7 @@ def test_streaming_and_generate_scores_equal_a_full_forward():
 
 
 def test_save_and_load_round_trip(tmp_path):
-    base = build_demo_checkpoint(tmp_path / "model")
+    base = build_random_checkpoint(tmp_path / "model")
     lm = lucidlm.load(base, device="cpu")
     head = random_head(lm.config.dim, seed=3)
     save_probe(tmp_path / "probe", head, ProbeConfig(layer=2, hidden_size=lm.config.dim, n_layers=lm.config.n_layers))
@@ -88,7 +88,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_mismatched_or_missing_probes_are_refused(tmp_path):
-    base = build_demo_checkpoint(tmp_path / "model")
+    base = build_random_checkpoint(tmp_path / "model")
     save_probe(tmp_path / "wide", random_head(512), ProbeConfig(layer=1, hidden_size=512, n_layers=4))
     with pytest.raises(ValueError, match="hidden size 512 and 4 layers; this model has 256 and 4"):
         lucidlm.load(base, probe=tmp_path / "wide")
@@ -108,7 +108,7 @@ def test_generate_cli_prints_scores_with_a_probe(tmp_path):
 
     from lucidlm.cli import app
 
-    base = build_demo_checkpoint(tmp_path / "model")
+    base = build_random_checkpoint(tmp_path / "model")
     save_probe(tmp_path / "probe", random_head(256), ProbeConfig(layer=1, hidden_size=256, n_layers=4))
     result = CliRunner().invoke(app, ["generate", "-m", str(base), "--probe", str(tmp_path / "probe"), "--json",
                                       "--max-new-tokens", "5", "Hello"])

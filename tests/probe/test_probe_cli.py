@@ -8,7 +8,7 @@ import random
 from typer.testing import CliRunner
 
 from lucidlm.cli import app
-from lucidlm.demo import build_demo_checkpoint
+from lucidlm.random_checkpoint import build_random_checkpoint
 
 runner = CliRunner()
 
@@ -27,7 +27,7 @@ def rows(n: int, seed: int) -> list[dict]:
 
 
 def test_train_eval_sweep(tmp_path):
-    model = build_demo_checkpoint(tmp_path / "model")
+    model = build_random_checkpoint(tmp_path / "model")
     for name, seed in (("train", 0), ("test", 1)):
         (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows(24, seed)) + "\n")
     common = ["--model", str(model), "--data", str(tmp_path / "train.jsonl"), "--steps", "10"]
@@ -48,7 +48,7 @@ def test_train_eval_sweep(tmp_path):
 
 
 def test_bad_rows_and_layers(tmp_path):
-    model = build_demo_checkpoint(tmp_path / "model")
+    model = build_random_checkpoint(tmp_path / "model")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"conversation": [], "annotations": []}) + "\n")
     result = runner.invoke(app, ["probe", "train", "--model", str(model), "--data", str(tmp_path / "bad.jsonl")])
     assert "bad.jsonl:1" in str(result.exception) and "must end with the assistant message" in str(result.exception)

@@ -64,10 +64,10 @@ def test_lora_probe_trains_adapters_only_up_to_the_probed_layer():
 def test_lora_probe_directory_round_trip(tmp_path):
     import lucidlm
     from lucidlm.checkpoint.loader import load_model
-    from lucidlm.demo import build_demo_checkpoint
     from lucidlm.probe.probe import ProbeConfig, save_probe
+    from lucidlm.random_checkpoint import build_random_checkpoint
 
-    base = build_demo_checkpoint(tmp_path / "model")
+    base = build_random_checkpoint(tmp_path / "model")
     loaded = load_model(base)
     config = ProbeTrainConfig(layer=1, steps=5, lr=1e-2, lora=LoRAConfig(r=2, dropout=0.0), progress=False)
     rows = [LabeledExample(e.input_ids, e.labels, e.span_ids, e.span_labels) for e in examples(8, 0)]
@@ -81,3 +81,19 @@ def test_lora_probe_directory_round_trip(tmp_path):
         out = loaded.model(torch.tensor([ids]), hidden_layers=[1])
         expected = head.scores(out.hidden_states[1][0, :-1])
     torch.testing.assert_close(torch.tensor(lm.token_scores(ids)[1:]), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_probe_report_uses_base_model_baselines_and_gives_the_kl_cost():
+    model = tiny_model(vocab_size=64)
+    data = examples(16, 3)
+    plain = evaluate_probe(model, train_probe(model, data, ProbeTrainConfig(layer=1, steps=2, progress=False), 0), 1,
+                           data, pad_id=0)
+    assert "lora_kl_to_base" not in plain
+    config = ProbeTrainConfig(layer=1, steps=30, lr=1e-2, lora_lr=1e-2, lora=LoRAConfig(r=2, dropout=0.0),
+                              kl_weight=0.0, progress=False)
+    head = train_probe(model, data, config, 0)
+    report = evaluate_probe(model, head, 1, data, pad_id=0)
+    assert report["lora_kl_to_base"] > 0  # the adapters moved the next-token distributions
+    # NLL and entropy are the base model's: unchanged by the adapters
+    for name in ("nll", "entropy"):
+        assert report["baselines"][name]["span_max"] == pytest.approx(plain["baselines"][name]["span_max"])

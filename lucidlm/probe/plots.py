@@ -1,0 +1,84 @@
+"""The probe's pictures: ROC curves (probe vs baselines), reliability diagram, AUROC per layer,
+accuracy vs attempt rate. PNG files via matplotlib's Agg backend (no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, png: str | Path) -> Path:
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(png.name + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp)
+    tmp.replace(png)  # never a half-written picture
+    return png
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], png: str | Path, title: str = "span-max ROC") -> Path:
+    """curves: {method: (scores, labels)}; one ROC curve per method with its AUROC in the legend."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=100)
+    for name, (scores, labels) in curves.items():
+        fpr, tpr, _ = roc_curve(labels, scores)
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(labels, scores):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, png)
+
+
+def plot_reliability(scores: np.ndarray, labels: np.ndarray, png: str | Path, bins: int = 10) -> Path:
+    """Observed hallucination rate per score bin against the diagonal of perfect calibration."""
+    plt = _pyplot()
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(scores, edges[1:-1]), 0, bins - 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    rate = [labels[which == b].mean() if (which == b).any() else np.nan for b in range(bins)]
+    count = [(which == b).sum() for b in range(bins)]
+    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=100)
+    ax.bar(centers, rate, width=1 / bins, edgecolor="k", alpha=0.7, label="observed rate")
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
+    for c, r, n in zip(centers, rate, count):
+        if n:
+            ax.text(c, min(r + 0.02, 0.95), str(n), ha="center", fontsize=7)
+    ax.set(xlabel="probe score", ylabel="fraction hallucinated", xlim=(0, 1), ylim=(0, 1),
+           title="reliability (span max)")
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, png)
+
+
+def plot_auroc_per_layer(summary: dict[str, float], png: str | Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([int(k) for k in summary], list(summary.values()), "o-")
+    ax.set(xlabel="probed block", ylabel="span-max AUROC")
+    ax.grid(alpha=0.3)
+    return _save(fig, png)
+
+
+def plot_attempt_curves(curves: dict[str, list[dict]], png: str | Path) -> Path:
+    """Selective answering: accuracy of the claims stated vs the fraction of claims stated."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=100)
+    for name, rows in curves.items():
+        ax.plot([r["attempt_rate"] for r in rows], [r["accuracy"] for r in rows], "o-", ms=3, label=name)
+    ax.set(xlabel="attempt rate (claims stated)", ylabel="accuracy of stated claims", title="selective answering")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, png)
