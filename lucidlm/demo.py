@@ -281,7 +281,7 @@ def risk_color(score: float) -> str:
     return f"rgb({red},{green},60)"
 
 
-def show_live(lm, world: Path, eval_rows: list[dict], console: Console, threshold: float = 0.5) -> None:
+def show_live(lm, world: Path, eval_rows: list[dict], console: Console, threshold: float = 0.5) -> list[str]:
     """Stream greedy answers for a few held-out people of each exposure, every token coloured by the
     score the probe gave it in the same decode step; the truth underneath, wrong claims struck out."""
     from .probe.selective import flagged_spans
@@ -319,6 +319,7 @@ def show_live(lm, world: Path, eval_rows: list[dict], console: Console, threshol
         if flagged:
             console.print("   flagged: " + ", ".join(f"{f.text.strip()!r} ({f.max_score:.2f})" for f in flagged),
                           style="yellow")
+    return picks
 
 
 def run_demo(out: Path, config: DemoConfig, console: Console | None = None) -> dict:
@@ -359,7 +360,7 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None) -> d
     best = best_of_n(lm, eval_rows, world, config.best_of, config.seed)
     console.print(_best_of_table(best, config.best_of))
     timings["report"] = time.perf_counter() - began
-    show_live(lm, world, eval_rows, console)
+    shown = show_live(lm, world, eval_rows, console)
     timings["total"] = time.perf_counter() - start
     summary = {"config": asdict(config), "metrics": result, "selective_answering": curves, "best_of_n": best,
                "accuracy_by_exposure": _accuracy(train_rows + eval_rows), "seconds": timings}
@@ -367,8 +368,9 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None) -> d
         tmp.write_text(json.dumps(summary, indent=2))
     console.print(f"\nreport: {reports}/report.json  plots: roc.png reliability.png attempt_curve.png  "
                   f"probe: {probe_dir}  model: {model_dir}  ({timings['total']:.0f}s)")
-    console.print(f"try: lucidlm generate -m {model_dir} --probe {probe_dir} \"Q: Tell me about ...\\nA:\"",
-                  style="dim")
+    name = shown[-1] if shown else "Ada Vance"
+    console.print(f"try: lucidlm generate -m {model_dir} --probe {probe_dir} --max-new-tokens 48 --stop $'\\n' "
+                  f"$'Q: Tell me about {name}.\\nA: {name} was born in'", style="dim", markup=False, highlight=False)
     return summary
 
 
