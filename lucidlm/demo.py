@@ -31,6 +31,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .checkpoint.safetensors_io import atomic_write
+from .train.jsonl import write_jsonl
+from .world.answers import accuracy_by_exposure
 
 # "Q: question\nA: answer" — the format of the corpus' Q&A documents, so pretraining alone teaches answering
 QA_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n{% else %}A: "
@@ -97,11 +99,6 @@ class Cache:
             tmp.write_text(self.keys[stage])
 
 
-def _jsonl(path: Path, rows: list[dict]) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -164,8 +161,8 @@ def answers_stage(cache: Cache, config: DemoConfig, world: Path, lm) -> tuple[li
         rows = generate_answers(lm, prompts, read_people(world), samples=config.samples, seed=config.seed,
                                 progress=True)
         train_names, _ = split_people([p["name"] for p in prompts], config.seed)
-        _jsonl(out / "train.jsonl", [r for r in rows if r["name"] in train_names])
-        _jsonl(out / "eval.jsonl", [r for r in rows if r["name"] not in train_names])
+        write_jsonl(out / "train.jsonl", [r for r in rows if r["name"] in train_names])
+        write_jsonl(out / "eval.jsonl", [r for r in rows if r["name"] not in train_names])
         cache.finish("answers")
     return _read_jsonl(cache.out / "answers" / "train.jsonl"), _read_jsonl(cache.out / "answers" / "eval.jsonl")
 
@@ -335,8 +332,7 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None) -> d
     def timed(stage: str, work):
         began = time.perf_counter()
         cached = cache.fresh(stage)
-        with console.status(f"{stage}…") if cached else _nothing():
-            result = work()
+        result = work()
         timings[stage] = time.perf_counter() - began
         console.print(f"[green]✓[/green] {stage:<9} {'cached' if cached else f'{timings[stage]:.0f}s'}")
         return result
@@ -363,7 +359,7 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None) -> d
     shown = show_live(lm, world, eval_rows, console)
     timings["total"] = time.perf_counter() - start
     summary = {"config": asdict(config), "metrics": result, "selective_answering": curves, "best_of_n": best,
-               "accuracy_by_exposure": _accuracy(train_rows + eval_rows), "seconds": timings}
+               "accuracy_by_exposure": accuracy_by_exposure(train_rows + eval_rows), "seconds": timings}
     with atomic_write(reports / "report.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     console.print(f"\nreport: {reports}/report.json  plots: roc.png reliability.png attempt_curve.png  "
@@ -374,27 +370,13 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None) -> d
     return summary
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _accuracy(rows: list[dict]) -> dict:
-    from .world.answers import accuracy_by_exposure
-
-    return accuracy_by_exposure(rows)
-
-
 def _world_table(rows: list[dict], lm, config: DemoConfig) -> Table:
     table = Table(title=f"what the {lm.model.num_parameters() / 1e6:.1f}M-parameter model knows "
                         f"(world seed {config.seed}, {config.people} people, {config.samples} answers each)")
     table.add_column("mentions in corpus")
     table.add_column("claims", justify="right")
     table.add_column("true", justify="right")
-    for bucket, b in _accuracy(rows).items():
+    for bucket, b in accuracy_by_exposure(rows).items():
         table.add_row(bucket, str(b["claims"]), f"{b['supported'] / max(1, b['claims']):.1%}")
     return table
 

@@ -55,3 +55,11 @@ def messages_field(row: dict, name: str = "messages") -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"{name}[{i}] must be an object with string 'role' and 'content'")
     return messages
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """One JSON object per line, written atomically (a reader never sees half a file)."""
+    from ..checkpoint.safetensors_io import atomic_write
+
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

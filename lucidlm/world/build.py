@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..checkpoint.safetensors_io import atomic_write
+from ..train.jsonl import write_jsonl
 from .people import FIRST, LAST, Person, make_people
 from .texts import answer, answer_prefix, biography, fact_check, qa_document, question, unknown_document
 
@@ -101,12 +102,12 @@ def build_world(out: str | Path, config: WorldConfig) -> World:
     for f in range(config.files):
         with atomic_write(out / "corpus" / f"world-{f:02d}.txt") as tmp:
             tmp.write_text("\n\n".join(world.documents[f * per_file:(f + 1) * per_file]) + "\n")
-    _jsonl(out / "people.jsonl", [{**asdict(p), "mentions": m, "exposure": bucket(m)}
+    write_jsonl(out / "people.jsonl", [{**asdict(p), "mentions": m, "exposure": bucket(m)}
                                   for p, m in zip(world.people, world.mentions)])
     pairs = list(zip(world.people, world.mentions))
-    _jsonl(out / "prompts.jsonl", [{"name": p.name, "question": question(p), "prefix": answer_prefix(p),
+    write_jsonl(out / "prompts.jsonl", [{"name": p.name, "question": question(p), "prefix": answer_prefix(p),
                                     "mentions": m, "exposure": bucket(m)} for p, m in pairs])
-    _jsonl(out / "sft.jsonl", [{"messages": [{"role": "user", "content": question(p)},
+    write_jsonl(out / "sft.jsonl", [{"messages": [{"role": "user", "content": question(p)},
                                              {"role": "assistant", "content": answer(p)}]}
                                for p, m in zip(world.people, world.mentions) if m > 0])
     return world
@@ -119,8 +120,3 @@ def read_people(out: str | Path) -> dict[str, Person]:
         row = json.loads(line)
         people[row["name"]] = Person(**{k: v for k, v in row.items() if k in fields})
     return people
-
-
-def _jsonl(path: Path, rows: list[dict]) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
