@@ -146,7 +146,7 @@ class _Search:
     def prefill(self) -> Tensor:
         """Run every prompt once, copy its slot to its other beams; logits (P·nb, vocab)."""
         firsts = [i * self.nb for i in range(len(self.prompts))]
-        logits, _ = self.engine._prefill(self.cache, self.prompts, firsts, ())
+        logits, _ = self.engine.prefill(self.cache, self.prompts, firsts, ())
         for s in firsts:
             if self.nb > 1:
                 self.cache.copy_slot(s, range(s + 1, s + self.nb))

@@ -131,7 +131,7 @@ class Engine:
 
         # Prefill each distinct prompt once; its n samples share the cache by copying the slot.
         first_rows = [i * n for i in range(len(prompts))]
-        logits, hidden = self._prefill(cache, prompts, first_rows, hidden_layers)
+        logits, hidden = self.prefill(cache, prompts, first_rows, hidden_layers)
         if n > 1:
             for r in first_rows:
                 cache.copy_slot(r, range(r + 1, r + n))
@@ -149,7 +149,7 @@ class Engine:
                 generated[row].append(tok)
                 # should_stop sees every token (text layers detokenize through it)
                 stop_now = should_stop is not None and should_stop(row, generated[row])
-                reason = "stop" if stop_now else self._finish_reason(tok, generated[row], config,
+                reason = "stop" if stop_now else self.finish_reason(tok, generated[row], config,
                                                                       cache.lengths[row], cache.max_len)
                 if reason is not None:
                     step.finished[row] = reason
@@ -161,7 +161,7 @@ class Engine:
                 active = [active[i] for i in keep]
                 tokens = tokens[keep]
                 sampler.keep(keep)
-            logits, hidden = _split(self.decode(cache, tokens[:, None], active, hidden_layers))
+            logits, hidden = split_output(self.decode(cache, tokens[:, None], active, hidden_layers))
             logits = logits[:, -1]
             is_prefill = False
 
@@ -195,7 +195,7 @@ class Engine:
             tokens = -(-tokens // STATIC_LEN_STEP) * STATIC_LEN_STEP
         return min(self.model.config.max_seq_len, tokens)
 
-    def _finish_reason(self, tok: int, generated: list[int], config: GenerationConfig, length: int,
+    def finish_reason(self, tok: int, generated: list[int], config: GenerationConfig, length: int,
                        max_len: int) -> str | None:
         if (tok in self.eos_token_ids and not config.ignore_eos) or tok in config.stop_token_ids:
             return "stop"
@@ -203,7 +203,7 @@ class Engine:
             return "length"  # budget spent, or the context is full (this token cannot be fed back)
         return None
 
-    def _prefill(self, cache: KVCache, prompts: list[list[int]], slots: list[int],
+    def prefill(self, cache: KVCache, prompts: list[list[int]], slots: list[int],
                  hidden_layers: Sequence[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Left-pad the prompts and run them through the model chunk by chunk; logits of the last token."""
         longest = max(len(p) for p in prompts)
@@ -218,7 +218,7 @@ class Engine:
             end = min(start + self.prefill_chunk, longest)
             out = self.model(ids[:, start:end], attention_mask=mask[:, start:end], cache=cache, slots=slots,
                              last_only=True, hidden_layers=hidden_layers)
-            logits, hidden = _split(out)
+            logits, hidden = split_output(out)
             for layer, h in hidden.items():
                 pieces.setdefault(layer, []).append(h)
         return logits[:, -1], {layer: torch.cat(hs, 1) for layer, hs in pieces.items()}
@@ -264,7 +264,7 @@ def compiled_forward(model: Transformer) -> Callable[..., torch.Tensor | ModelOu
     return fn
 
 
-def _split(out: torch.Tensor | ModelOutput) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+def split_output(out: torch.Tensor | ModelOutput) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     if isinstance(out, ModelOutput):
         return out.logits, out.hidden_states
     return out, {}
@@ -276,7 +276,7 @@ class _RowSampler:
     def __init__(self, config: GenerationConfig, row_prompts: list[list[int]], n: int, vocab: int,
                  device: torch.device) -> None:
         params = config.sampling
-        self.greedy = params.greedy and params.repetition_penalty == 1.0
+        self.greedy = params.plain_greedy
         self.batch = BatchSampling.from_params([params] * len(row_prompts), device)
         self.generators: list[torch.Generator | None] = [None] * len(row_prompts)
         if not params.greedy and params.seed is not None:  # sample j of a prompt uses seed + j
@@ -287,6 +287,9 @@ class _RowSampler:
             self.seen = torch.zeros(len(row_prompts), vocab, dtype=torch.bool, device=device)
             for r, p in enumerate(row_prompts):
                 self.seen[r, torch.tensor(p, device=device)] = True
+        self.counts = None  # generated tokens per row, for presence/frequency penalties
+        if params.counts_tokens:
+            self.counts = torch.zeros(len(row_prompts), vocab, dtype=torch.int32, device=device)
         self.params, self.device = params, device
 
     def next(self, logits: torch.Tensor, active: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,11 +298,14 @@ class _RowSampler:
         if self.greedy:
             tokens = logits.argmax(-1)
         else:
-            processed = self.batch.process(logits, self.seen)
+            processed = self.batch.process(logits, self.seen, self.counts)
             tokens = self.batch.sample(processed, self.generators)
         logprobs = torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
+        rows = torch.arange(len(tokens), device=tokens.device)
         if self.seen is not None:
-            self.seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
+            self.seen[rows, tokens] = True
+        if self.counts is not None:
+            self.counts[rows, tokens] += 1
         return tokens, logprobs
 
     def keep(self, index: list[int]) -> None:
@@ -308,3 +314,5 @@ class _RowSampler:
         self.generators = [self.generators[i] for i in index]
         if self.seen is not None:
             self.seen = self.seen[index]
+        if self.counts is not None:
+            self.counts = self.counts[index]

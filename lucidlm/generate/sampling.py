@@ -14,6 +14,11 @@ The Chinese study notes (seeds/003 §1.6.2, "KPT 联合采样") give top-k -> to
 applies temperature *first*, so it changes which tokens top-p keeps, not only how flat the survivors are.
 seeds/004 §5 (prefill and decode) says nothing about the sampling order.
 
+OpenAI's own processors, for the server and its clients, run before all of these, in vLLM's order: ``logit_bias``
+(added to the raw logits), then — after the repetition penalty — ``frequency_penalty`` × how often a token was
+generated and ``presence_penalty`` × whether it was (OpenAI's formula; counts cover generated tokens only, as in
+OpenAI and vLLM, while the repetition penalty also covers the prompt, as in transformers).
+
 Every row has its own parameters (continuous batching); a processor that is off in every row is skipped, and a
 row where it is off gets an exact no-op (divide by 1, a threshold that removes nothing), so a row's result never
 depends on its neighbours. Masked entries become -inf, as in transformers.
@@ -41,8 +46,16 @@ class SamplingParams:
     min_p: float = 0.0  # 0 = off, in [0, 1]
     repetition_penalty: float = 1.0  # 1 = off, > 0 (CTRL paper, Keskar et al. 2019)
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI: minus this once a token was generated, in [-2, 2]
+    frequency_penalty: float = 0.0  # OpenAI: minus this × the token's count so far, in [-2, 2]
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI: (token id, bias in [-100, 100]) added to the logits
 
     def __post_init__(self) -> None:
+        if isinstance(self.logit_bias, dict):  # the API's {token id: bias}; ids may arrive as strings (JSON keys)
+            object.__setattr__(self, "logit_bias", tuple(sorted(
+                (int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k, v)
+                for k, v in self.logit_bias.items())))
+        object.__setattr__(self, "logit_bias", tuple(tuple(pair) for pair in self.logit_bias))
         self.validate()
 
     def validate(self) -> None:
@@ -61,6 +74,18 @@ class SamplingParams:
         penalty = _real("repetition_penalty", self.repetition_penalty)
         if penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _real(name, getattr(self, name))
+            if not -2 <= value <= 2:
+                raise ValueError(f"{name} must be in [-2, 2] (0 = off), got {value}")
+        for pair in self.logit_bias:
+            if len(pair) != 2:
+                raise ValueError(f"logit_bias entries must be (token id, bias), got {pair!r}")
+            token, bias = _integer("logit_bias token id", pair[0]), _real("logit_bias value", pair[1])
+            if token < 0:
+                raise ValueError(f"logit_bias token ids must be >= 0, got {token}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
         if self.seed is not None:
             seed = _integer("seed", self.seed)
             if not 0 <= seed < 2**64:  # the range torch.Generator.manual_seed accepts without wrapping
@@ -69,6 +94,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether sampling needs per-row counts of the generated tokens."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no processor that can change the argmax: the argmax of the raw logits."""
+        return self.greedy and self.repetition_penalty == 1.0 and not self.counts_tokens and not self.logit_bias
 
 
 def _real(name: str, value: object) -> float:
@@ -113,6 +148,13 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> T
     penalty = penalty.view(-1, 1)
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty).to(logits.dtype)
     return torch.where(seen, penalised, logits)
+
+
+def apply_presence_frequency(logits: Tensor, counts: Tensor, presence: Tensor, frequency: Tensor) -> Tensor:
+    """OpenAI's penalties: logit[j] -= frequency × count[j] + presence × (count[j] > 0), per row."""
+    counts = counts.to(torch.float32)
+    penalty = frequency.view(-1, 1) * counts + presence.view(-1, 1) * (counts > 0)
+    return (logits.float() - penalty).to(logits.dtype)
 
 
 def apply_temperature(logits: Tensor, temperature: Tensor) -> Tensor:
@@ -200,6 +242,8 @@ class BatchSampling:
         top_p = [1.0 if g else float(p.top_p) for g, p in zip(greedy, params)]
         min_p = [0.0 if g else float(p.min_p) for g, p in zip(greedy, params)]
         penalty = [float(p.repetition_penalty) for p in params]
+        presence = [float(p.presence_penalty) for p in params]
+        frequency = [float(p.frequency_penalty) for p in params]
 
         f32 = dict(dtype=torch.float32, device=device)
         self.greedy = torch.tensor(greedy, dtype=torch.bool, device=device)
@@ -209,11 +253,18 @@ class BatchSampling:
         self.top_p_floor = torch.tensor([1.0 - p if p < 1 else -1.0 for p in top_p], **f32)
         self.min_p = torch.tensor(min_p, **f32)
         self.repetition_penalty = torch.tensor(penalty, **f32)
+        self.presence = torch.tensor(presence, **f32)
+        self.frequency = torch.tensor(frequency, **f32)
+        self.bias = [p.logit_bias for p in params]  # made dense once the vocabulary size is known
+        self._dense_bias: Tensor | None = None
+        self.device = device
 
         # host-side flags: which processors run at all, decided once instead of every step
         self.all_greedy = all(greedy)
         self.any_greedy = any(greedy)
         self.any_penalty = any(x != 1.0 for x in penalty)
+        self.any_counts = any(p.counts_tokens for p in params)
+        self.any_bias = any(self.bias)
         self.any_temperature = any(x != 1.0 for x in temperature)
         self.top_k_max = max(top_k)
         self.any_top_p = any(x < 1.0 for x in top_p)
@@ -224,16 +275,24 @@ class BatchSampling:
     def from_params(cls, params: list[SamplingParams], device: torch.device | str = "cpu") -> BatchSampling:
         return cls(params, device)
 
-    def process(self, logits: Tensor, seen: Tensor | None) -> Tensor:
-        """(batch, vocab) logits -> processed logits (filtered entries -inf), in transformers' order."""
+    def process(self, logits: Tensor, seen: Tensor | None, counts: Tensor | None = None) -> Tensor:
+        """(batch, vocab) logits -> processed logits (filtered entries -inf), in transformers' order.
+        ``counts`` (batch, vocab): how often each token was generated, for presence/frequency penalties."""
         if logits.dim() != 2 or logits.shape[0] != self.batch_size:
             raise ValueError(f"logits must be (batch={self.batch_size}, vocab), got {tuple(logits.shape)}")
+        if self.any_bias:
+            logits = (logits.float() + self._bias(logits.shape[1])).to(logits.dtype)
         if self.any_penalty:
             if seen is None:
                 raise ValueError("a row has repetition_penalty != 1 but seen is None")
             if seen.shape != logits.shape:
                 raise ValueError(f"seen must have the logits' shape {tuple(logits.shape)}, got {tuple(seen.shape)}")
             logits = apply_repetition_penalty(logits, seen, self.repetition_penalty)
+        if self.any_counts:
+            if counts is None or counts.shape != logits.shape:
+                raise ValueError(f"a row has presence/frequency penalties: counts must have the logits' shape "
+                                 f"{tuple(logits.shape)}, got {None if counts is None else tuple(counts.shape)}")
+            logits = apply_presence_frequency(logits, counts, self.presence, self.frequency)
         if self.any_temperature:
             logits = apply_temperature(logits, self.temperature)
         if self.top_k_max > 0:
@@ -243,6 +302,17 @@ class BatchSampling:
         if self.any_min_p:
             logits = apply_min_p(logits, self.min_p)
         return logits
+
+    def _bias(self, vocab: int) -> Tensor:
+        if self._dense_bias is None or self._dense_bias.shape[1] != vocab:
+            dense = torch.zeros(self.batch_size, vocab, dtype=torch.float32)
+            for row, pairs in enumerate(self.bias):
+                for token, value in pairs:
+                    if token >= vocab:
+                        raise ValueError(f"logit_bias names token {token}, outside the vocabulary of {vocab}")
+                    dense[row, token] = value
+            self._dense_bias = dense.to(self.device)
+        return self._dense_bias
 
     def sample(self, logits: Tensor, generators: list[torch.Generator | None]) -> Tensor:
         """Next ids (batch,) int64 from ``process``'s output: argmax for greedy rows, a multinomial draw from the

@@ -222,8 +222,12 @@ class KVCache:
         out = []
         for buf, t in zip(self.layers[layer], new):
             buf[plan.slots[:, None], :, cells] = t.transpose(1, 2).to(buf.dtype)  # (b, n, heads, d)
-            stored = buf[plan.contiguous] if plan.contiguous is not None else buf[plan.slots]
-            out.append(stored if ring is not None else stored[:, :, : plan.kv_len])
+            if ring is not None:
+                out.append(buf[plan.contiguous] if plan.contiguous is not None else buf[plan.slots])
+            elif plan.contiguous is not None:
+                out.append(buf[plan.contiguous, :, : plan.kv_len])  # a view
+            else:  # gather only the cells in use: a server's slots are scattered and its cache is long
+                out.append(buf[plan.slots, :, : plan.kv_len])
         return tuple(out)
 
 

@@ -415,3 +415,34 @@ def test_boundary_values_are_accepted():
     SamplingParams(top_p=1e-9, min_p=1.0, temperature=5, repetition_penalty=1e-3, seed=2**64 - 1)
     with pytest.raises(ValueError, match="temperature must be >= 0, got -1.0"):
         SamplingParams(temperature=-1)
+
+
+def test_openai_penalties_and_logit_bias_follow_the_documented_formula():
+    """OpenAI: mu[j] -> mu[j] - c[j] * frequency_penalty - (c[j] > 0) * presence_penalty, after logit_bias is added;
+    the repetition penalty (prompt + output) comes between them, as in vLLM."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 20)
+    counts = torch.zeros(3, 20, dtype=torch.int32)
+    counts[0, [1, 2, 2, 5]] = torch.tensor([1, 3, 3, 2], dtype=torch.int32)
+    counts[2, 7] = 4
+    params = [SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25, logit_bias={"3": 7.5}),
+              SamplingParams(temperature=0.0),
+              SamplingParams(temperature=1.0, presence_penalty=-1.0, frequency_penalty=2.0, logit_bias={7: -100})]
+    got = BatchSampling.from_params(params).process(logits, None, counts)
+    expected = logits.clone()
+    for row, p in enumerate(params):
+        for token, bias in p.logit_bias:
+            expected[row, token] += bias
+        for j in range(20):
+            c = int(counts[row, j])
+            expected[row, j] -= c * p.frequency_penalty + (1 if c > 0 else 0) * p.presence_penalty
+    torch.testing.assert_close(got, expected)
+    assert params[0].logit_bias == ((3, 7.5),) and not params[0].plain_greedy and params[1].plain_greedy
+    with pytest.raises(ValueError, match="presence_penalty must be in \\[-2, 2\\]"):
+        SamplingParams(presence_penalty=2.5)
+    with pytest.raises(ValueError, match="logit_bias values must be in \\[-100, 100\\]"):
+        SamplingParams(logit_bias={1: 101})
+    with pytest.raises(ValueError, match="outside the vocabulary of 20"):
+        BatchSampling.from_params([SamplingParams(logit_bias={25: 1.0})]).process(logits[:1], None)
+    with pytest.raises(ValueError, match="counts must have the logits' shape"):
+        BatchSampling.from_params([SamplingParams(frequency_penalty=1.0)]).process(logits[:1], None)
