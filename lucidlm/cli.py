@@ -127,6 +127,10 @@ from .cli_generate import chat_command, generate_command  # noqa: E402  (the com
 app.command("generate")(generate_command)
 app.command("chat")(chat_command)
 
+from .cli_serve import serve_command  # noqa: E402
+
+app.command("serve")(serve_command)
+
 from .cli_train import register as _register_training  # noqa: E402
 
 _register_training(app)

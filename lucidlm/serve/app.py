@@ -1,0 +1,286 @@
+"""The HTTP side of ``lucidlm serve``: OpenAI's routes on FastAPI, fed by the continuous batcher.
+
+    POST /v1/chat/completions, /v1/completions ─parse (protocol.py)─▶ prompt ids, GenerationConfig
+        ─▶ Job: one Sequence per choice ─submit─▶ ContinuousBatcher (its own thread)
+        ◀── TokenEvents (via the event loop) ── stream: one SSE chunk per token, then [DONE]
+                                                 else: one JSON body when every choice has finished
+    GET /v1/models, /v1/models/{id}, /health, / (the web page, static/)
+
+Every bad input is answered with an OpenAI error object before anything is queued; a client that
+goes away cancels its sequences, which leave the batch before the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..api import LM
+from ..generate.generation_config import GenerationConfig
+from .batcher import ContinuousBatcher, Draining, ErrorEvent, QueueFull, Sequence, TokenEvent
+from .errors import OpenAIError
+from .protocol import ChatCompletionRequest, CompletionRequest, parse
+from .responses import ChoiceState, ResponseBuilder, TokenTexts
+
+log = logging.getLogger("lucidlm.serve")
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class ServeConfig:
+    model_name: str
+    max_batch: int = 32  # sequences decoded together (KV-cache slots)
+    max_queue: int = 256  # requests waiting for a slot before the server answers 429
+    max_len: int | None = None  # context per sequence (default: the model's, capped at 4096)
+    max_body_bytes: int = 4 << 20
+
+
+class Job:
+    """One request's sequences and the queue their events arrive on (filled from the batcher thread)."""
+
+    def __init__(self, prompts: list[list[int]], config: GenerationConfig, n: int, top_logprobs: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, TokenEvent | ErrorEvent]] = asyncio.Queue()
+
+        def sink(index: int):
+            return lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+
+        self.seqs = [Sequence(p, config, sink(i * n + j), top_logprobs=top_logprobs, sample_index=j)
+                     for i, p in enumerate(prompts) for j in range(n)]
+        self.choices = [ChoiceState() for _ in self.seqs]
+
+    async def events(self) -> AsyncIterator[tuple[int, TokenEvent | ErrorEvent]]:
+        """Events in arrival order until every choice has finished (or one failed)."""
+        open_ = len(self.seqs)
+        while open_:
+            index, event = await self.queue.get()
+            yield index, event
+            if isinstance(event, ErrorEvent):
+                return
+            if event.finish_reason is not None:
+                open_ -= 1
+
+    def record(self, index: int, event: TokenEvent) -> None:
+        c = self.choices[index]
+        c.events.append(event)
+        c.text += event.text
+        c.finish_reason = event.finish_reason
+
+    def cancel(self) -> None:
+        for s in self.seqs:
+            s.cancel()
+
+
+def create_app(lm: LM, config: ServeConfig) -> FastAPI:
+    cfg = lm.model.config
+    max_len = config.max_len or min(cfg.max_seq_len, 4096)
+    batcher = ContinuousBatcher(lm, max_batch=config.max_batch, max_queue=config.max_queue, max_len=max_len)
+    texts = TokenTexts(lm.tokenizer)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        batcher.stop_accepting()
+        batcher.abort_all()
+        await asyncio.to_thread(batcher.stop)
+
+    app = FastAPI(title="lucidlm", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.batcher = batcher
+    app.state.config = config
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(request: Request, e: OpenAIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return OpenAIError(e.status_code, message, code=str(e.status_code)).response()
+
+    # --- read-only routes ---------------------------------------------------------------------------------
+    def model_card() -> dict:
+        return {"id": config.model_name, "object": "model", "created": 0, "owned_by": "lucidlm",
+                "max_model_len": max_len, "probe": lm.probe is not None,
+                "probe_layer": lm.probe.config.layer if lm.probe is not None else None}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        check_model(model_id)
+        return model_card()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        status = "ok" if batcher.accepting and batcher.thread.is_alive() else "draining"
+        return JSONResponse({"status": status, "model": config.model_name, **batcher.stats()},
+                            status_code=200 if status == "ok" else 503)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def check_model(name: str) -> None:
+        if name != config.model_name:
+            raise OpenAIError(404, f"The model '{name}' does not exist; this server serves '{config.model_name}'",
+                              param="model", code="model_not_found")
+
+    # --- generation ------------------------------------------------------------------------------------------
+    async def read_body(request: Request) -> object:
+        raw = await request.body()
+        if len(raw) > config.max_body_bytes:
+            raise OpenAIError(413, f"the request body has {len(raw)} bytes; the limit is {config.max_body_bytes}")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise OpenAIError(400, f"the request body is not valid JSON: {e}") from None
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        body = parse(ChatCompletionRequest, await read_body(request))
+        check_model(body.model)
+        if lm.tokenizer is None:
+            raise OpenAIError(400, "this model has no tokenizer, so messages cannot be rendered")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            prompt = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # no template, or the template rejects the conversation (raise_exception)
+            raise OpenAIError(400, f"messages: the chat template cannot render them: {e}", param="messages") from None
+        return await run(request, body, [prompt], "messages", chat=True, prefixes=[""])
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = parse(CompletionRequest, await read_body(request))
+        check_model(body.model)
+        if body.echo and body.logprobs is not None:
+            raise OpenAIError(400, "echo with logprobs (prompt log-probabilities) is not supported", param="echo")
+        prompts = []
+        for i, p in enumerate(body.prompt):
+            if isinstance(p, str):
+                if lm.tokenizer is None:
+                    raise OpenAIError(400, "this model has no tokenizer: send prompts as token ids", param="prompt")
+                prompts.append(lm.encode(p))
+            else:
+                bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+                if bad:
+                    raise OpenAIError(400, f"prompt[{i}]: token ids outside [0, {cfg.vocab_size}): {bad[:5]}",
+                                      param="prompt")
+                prompts.append(list(p))
+        echoed = [(p if isinstance(p, str) else texts_of(p)) if body.echo else "" for p in body.prompt]
+        prefixes = [e for e in echoed for _ in range(body.n)]
+        return await run(request, body, prompts, "prompt", chat=False, prefixes=prefixes)
+
+    def texts_of(ids: list[int]) -> str:
+        return lm.decode(ids, skip_special_tokens=True) if lm.tokenizer is not None else ""
+
+    def generation_config(body, prompts: list[list[int]], field: str) -> GenerationConfig:
+        longest = max(len(p) for p in prompts)
+        budget = body.token_budget
+        if longest >= max_len or (budget is not None and longest + budget > max_len):
+            asked = f" + {budget} to generate" if budget is not None else ""
+            raise OpenAIError(400, f"{field}: this model's maximum context length is {max_len} tokens; the "
+                                   f"request has {longest} in the {field}{asked}", param=field,
+                              code="context_length_exceeded")
+        if body.n > config.max_batch:
+            raise OpenAIError(400, f"n: at most {config.max_batch} choices (the server's batch)", param="n")
+        if body.logit_bias:
+            bad = [k for k in body.logit_bias if int(k) >= cfg.vocab_size]
+            if bad:
+                raise OpenAIError(400, f"logit_bias: token ids outside the vocabulary of {cfg.vocab_size}: {bad[:5]}",
+                                  param="logit_bias")
+        options = body.sampling_options()
+        try:
+            return GenerationConfig.from_kwargs(max_new_tokens=budget or max_len - longest, **options)
+        except (TypeError, ValueError) as e:
+            raise OpenAIError(400, str(e)) from None
+
+    async def run(request: Request, body, prompts: list[list[int]], field: str, chat: bool,
+                  prefixes: list[str]) -> Response:
+        gen = generation_config(body, prompts, field)
+        want_logprobs = bool(body.logprobs) if chat else body.logprobs is not None
+        builder = ResponseBuilder(chat, config.model_name, texts, want_logprobs, body.n_top_logprobs,
+                                  probe=lm.probe is not None)
+        job = Job(prompts, gen, body.n, body.n_top_logprobs)
+        try:
+            batcher.submit(job.seqs)
+        except QueueFull as e:
+            raise OpenAIError(429, f"the server is busy: {e}; retry later", code="queue_full") from None
+        except Draining:
+            raise OpenAIError(503, "the server is shutting down", code="shutting_down") from None
+        prompt_tokens = sum(len(p) for p in prompts)
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(stream(job, builder, prefixes, prompt_tokens, include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await collect(request, job, builder, prompt_tokens, prefixes)
+
+    async def collect(request: Request, job: Job, builder: ResponseBuilder, prompt_tokens: int,
+                      prefixes: list[str]) -> Response:
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+        try:
+            async for index, event in job.events():
+                if isinstance(event, ErrorEvent):
+                    raise OpenAIError(500, event.message)
+                job.record(index, event)
+        finally:
+            watcher.cancel()
+            job.cancel()  # no-op when finished; frees the slots if this handler is torn down
+        return JSONResponse(builder.response(job.choices, prompt_tokens, prefixes))
+
+    async def stream(job: Job, builder: ResponseBuilder, prefixes: list[str], prompt_tokens: int,
+                     include_usage: bool) -> AsyncIterator[str]:
+        try:
+            for index, prefix in enumerate(prefixes):
+                if builder.chat:
+                    yield sse(builder.role_chunk(index))
+                elif prefix:
+                    yield sse(builder.text_chunk(index, prefix))
+            offsets = [len(p) for p in prefixes]
+            async for index, event in job.events():
+                if isinstance(event, ErrorEvent):
+                    yield sse(OpenAIError(500, event.message).body())
+                    break
+                job.record(index, event)
+                if event.token_id >= 0:
+                    yield sse(builder.token_chunk(index, event, offsets[index]))
+                    offsets[index] += len(event.text)
+                if event.finish_reason is not None:
+                    yield sse(builder.finish_chunk(index, event.finish_reason))
+            else:
+                if include_usage:
+                    yield sse(builder.usage_chunk(prompt_tokens, job.choices))
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()  # the client disconnected (the generator is closed) or we are done: free the slots
+
+    return app
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    """A non-streamed request whose client leaves: cancel its sequences instead of finishing them."""
+    while True:
+        if await request.is_disconnected():
+            job.cancel()
+            job.queue.put_nowait((0, ErrorEvent("the client disconnected")))  # ends the collecting loop
+            return
+        await asyncio.sleep(0.1)

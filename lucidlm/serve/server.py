@@ -1,0 +1,47 @@
+"""``lucidlm serve``: load the model, build the app, run uvicorn with a graceful shutdown.
+
+On SIGINT/SIGTERM the server stops listening and answers new requests on open connections with 503;
+streams in flight keep decoding for up to ``drain_timeout`` seconds, and those still running then are
+ended cleanly (a last chunk with ``finish_reason: "abort"`` and ``[DONE]``), never cut mid-chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import uvicorn
+
+from ..api import LM
+from .app import ServeConfig, create_app
+
+log = logging.getLogger("lucidlm.serve")
+
+
+class GracefulServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.drain_timeout = drain_timeout
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        batcher = self.config.app.state.batcher
+        batcher.stop_accepting()
+        deadline = asyncio.get_running_loop().call_later(self.drain_timeout, batcher.abort_all)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            deadline.cancel()
+
+
+def build_server(lm: LM, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
+                 drain_timeout: float = 30.0, log_level: str = "info") -> GracefulServer:
+    app = create_app(lm, config)
+    uv = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                        timeout_graceful_shutdown=drain_timeout + 10)  # after the abort: a backstop
+    return GracefulServer(uv, drain_timeout)
+
+
+def bound_port(server: uvicorn.Server) -> int:
+    """The port a started server listens on (useful with port=0)."""
+    return server.servers[0].sockets[0].getsockname()[1]

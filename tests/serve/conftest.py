@@ -1,0 +1,61 @@
+"""A live lucidlm server on localhost for the serving tests: a tiny random model with a chat template and a
+random probe head, served by uvicorn in a background thread on a free port."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from tiny_lm import tiny_lm
+
+from lucidlm.probe.probe import LoadedProbe, ProbeConfig, ProbeHead
+from lucidlm.random_checkpoint import CHAT_TEMPLATE
+from lucidlm.serve.app import ServeConfig
+from lucidlm.serve.server import bound_port, build_server
+
+MODEL = "tiny"
+
+
+def probed_tiny_lm():
+    lm = tiny_lm()
+    lm.tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    head = ProbeHead(lm.config.dim)
+    with torch.no_grad():
+        head.linear.weight.normal_(0, 0.05)
+    lm.probe = LoadedProbe(head.eval(), ProbeConfig(layer=1, hidden_size=lm.config.dim, n_layers=lm.config.n_layers))
+    return lm
+
+
+class LiveServer:
+    def __init__(self, lm, **config) -> None:
+        self.lm = lm
+        self.server = build_server(lm, ServeConfig(model_name=MODEL, **config), port=0, log_level="warning",
+                                   drain_timeout=5)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{bound_port(self.server)}"
+        self.batcher = self.server.config.app.state.batcher
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return probed_tiny_lm()
+
+
+@pytest.fixture(scope="module")
+def live(lm):
+    server = LiveServer(lm, max_batch=32, max_queue=64, max_len=256)
+    yield server
+    server.close()
