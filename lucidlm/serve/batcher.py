@@ -129,6 +129,7 @@ class ContinuousBatcher:
         self._stop = False
         self.accepting = True
         self.steps = 0  # decode forwards run (for stats and tests)
+        self.cancelled = 0  # sequences dropped because their client went away
         self.thread = threading.Thread(target=self._loop, name="lucidlm-batcher", daemon=True)
 
     # --- the outside: submit, cancel, stop ------------------------------------------------------------
@@ -155,7 +156,8 @@ class ContinuousBatcher:
 
     def stats(self) -> dict[str, int]:
         return {"running": len(self.rows), "waiting": sum(len(r) for r in self.waiting),
-                "free_slots": len(self.free), "max_batch": self.max_batch}
+                "free_slots": len(self.free), "max_batch": self.max_batch, "decode_steps": self.steps,
+                "cancelled": self.cancelled}
 
     def idle(self) -> bool:
         return not self.rows and not self.waiting
@@ -223,8 +225,11 @@ class ContinuousBatcher:
     def _drop_cancelled(self) -> None:
         for slot in [s for s, r in self.rows.items() if r.seq.cancelled]:
             self._release(slot)
+            self.cancelled += 1
         with self._wake:
-            self.waiting = deque(req for req in self.waiting if not all(s.cancelled for s in req))
+            kept = deque(req for req in self.waiting if not all(s.cancelled for s in req))
+            self.cancelled += sum(len(req) for req in self.waiting) - sum(len(req) for req in kept)
+            self.waiting = kept
 
     def _admit(self) -> list[_Row]:
         """Move whole requests from the queue into free slots, first come first served."""

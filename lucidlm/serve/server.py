@@ -8,6 +8,7 @@ ended cleanly (a last chunk with ``finish_reason: "abort"`` and ``[DONE]``), nev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 
@@ -32,6 +33,14 @@ class GracefulServer(uvicorn.Server):
             await super().shutdown(sockets)
         finally:
             deadline.cancel()
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # uvicorn re-raises the signal that stopped it once it has shut down (exit status 130/143); after
+        # a drained shutdown the process has done what was asked, so it exits 0 like other servers
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
 
 
 def build_server(lm: LM, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,

@@ -3,10 +3,9 @@ the non-streamed text for the same seed; scores and log-probabilities are the en
 
 from __future__ import annotations
 
+import openai
 import pytest
 from conftest import MODEL
-
-openai = pytest.importorskip("openai", reason="openai is a test dependency (pip install -e '.[test]')")
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about Ada."}]
 

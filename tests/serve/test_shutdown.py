@@ -1,0 +1,75 @@
+"""Graceful shutdown of a real `lucidlm serve` process: on SIGINT or SIGTERM, streams in flight that can finish within
+--drain-timeout finish; the others end cleanly with finish_reason "abort" and [DONE]; the process exits 0."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from lucidlm.random_checkpoint import build_random_checkpoint
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_stream(url: str, max_tokens: int, started: threading.Event, out: dict) -> None:
+    body = {"model": "ck", "prompt": "Hello there", "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                out["done"] = True
+                break
+            choice = json.loads(line[6:])["choices"][0]
+            out["tokens"] = out.get("tokens", 0) + (choice["finish_reason"] is None)
+            out["finish"] = choice["finish_reason"] or out.get("finish")
+            started.set()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_finishes_short_streams_and_cleanly_ends_long_ones(tmp_path, sig):
+    build_random_checkpoint(tmp_path / "ck")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "lucidlm.cli", "serve", "-m", str(tmp_path / "ck"), "--port",
+                             str(port), "--drain-timeout", "1.5", "--log-level", "warning", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).json()["status"] == "ok":
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+            time.sleep(0.2)
+        short, long = {}, {}
+        events = [threading.Event(), threading.Event()]
+        threads = [threading.Thread(target=read_stream, args=(url, 6, events[0], short)),
+                   threading.Thread(target=read_stream, args=(url, 480, events[1], long))]
+        for t in threads:
+            t.start()
+        assert all(e.wait(30) for e in events)
+        proc.send_signal(sig)
+        for t in threads:
+            t.join(60)
+        assert short == {"tokens": 6, "finish": "length", "done": True}
+        assert long["finish"] == "abort" and long["done"] and long["tokens"] < 480
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
