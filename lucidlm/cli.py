@@ -95,15 +95,30 @@ def bench(
     = False,
     probe: Annotated[bool, typer.Option("--probe", help="measure what a hallucination probe adds to a streaming "
                                                         "decode step")] = False,
+    serve: Annotated[bool, typer.Option("--serve", help="measure the HTTP server: aggregate tok/s, time to first "
+                                                        "token and inter-token latency per number of clients")]
+    = False,
+    clients: Annotated[list[int] | None, typer.Option(help="with --serve: concurrent clients (repeatable; "
+                                                           "default 1, 8, 32)")] = None,
+    model: Annotated[Path | None, typer.Option(help="with --serve: checkpoint to serve (default: a random "
+                                                    "Llama-shaped 125M)")] = None,
 ) -> None:
     """lucidlm vs transformers on the same random Llama-shaped 125M model: prefill and decode tok/s,
     the memory-bandwidth bound, and an overhead-bound tiny model. Prints a Markdown table.
     With --train: training tokens/s and peak memory on a Llama-shaped 30M model.
-    With --probe: the decode-step cost of scoring every token with a probe while streaming."""
+    With --probe: the decode-step cost of scoring every token with a probe while streaming.
+    With --serve: the OpenAI server under 1, 8 and 32 concurrent streaming clients (continuous batching)."""
     if threads:
         import torch
 
         torch.set_num_threads(threads)
+    if serve:
+        from .serve.bench_serve import run_serve_bench, serve_table
+
+        levels = run_serve_bench(model, tuple(clients or (1, 8, 32)), max(repeats - 1, 1), prompt, min(new, 64),
+                                 print_fn=lambda s: typer.echo(s, err=True))
+        typer.echo(serve_table(levels, prompt, min(new, 64)))
+        return
     if probe:
         from .probe.bench_probe import probe_table, run_probe_bench
 

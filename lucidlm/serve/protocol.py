@@ -64,6 +64,7 @@ class _Sampling(_Strict):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False  # vLLM's: decode past end-of-sequence (benchmarks)
 
     @field_validator("stop")
     @classmethod
@@ -98,7 +99,7 @@ class _Sampling(_Strict):
                     top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty, seed=self.seed,
                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                     logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()} or None,
-                    stop=tuple(self.stop))
+                    stop=tuple(self.stop), ignore_eos=self.ignore_eos)
 
 
 class ChatCompletionRequest(_Sampling):

@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import logging
 import socket
+import threading
+import time
 
 import uvicorn
 
@@ -54,3 +56,23 @@ def build_server(lm: LM, config: ServeConfig, host: str = "127.0.0.1", port: int
 def bound_port(server: uvicorn.Server) -> int:
     """The port a started server listens on (useful with port=0)."""
     return server.servers[0].sockets[0].getsockname()[1]
+
+
+class ServerThread:
+    """A server running in a background thread of this process (tests, benchmarks, notebooks)."""
+
+    def __init__(self, server: GracefulServer, timeout: float = 30.0) -> None:
+        self.server = server
+        self.thread = threading.Thread(target=server.run, name="lucidlm-server", daemon=True)
+        self.thread.start()
+        deadline = time.time() + timeout
+        while not server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        self.url = f"http://{server.config.host}:{bound_port(server)}"
+        self.batcher = server.config.app.state.batcher
+
+    def close(self, timeout: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)

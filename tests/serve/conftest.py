@@ -3,9 +3,6 @@ random probe head, served by uvicorn in a background thread on a free port."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 import torch
 from tiny_lm import tiny_lm
@@ -13,7 +10,7 @@ from tiny_lm import tiny_lm
 from lucidlm.probe.probe import LoadedProbe, ProbeConfig, ProbeHead
 from lucidlm.random_checkpoint import CHAT_TEMPLATE
 from lucidlm.serve.app import ServeConfig
-from lucidlm.serve.server import bound_port, build_server
+from lucidlm.serve.server import ServerThread, build_server
 
 MODEL = "tiny"
 
@@ -29,24 +26,9 @@ def probed_tiny_lm():
     return lm
 
 
-class LiveServer:
-    def __init__(self, lm, **config) -> None:
-        self.lm = lm
-        self.server = build_server(lm, ServeConfig(model_name=MODEL, **config), port=0, log_level="warning",
-                                   drain_timeout=5)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{bound_port(self.server)}"
-        self.batcher = self.server.config.app.state.batcher
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+def LiveServer(lm, **config) -> ServerThread:
+    return ServerThread(build_server(lm, ServeConfig(model_name=MODEL, **config), port=0, log_level="warning",
+                                     drain_timeout=5))
 
 
 @pytest.fixture(scope="module")
