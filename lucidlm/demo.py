@@ -367,6 +367,8 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None) -> d
     name = shown[-1] if shown else "Ada Vance"
     console.print(f"try: lucidlm generate -m {model_dir} --probe {probe_dir} --max-new-tokens 48 --stop $'\\n' "
                   f"$'Q: Tell me about {name}.\\nA: {name} was born in'", style="dim", markup=False, highlight=False)
+    console.print(f"or chat with it in a browser: lucidlm serve -m {model_dir} --probe {probe_dir}  (then open "
+                  "http://127.0.0.1:8000/)", style="dim", markup=False, highlight=False)
     return summary
 
 
