@@ -9,7 +9,7 @@ import json
 
 import httpx
 import pytest
-from conftest import MODEL, LiveServer
+from live_server import MODEL, LiveServer
 
 CLIENTS, REQUESTS, TOKENS = 32, 3, 12
 

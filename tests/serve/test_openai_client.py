@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from conftest import MODEL
+from live_server import MODEL
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about Ada."}]
 

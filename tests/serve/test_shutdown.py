@@ -73,3 +73,12 @@ def test_a_signal_finishes_short_streams_and_cleanly_ends_long_ones(tmp_path, si
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_refuses_a_bad_model_directory_or_port_before_listening(tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "lucidlm.cli", "serve", "-m", str(tmp_path / "missing")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "missing" in bad.stderr and "Uvicorn running" not in bad.stderr
+    port = subprocess.run([sys.executable, "-m", "lucidlm.cli", "serve", "-m", str(tmp_path), "--port", "70000"],
+                          capture_output=True, text=True, timeout=60)
+    assert port.returncode == 2 and "port" in port.stderr
