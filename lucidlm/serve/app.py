@@ -53,7 +53,13 @@ class Job:
         self.queue: asyncio.Queue[tuple[int, TokenEvent | ErrorEvent]] = asyncio.Queue()
 
         def sink(index: int):
-            return lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+            def deliver(event: TokenEvent | ErrorEvent) -> None:
+                try:
+                    loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+                except RuntimeError:  # the event loop has closed: no one is listening any more
+                    return
+
+            return deliver
 
         self.seqs = [Sequence(p, config, sink(i * n + j), top_logprobs=top_logprobs, sample_index=j)
                      for i, p in enumerate(prompts) for j in range(n)]

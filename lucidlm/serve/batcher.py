@@ -127,6 +127,7 @@ class ContinuousBatcher:
         self._sampling: tuple[tuple[int, ...], BatchSampling] | None = None  # (sequence uids, sampler)
         self._wake = threading.Condition()
         self._stop = False
+        self._abort = False  # set by abort_all, handled by the loop
         self.accepting = True
         self.steps = 0  # decode forwards run (for stats and tests)
         self.cancelled = 0  # sequences dropped because their client went away
@@ -180,8 +181,6 @@ class ContinuousBatcher:
             self.thread.join(timeout)
 
     # --- the loop --------------------------------------------------------------------------------------
-    _abort = False
-
     def _loop(self) -> None:
         while True:
             with self._wake:
@@ -212,15 +211,14 @@ class ContinuousBatcher:
             return
         rows = list(self.rows.values())
         tokens, logprobs, top = self._sample(rows)
-        keep = []
-        for row, tok, lp, tl in zip(rows, tokens.tolist(), logprobs.tolist(), top):
+        keep = []  # positions in this batch of the rows that go on
+        for i, (row, tok, lp, tl) in enumerate(zip(rows, tokens.tolist(), logprobs.tolist(), top)):
             if self._emit(row, tok, lp, tl):
-                keep.append(row)
+                keep.append(i)
             else:
                 self._release(row.slot)
         if keep:
-            index = torch.tensor([rows.index(r) for r in keep])
-            self._decode(keep, tokens[index])
+            self._decode([rows[i] for i in keep], tokens[keep])
 
     def _drop_cancelled(self) -> None:
         for slot in [s for s, r in self.rows.items() if r.seq.cancelled]:
