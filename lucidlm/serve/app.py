@@ -202,8 +202,13 @@ def create_app(lm: LM, config: ServeConfig) -> FastAPI:
             raise OpenAIError(400, f"{field}: this model's maximum context length is {max_len} tokens; the "
                                    f"request has {longest} in the {field}{asked}", param=field,
                               code="context_length_exceeded")
-        if body.n > config.max_batch:
-            raise OpenAIError(400, f"n: at most {config.max_batch} choices (the server's batch)", param="n")
+        if body.generated_per_prompt > config.max_batch:
+            field = "best_of" if body.generated_per_prompt > body.n else "n"
+            raise OpenAIError(400, f"{field}: at most {config.max_batch} sequences per prompt (the server's batch)",
+                              param=field)
+        if getattr(body, "best_of_scorer", None) == "lowest_max_score" and lm.probe is None:
+            raise OpenAIError(400, "best_of_scorer: lowest_max_score ranks by the probe's scores; start the server "
+                                   "with --probe", param="best_of_scorer")
         if body.logit_bias:
             bad = [k for k in body.logit_bias if int(k) >= cfg.vocab_size]
             if bad:
@@ -221,7 +226,7 @@ def create_app(lm: LM, config: ServeConfig) -> FastAPI:
         want_logprobs = bool(body.logprobs) if chat else body.logprobs is not None
         builder = ResponseBuilder(chat, config.model_name, texts, want_logprobs, body.n_top_logprobs,
                                   probe=lm.probe is not None)
-        job = Job(prompts, gen, body.n, body.n_top_logprobs)
+        job = Job(prompts, gen, body.generated_per_prompt, body.n_top_logprobs)
         try:
             batcher.submit(job.seqs)
         except QueueFull as e:
@@ -234,10 +239,13 @@ def create_app(lm: LM, config: ServeConfig) -> FastAPI:
             return StreamingResponse(stream(job, builder, prefixes, prompt_tokens, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await collect(request, job, builder, prompt_tokens, prefixes)
+        await collect(request, job)
+        choices = job.choices
+        if body.generated_per_prompt > body.n:  # best_of: keep the n best of each prompt's samples
+            choices = best_choices(choices, body.generated_per_prompt, body.n, body.best_of_scorer)
+        return JSONResponse(builder.response(choices, prompt_tokens, prefixes, generated=job.choices))
 
-    async def collect(request: Request, job: Job, builder: ResponseBuilder, prompt_tokens: int,
-                      prefixes: list[str]) -> Response:
+    async def collect(request: Request, job: Job) -> None:
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         try:
             async for index, event in job.events():
@@ -247,7 +255,6 @@ def create_app(lm: LM, config: ServeConfig) -> FastAPI:
         finally:
             watcher.cancel()
             job.cancel()  # no-op when finished; frees the slots if this handler is torn down
-        return JSONResponse(builder.response(job.choices, prompt_tokens, prefixes))
 
     async def stream(job: Job, builder: ResponseBuilder, prefixes: list[str], prompt_tokens: int,
                      include_usage: bool) -> AsyncIterator[str]:
@@ -276,6 +283,21 @@ def create_app(lm: LM, config: ServeConfig) -> FastAPI:
             job.cancel()  # the client disconnected (the generator is closed) or we are done: free the slots
 
     return app
+
+
+def best_choices(choices: list[ChoiceState], per_prompt: int, n: int, scorer: str) -> list[ChoiceState]:
+    """For each prompt's ``per_prompt`` samples, the ``n`` best in rank order (ties: the earlier sample)."""
+    def score(c: ChoiceState) -> float:
+        events = [e for e in c.events if e.token_id >= 0]
+        if scorer == "lowest_max_score":
+            return -max((e.score for e in events), default=0.0)
+        return sum(e.logprob for e in events) / max(len(events), 1)
+
+    out = []
+    for start in range(0, len(choices), per_prompt):
+        group = choices[start:start + per_prompt]
+        out += sorted(group, key=score, reverse=True)[:n]  # sorted is stable: ties keep sample order
+    return out
 
 
 def sse(payload: dict) -> str:

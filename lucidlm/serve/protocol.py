@@ -121,6 +121,10 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens or self.max_tokens
 
     @property
+    def generated_per_prompt(self) -> int:
+        return self.n
+
+    @property
     def n_top_logprobs(self) -> int:
         return (self.top_logprobs or 0) if self.logprobs else 0
 
@@ -130,6 +134,22 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=16)  # generate this many per prompt, return the n best
+    # lucidlm: how best_of ranks — OpenAI's highest mean log-probability per token, or the probe's
+    # lowest highest token score (the sample whose riskiest token is safest; needs --probe)
+    best_of_scorer: Literal["mean_logprob", "lowest_max_score"] = "mean_logprob"
+
+    @model_validator(mode="after")
+    def _best_of(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be >= n ({self.n})")
+        if self.stream and self.generated_per_prompt > self.n:
+            raise ValueError("best_of > n cannot be streamed: the best are known only at the end")
+        return self
+
+    @property
+    def generated_per_prompt(self) -> int:
+        return self.best_of or self.n
 
     @field_validator("prompt")
     @classmethod

@@ -83,7 +83,10 @@ class ResponseBuilder:
         return out
 
     # --- whole responses ---------------------------------------------------------------------------------
-    def response(self, choices: list[ChoiceState], prompt_tokens: int, prefixes: list[str]) -> dict:
+    def response(self, choices: list[ChoiceState], prompt_tokens: int, prefixes: list[str],
+                 generated: list[ChoiceState] | None = None) -> dict:
+        """The whole body; ``generated`` (best_of: every sample, of which ``choices`` are the best) counts
+        toward usage."""
         body_choices = []
         for index, (c, prefix) in enumerate(zip(choices, prefixes)):
             events = [e for e in c.events if e.token_id >= 0]
@@ -93,7 +96,7 @@ class ResponseBuilder:
                 choice = {"index": index, "text": prefix + c.text}
             body_choices.append(choice | self._extras(events, len(prefix)) | {"finish_reason": c.finish_reason})
         return self._envelope("chat.completion" if self.chat else "text_completion") | {
-            "choices": body_choices, "usage": usage(prompt_tokens, choices)}
+            "choices": body_choices, "usage": usage(prompt_tokens, generated or choices)}
 
     # --- stream chunks ---------------------------------------------------------------------------------
     def role_chunk(self, index: int) -> dict:

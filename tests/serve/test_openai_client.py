@@ -78,6 +78,26 @@ def test_completions_batch_n_stop_and_stream(client, lm):
     assert streamed[-1].choices[0].finish_reason == full.choices[0].finish_reason == "length"
 
 
+def test_best_of_returns_the_best_samples_by_logprob_or_by_the_probe(client, lm):
+    from lucidlm.probe.selective import lowest_max_score
+
+    options = dict(max_tokens=10, temperature=1.0, seed=5)
+    for scorer, name in [(None, "mean_logprob"), (lowest_max_score, "lowest_max_score")]:
+        extra = {} if scorer is None else {"best_of_scorer": name}
+        out = client.completions.create(model=MODEL, prompt="Hello", best_of=4, extra_body=extra, **options)
+        kwargs = {} if scorer is None else {"scorer": scorer}
+        expected = lm.generate("Hello", best_of=4, max_new_tokens=10, temperature=1.0, seed=5, **kwargs)[0]
+        assert out.choices[0].text == expected.text, name
+        assert out.usage.completion_tokens == sum(len(c.token_ids) for c in lm.sample("Hello", n=4, max_new_tokens=10,
+                                                                                      temperature=1.0, seed=5))
+    two = client.completions.create(model=MODEL, prompt=["Hello", "Bye"], n=2, best_of=3, **options)
+    assert [c.index for c in two.choices] == [0, 1, 2, 3]
+    for i, prompt in enumerate(["Hello", "Bye"]):
+        samples = lm.sample(prompt, n=3, max_new_tokens=10, temperature=1.0, seed=5)
+        ranked = sorted(samples, key=lambda c: c.mean_logprob, reverse=True)[:2]  # prompt i: choices 2i, 2i+1
+        assert [c.text for c in two.choices[2 * i: 2 * i + 2]] == [c.text for c in ranked]
+
+
 def test_sampling_options_beyond_openai_reach_the_sampler(client, lm):
     options = dict(temperature=0.7, top_k=5, min_p=0.05, repetition_penalty=1.2, seed=3)
     out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, presence_penalty=0.3,

@@ -50,6 +50,10 @@ BAD = [
     ("completions", {**COMPLETION, "logprobs": 25}, 400, "logprobs", "less than or equal to 20"),
     ("completions", {**COMPLETION, "prompt": "x" * 300}, 400, "prompt", "maximum context length"),
     ("completions", {**COMPLETION, "echo": True, "logprobs": 1}, 400, "echo", "not supported"),
+    ("completions", {**COMPLETION, "n": 2, "best_of": 1}, 400, None, "best_of (1) must be >= n (2)"),
+    ("completions", {**COMPLETION, "best_of": 3, "stream": True}, 400, None, "cannot be streamed"),
+    ("completions", {**COMPLETION, "best_of": 40}, 400, "best_of", "less than or equal to 16"),
+    ("completions", {**COMPLETION, "best_of_scorer": "vibes"}, 400, "best_of_scorer", "'mean_logprob'"),
 ]
 
 
@@ -89,6 +93,21 @@ def test_malformed_json_wrong_body_and_unknown_routes(http):
     assert r.status_code == 404 and "/v1/nothing" in r.json()["error"]["message"]
     r = http.get("/v1/chat/completions")
     assert r.status_code == 405 and "error" in r.json()
+
+
+def test_ranking_by_the_probe_needs_a_probe():
+    from tiny_lm import tiny_lm
+
+    server = LiveServer(tiny_lm(), max_len=128)
+    try:
+        body = {**COMPLETION, "best_of": 2, "best_of_scorer": "lowest_max_score"}
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "best_of_scorer"
+        assert "--probe" in r.json()["error"]["message"]
+        ok = httpx.post(server.url + "/v1/completions", json=COMPLETION, timeout=30).json()
+        assert "token_scores" not in ok["choices"][0]  # no probe, no extension field
+    finally:
+        server.close()
 
 
 def test_a_full_queue_answers_429_at_once(lm):
