@@ -226,12 +226,16 @@ def create_app(lm: LM, config: ServeConfig) -> FastAPI:
         want_logprobs = bool(body.logprobs) if chat else body.logprobs is not None
         builder = ResponseBuilder(chat, config.model_name, texts, want_logprobs, body.n_top_logprobs,
                                   probe=lm.probe is not None)
-        job = Job(prompts, gen, body.generated_per_prompt, body.n_top_logprobs)
-        try:
-            batcher.submit(job.seqs)
+        per_prompt = body.generated_per_prompt
+        job = Job(prompts, gen, per_prompt, body.n_top_logprobs)
+        try:  # each prompt's sequences start together; a batch of prompts queues prompt by prompt
+            for start in range(0, len(job.seqs), per_prompt):
+                batcher.submit(job.seqs[start:start + per_prompt])
         except QueueFull as e:
+            job.cancel()
             raise OpenAIError(429, f"the server is busy: {e}; retry later", code="queue_full") from None
         except Draining:
+            job.cancel()
             raise OpenAIError(503, "the server is shutting down", code="shutting_down") from None
         prompt_tokens = sum(len(p) for p in prompts)
         if body.stream:

@@ -98,6 +98,14 @@ def test_best_of_returns_the_best_samples_by_logprob_or_by_the_probe(client, lm)
         assert [c.text for c in two.choices[2 * i: 2 * i + 2]] == [c.text for c in ranked]
 
 
+def test_a_batch_of_prompts_larger_than_the_server_batch_queues_prompt_by_prompt(client, live, lm):
+    prompts = [f"prompt number {i}" for i in range(20)]
+    out = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=4, temperature=0)
+    assert len(out.choices) == 40 > live.batcher.max_batch
+    expected = lm.generate(prompts, max_new_tokens=4)
+    assert [c.text for c in out.choices] == [e.text for e in expected for _ in range(2)]
+
+
 def test_sampling_options_beyond_openai_reach_the_sampler(client, lm):
     options = dict(temperature=0.7, top_k=5, min_p=0.05, repetition_penalty=1.2, seed=3)
     out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, presence_penalty=0.3,
