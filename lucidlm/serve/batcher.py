@@ -18,6 +18,7 @@ the forward that produced its logits, exactly as ``lm.stream`` does.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import threading
@@ -119,7 +120,8 @@ class ContinuousBatcher:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.vocab = cfg.vocab_size
         self.probe_layers = [lm.probe.config.layer] if lm.probe is not None else []
-        self.free = list(range(max_batch))
+        self.free = list(range(max_batch))  # a heap: the lowest free slot first keeps the running slots a
+        # contiguous range more often, and the cache then reads them as views instead of gathering
         self.rows: dict[int, _Row] = {}  # slot -> running row
         self.waiting: deque[list[Sequence]] = deque()  # whole requests (all their choices start together)
         self.seen: torch.Tensor | None = None  # (slots, vocab) bool: repetition penalty (prompt + output)
@@ -237,7 +239,7 @@ class ContinuousBatcher:
                 for seq in self.waiting.popleft():
                     if seq.cancelled:
                         continue
-                    slot = self.free.pop(0)
+                    slot = heapq.heappop(self.free)
                     row = _Row(seq, slot, self.lm, self.lm.device)
                     self.rows[slot] = row
                     admitted.append(row)
@@ -332,7 +334,7 @@ class ContinuousBatcher:
 
     def _release(self, slot: int) -> None:
         self.rows.pop(slot, None)
-        self.free.append(slot)
+        heapq.heappush(self.free, slot)
         self.cache.reset([slot])
 
     def _end_everything(self, event: Callable[[], Event]) -> None:

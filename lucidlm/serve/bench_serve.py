@@ -1,7 +1,8 @@
 """``lucidlm bench --serve``: what continuous batching buys, measured over HTTP in one run.
 
-A server runs in this process (its own thread) on one model; for 1, 8 and 32 concurrent clients, each
-client streams its requests one after another through ``/v1/completions``. Per level: aggregate
+A ``lucidlm serve`` process runs the model (a separate process, so the clients' own Python work does not
+compete with the server for its interpreter lock); for 1, 8 and 32 concurrent clients, each client
+streams its requests one after another through ``/v1/completions``. Per level: aggregate
 generated tokens/s over the level's wall time, time to first token (request sent -> first token chunk)
 and inter-token latency (gaps between a stream's token chunks), p50 and p95 over every request. The
 physical reference is the memory-bandwidth bound of the decode step at that batch size: measured read
@@ -11,7 +12,12 @@ bandwidth × batch ÷ bytes one step must read (weights + the KV cache), as in `
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -88,33 +94,64 @@ def run_serve_bench(model: Path | None = None, clients: tuple[int, ...] = (1, 8,
                     prompt: int = 64, new: int = 64, dtype: str = "float32", print_fn=print) -> list[Level]:
     """Serve ``model`` (default: a random Llama-shaped 125M) and measure every concurrency level."""
     from ..api import load
-    from .app import ServeConfig
-    from .server import ServerThread, build_server
 
     with tempfile.TemporaryDirectory() as tmp:
         if model is None:
             from ..probe.bench_probe import _build_lm
 
-            lm = _build_lm(Path(tmp), dtype)
+            model = Path(tmp) / "model"
+            lm = _build_lm(model, dtype)
         else:
             lm = load(model, dtype=dtype, device="cpu")
         print_fn(f"measuring read bandwidth, then serving {lm.model.num_parameters() / 1e6:.0f}M params ...")
         bandwidth = read_bandwidth()
-        config = ServeConfig(model_name=MODEL, max_batch=max(clients), max_queue=4 * max(clients),
-                             max_len=prompt + new + 8)
-        server = ServerThread(build_server(lm, config, port=0, log_level="warning"))
-        try:
-            vocab = lm.config.vocab_size
-            asyncio.run(_run_level(server.url, 1, 1, prompt, new, vocab))  # warm-up: first-call costs
+        bytes_per_step = {c: decode_bytes(lm.model, c, prompt + new // 2) for c in clients}
+        vocab = lm.config.vocab_size
+        del lm  # the server process loads its own copy
+        with _server_process(model, max(clients), prompt + new + 8, dtype) as url:
+            asyncio.run(_run_level(url, 1, 1, prompt, new, vocab))  # warm-up: first-call costs
             levels = []
             for c in clients:
-                level = asyncio.run(_run_level(server.url, c, requests_per_client, prompt, new, vocab))
-                level.bound_tok_s = c * bandwidth / decode_bytes(lm.model, c, prompt + new // 2)
+                level = asyncio.run(_run_level(url, c, requests_per_client, prompt, new, vocab))
+                level.bound_tok_s = c * bandwidth / bytes_per_step[c]
                 print_fn(f"{c:>3} clients: {level.tok_s:8.1f} tok/s")
                 levels.append(level)
-        finally:
-            server.close()
     return levels
+
+
+@contextlib.contextmanager
+def _server_process(model: Path, max_batch: int, max_len: int, dtype: str):
+    """``lucidlm serve`` on a free local port, stopped (SIGINT, drained) on exit."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "lucidlm.cli", "serve", "-m", str(model), "--port", str(port), "--device", "cpu",
+           "--dtype", dtype, "--served-model-name", MODEL, "--max-batch", str(max_batch), "--max-queue",
+           str(4 * max_batch), "--max-model-len", str(max_len), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"lucidlm serve exited: {proc.stderr.read()}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("lucidlm serve did not start within 120 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def serve_table(levels: list[Level], prompt: int, new: int) -> str:
