@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -122,29 +121,20 @@ def run_serve_bench(model: Path | None = None, clients: tuple[int, ...] = (1, 8,
 @contextlib.contextmanager
 def _server_process(model: Path, max_batch: int, max_len: int, dtype: str):
     """``lucidlm serve`` on a free local port, stopped (SIGINT, drained) on exit."""
-    import httpx
+    from .server import free_port, wait_until_healthy
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "lucidlm.cli", "serve", "-m", str(model), "--port", str(port), "--device", "cpu",
            "--dtype", dtype, "--served-model-name", MODEL, "--max-batch", str(max_batch), "--max-queue",
            str(4 * max_batch), "--max-model-len", str(max_len), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"lucidlm serve exited: {proc.stderr.read()}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("lucidlm serve did not start within 120 s")
-            time.sleep(0.2)
+        try:
+            wait_until_healthy(url, proc)
+        except RuntimeError as e:
+            said = proc.stderr.read() if proc.poll() is not None else ""
+            raise RuntimeError(f"lucidlm serve did not start: {e}\n{said}") from None
         yield url
     finally:
         proc.send_signal(signal.SIGINT)

@@ -76,3 +76,27 @@ class ServerThread:
     def close(self, timeout: float = 30.0) -> None:
         self.server.should_exit = True
         self.thread.join(timeout)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (for starting a server process on it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(url: str, process=None, timeout: float = 120.0) -> None:
+    """Poll ``url``/health until the server answers 200; fail early if ``process`` (a Popen) has exited."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:  # not listening yet
+            if time.time() > deadline:
+                raise RuntimeError(f"no server answered at {url} within {timeout:.0f} s") from None
+        time.sleep(0.2)

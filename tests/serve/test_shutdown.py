@@ -5,22 +5,15 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
 
 from lucidlm.random_checkpoint import build_random_checkpoint
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from lucidlm.serve.server import free_port, wait_until_healthy
 
 
 def read_stream(url: str, max_tokens: int, started: threading.Event, out: dict) -> None:
@@ -47,15 +40,7 @@ def test_a_signal_finishes_short_streams_and_cleanly_ends_long_ones(tmp_path, si
                              str(port), "--drain-timeout", "1.5", "--log-level", "warning", "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).json()["status"] == "ok":
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
-            time.sleep(0.2)
+        wait_until_healthy(url, proc, timeout=60)
         short, long = {}, {}
         events = [threading.Event(), threading.Event()]
         threads = [threading.Thread(target=read_stream, args=(url, 6, events[0], short)),
