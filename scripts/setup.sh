@@ -10,8 +10,8 @@ python -m pip install --quiet --disable-pip-version-check -e ".[test]"
 if ! command -v chromium > /dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
         (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) > /dev/null \
-            || echo "setup: could not install chromium; the browser test will be skipped" >&2
+            || echo "setup: could not install chromium; the browser test will fail until it is installed" >&2
     else
-        echo "setup: no chromium (sudo apt-get install chromium); the browser test will be skipped" >&2
+        echo "setup: no chromium (sudo apt-get install chromium); the browser test will fail until it is installed" >&2
     fi
 fi

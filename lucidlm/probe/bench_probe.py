@@ -23,7 +23,8 @@ from ..bench import LLAMA_125M
 from .probe import LoadedProbe, ProbeConfig, ProbeHead
 
 
-def _build_lm(directory: Path, dtype: str):
+def random_125m_lm(directory: Path, dtype: str):
+    """The random-weight Llama-shaped 125M of `lucidlm bench`, saved in ``directory`` and loaded on the CPU."""
     import lucidlm
     from lucidlm.checkpoint import FAMILIES, save_model
     from lucidlm.config import from_preset
@@ -59,7 +60,7 @@ def _head_seconds(head: ProbeHead, dim: int, dtype: torch.dtype, calls: int = 20
 def run_probe_bench(prompt: int = 64, new: int = 64, repeats: int = 7, dtype: str = "float32") -> dict:
     """{"step_ms_plain", "step_ms_probe", "overhead_percent", "layer", "repeats"}: medians over alternating runs."""
     with tempfile.TemporaryDirectory() as tmp:
-        lm = _build_lm(Path(tmp), dtype)
+        lm = random_125m_lm(Path(tmp), dtype)
     layer = lm.config.n_layers // 2
     probe = LoadedProbe(ProbeHead(lm.config.dim).to(lm.dtype).eval(), ProbeConfig(layer, lm.config.dim,
                                                                                  lm.config.n_layers))

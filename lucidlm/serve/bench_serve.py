@@ -96,10 +96,10 @@ def run_serve_bench(model: Path | None = None, clients: tuple[int, ...] = (1, 8,
 
     with tempfile.TemporaryDirectory() as tmp:
         if model is None:
-            from ..probe.bench_probe import _build_lm
+            from ..probe.bench_probe import random_125m_lm
 
             model = Path(tmp) / "model"
-            lm = _build_lm(model, dtype)
+            lm = random_125m_lm(model, dtype)
         else:
             lm = load(model, dtype=dtype, device="cpu")
         print_fn(f"measuring read bandwidth, then serving {lm.model.num_parameters() / 1e6:.0f}M params ...")

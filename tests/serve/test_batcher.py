@@ -1,6 +1,6 @@
 """Continuous batching: rows that join and leave the running batch get exactly what they would get alone
-(the engine's lm.generate / lm.stream is the reference); cancelled rows free their slot at once; the queue
-is bounded."""
+(the engine's lm.generate / lm.stream is the reference; `lm` is conftest's probed tiny model); cancelled rows
+free their slot at once; the queue is bounded."""
 
 from __future__ import annotations
 
@@ -9,22 +9,9 @@ import time
 
 import pytest
 import torch
-from tiny_lm import tiny_lm
 
 from lucidlm.generate.generation_config import GenerationConfig
-from lucidlm.probe.probe import LoadedProbe, ProbeConfig, ProbeHead
 from lucidlm.serve.batcher import ContinuousBatcher, Draining, ErrorEvent, QueueFull, Sequence, TokenEvent
-
-
-@pytest.fixture(scope="module")
-def lm():
-    lm = tiny_lm()
-    torch.manual_seed(0)
-    head = ProbeHead(lm.config.dim)
-    with torch.no_grad():
-        head.linear.weight.normal_(0, 0.05)
-    lm.probe = LoadedProbe(head.eval(), ProbeConfig(layer=1, hidden_size=lm.config.dim, n_layers=2))
-    return lm
 
 
 class Collector:
