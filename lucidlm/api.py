@@ -20,7 +20,7 @@ from .generate.strategies import AnswerExtractor, Scorer, Vote, last_number, mea
 from .generate.text_generation import Prompt, StreamToken
 from .model.linear import pack_linears
 from .model.transformer import Transformer
-from .probe.probe import LoadedProbe, attach_probe, predictive_scores
+from .probe.probe import LoadedProbe, attach_probe, score_tokens
 from .tokenizer import Tokenizer
 
 
@@ -74,7 +74,7 @@ class LM:
         ids = self.encode(text) if isinstance(text, str) else list(text)
         layer = self.probe.config.layer
         out = self.model(torch.tensor([ids], device=self.device), hidden_layers=[layer])
-        return predictive_scores(self.probe.head, out.hidden_states[layer])[0].tolist()
+        return score_tokens(self.probe.head, out.hidden_states[layer], self.probe.config.alignment)[0].tolist()
 
     # --- generation (see lucidlm/generate) ------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], *, best_of: int = 1, scorer: Scorer = mean_logprob,

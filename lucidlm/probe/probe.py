@@ -3,11 +3,14 @@
     input ids ─▶ blocks 0..L ─(hook: residual stream h after block L)─▶ ... ─▶ LM logits
                                    └─▶ Linear(hidden, 1) ─▶ sigmoid ─▶ score per token
 
-Alignment: the score of token t comes from the hidden state at position t − 1 — the state that
-decodes token t. During generation that is the very decode step that emits the token, so every
-token is scored the moment it appears, from the forward that produced it (never a second pass),
-the last token included. In a full forward over a text, ``scores[:, t]`` reads ``h[:, t − 1]``;
-position 0 (nothing predicted it) gets no score (NaN).
+Alignment (``ProbeConfig.alignment``): which position's hidden state scores token t.
+- "own": h[t], the state computed when token t is fed in — what the reference code of Obeso et al.
+  does (labels on the span's own positions). During generation that state comes from the decode
+  forward that consumes the token, one step after the token was sampled, so its score arrives one
+  step late (and the last token needs that one more forward); never a second pass over the text.
+- "predictive": h[t − 1], the state that decoded token t: the score arrives with the token itself.
+  Position 0 (nothing predicted it) gets no score (NaN). Probe directories written before the field
+  existed are predictive.
 
 The hook works on lucidlm models (``model.blocks``) and on any transformers causal LM whose decoder
 blocks are at ``model.model.layers``. A probe is saved as a directory: probe_config.json +
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,6 +31,8 @@ from torch import nn
 from ..checkpoint.safetensors_io import atomic_write, write_json
 
 CONFIG_FILE, HEAD_FILE = "probe_config.json", "probe_head.safetensors"
+Alignment = Literal["own", "predictive"]
+ALIGNMENTS = ("own", "predictive")
 
 
 @dataclass
@@ -35,11 +41,20 @@ class ProbeConfig:
     hidden_size: int
     n_layers: int  # blocks of the model it was made for (a probe only fits models of that shape)
     has_adapter: bool = False  # a LoRA adapter (PEFT format) in the probe directory
+    alignment: Alignment = "predictive"  # token t scored from h[t] ("own") or h[t − 1] ("predictive")
+
+    def __post_init__(self) -> None:
+        check_alignment(self.alignment)
 
     def check_model(self, hidden_size: int, n_layers: int) -> None:
         if (hidden_size, n_layers) != (self.hidden_size, self.n_layers):
             raise ValueError(f"this probe was made for a model with hidden size {self.hidden_size} and "
                              f"{self.n_layers} layers; this model has {hidden_size} and {n_layers}")
+
+
+def check_alignment(alignment: str) -> None:
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"probe alignment {alignment!r} is not one of {list(ALIGNMENTS)}")
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -71,10 +86,16 @@ class ProbeHead(nn.Module):
         return torch.sigmoid(self.forward(hidden).float())
 
 
-def predictive_scores(head: ProbeHead, hidden: torch.Tensor) -> torch.Tensor:
-    """(batch, seq, hidden) after block L -> (batch, seq) scores of each token from the position before it."""
+def aligned_hidden(hidden: torch.Tensor, alignment: Alignment) -> torch.Tensor:
+    """(batch, seq, dim) after block L -> (batch, seq − 1, dim): the state that scores each of tokens 1..seq−1.
+    Position 0 is left out under both alignments, so both score exactly the same tokens."""
+    return hidden[:, 1:] if alignment == "own" else hidden[:, :-1]
+
+
+def score_tokens(head: ProbeHead, hidden: torch.Tensor, alignment: Alignment) -> torch.Tensor:
+    """(batch, seq, dim) after block L -> (batch, seq) score of every token (NaN at position 0)."""
     scores = torch.full(hidden.shape[:2], float("nan"), device=hidden.device)
-    scores[:, 1:] = head.scores(hidden[:, :-1])
+    scores[:, 1:] = head.scores(aligned_hidden(hidden, alignment))
     return scores
 
 
@@ -109,12 +130,13 @@ class ProbedOutput:
 class ProbedModel(nn.Module):
     """A causal LM with a probe hooked on block ``layer``: one forward gives logits and scores."""
 
-    def __init__(self, model: nn.Module, head: ProbeHead, layer: int) -> None:
+    def __init__(self, model: nn.Module, head: ProbeHead, layer: int, alignment: Alignment = "own") -> None:
         super().__init__()
         blocks = decoder_blocks(model)
         if not 0 <= layer < len(blocks):
             raise IndexError(f"probe layer {layer} out of range for a model of {len(blocks)} blocks")
-        self.model, self.head, self.layer = model, head, layer
+        check_alignment(alignment)
+        self.model, self.head, self.layer, self.alignment = model, head, layer, alignment
         self._captured: torch.Tensor | None = None
         blocks[layer].register_forward_hook(self._capture)
 
@@ -127,7 +149,7 @@ class ProbedModel(nn.Module):
         out = self.model(input_ids, attention_mask=attention_mask, **kwargs)
         logits = out if isinstance(out, torch.Tensor) else out.logits
         hidden = self._captured
-        return ProbedOutput(logits, predictive_scores(self.head, hidden), hidden)
+        return ProbedOutput(logits, score_tokens(self.head, hidden, self.alignment), hidden)
 
 
 def save_probe(directory: str | Path, head: ProbeHead, config: ProbeConfig, model: nn.Module | None = None,

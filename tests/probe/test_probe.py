@@ -17,8 +17,8 @@ from lucidlm.probe.probe import (
     ProbedModel,
     ProbeHead,
     load_probe,
-    predictive_scores,
     save_probe,
+    score_tokens,
 )
 from lucidlm.random_checkpoint import build_random_checkpoint
 
@@ -33,17 +33,20 @@ def random_head(hidden: int, seed: int = 0) -> ProbeHead:
     return head.eval()
 
 
-def test_hook_captures_the_models_own_hidden_state_and_scores_align_predictively():
+@pytest.mark.parametrize("alignment", ["own", "predictive"])
+def test_hook_captures_the_models_own_hidden_state_and_scores_align(alignment):
     lm = tiny_lm()
     head = random_head(lm.config.dim)
-    probed = ProbedModel(lm.model, head, layer=1)
+    probed = ProbedModel(lm.model, head, layer=1, alignment=alignment)
     with torch.no_grad():
         out = probed(IDS)
         own = lm.model(IDS, hidden_layers=[1])
     torch.testing.assert_close(out.hidden, own.hidden_states[1])
     torch.testing.assert_close(out.logits, own.logits)
     assert math.isnan(out.scores[0, 0])
-    torch.testing.assert_close(out.scores[0, 1:], torch.sigmoid(head(own.hidden_states[1][0, :-1])))
+    h = own.hidden_states[1][0]
+    expected = torch.sigmoid(head(h[1:] if alignment == "own" else h[:-1]))  # token t from h[t] or h[t - 1]
+    torch.testing.assert_close(out.scores[0, 1:], expected)
 
 
 def test_probe_on_a_transformers_model():
@@ -81,9 +84,10 @@ def test_save_and_load_round_trip(tmp_path):
     text = "The capital of France is"
     with torch.no_grad():
         out = lm.model(torch.tensor([lm.encode(text)]), hidden_layers=[2])
-    expected = predictive_scores(head, out.hidden_states[2])[0, 1:]
+    expected = score_tokens(head, out.hidden_states[2], "predictive")[0, 1:]
     torch.testing.assert_close(torch.tensor(probed.token_scores(text)[1:]), expected)
     loaded, config = load_probe(tmp_path / "probe")
+    assert config.alignment == "predictive"  # the default of probe directories written before alignments
     assert config.layer == 2 and torch.equal(loaded.linear.weight, head.linear.weight)
 
 
@@ -116,3 +120,8 @@ def test_generate_cli_prints_scores_with_a_probe(tmp_path):
     record = json.loads(result.stdout)
     expected = lucidlm.load(base, probe=tmp_path / "probe").generate("Hello", max_new_tokens=5)[0].scores
     assert record["scores"] == pytest.approx(expected, abs=1e-6) and len(record["scores"]) == 5
+
+
+def test_an_unknown_alignment_is_refused():
+    with pytest.raises(ValueError, match="alignment 'next' is not one of"):
+        ProbeConfig(layer=0, hidden_size=8, n_layers=2, alignment="next")
