@@ -14,7 +14,6 @@ when any of its tokens is.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 
@@ -42,29 +41,3 @@ def expected_calibration_error(scores: np.ndarray, labels: np.ndarray, bins: int
         if inside.any():
             total += inside.mean() * abs(scores[inside].mean() - labels[inside].mean())
     return float(total)
-
-
-def span_max(scores: torch.Tensor, span_ids: torch.Tensor, span_labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per labelled span (label 0 or 1), the maximum score over its tokens; spans with no token are skipped.
-
-    scores, span_ids: (batch, seq); span_labels: (batch, n_spans) with −100 for ignored spans."""
-    out_scores, out_labels = [], []
-    for row in range(scores.shape[0]):
-        for s, label in enumerate(span_labels[row].tolist()):
-            if label not in (0, 1):
-                continue
-            inside = (span_ids[row] == s) & ~torch.isnan(scores[row])
-            if inside.any():
-                out_scores.append(float(scores[row][inside].max()))
-                out_labels.append(label)
-    return np.array(out_scores), np.array(out_labels)
-
-
-def token_arrays(scores: torch.Tensor, labels: torch.Tensor, span_ids: torch.Tensor | None = None,
-                 in_span: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Scores and labels of the labelled tokens (optionally only those inside a span)."""
-    keep = (labels == 0) | (labels == 1)
-    keep &= ~torch.isnan(scores)
-    if in_span and span_ids is not None:
-        keep &= span_ids >= 0
-    return scores[keep].double().numpy(), labels[keep].numpy()

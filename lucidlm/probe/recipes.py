@@ -12,7 +12,8 @@ from ..tokenizer import Tokenizer
 from ..train.config_file import opt
 from ..train.jsonl import DataError, read_rows
 from .data import LabeledExample, LabelStats, label_row
-from .evaluate import evaluate_probe
+from .evaluate import evaluate_probe, method_scores, report
+from .features import extract
 from .plots import plot_auroc_per_layer
 from .probe import ProbeConfig, save_probe
 from .train import ProbeTrainConfig, sweep, train_probe
@@ -34,11 +35,13 @@ class ProbeRun:
     data: list[str] = opt(factory=list, help="annotated JSONL: {conversation, annotations:[{span,label,index}]}")
     val_data: list[str] = opt(factory=list, help="annotated JSONL for the evaluation printed at the end")
     layer: int = opt(-1, "block whose output is probed (negative: from the end)")
+    alignment: str = opt("own", "which state scores token t: 'own' (h[t], the reference code) or 'predictive' (h[t-1])")
+    l2: float = opt(1e-3, "L2 penalty on the head's weights")
     layers: list[int] = opt(factory=list, help="sweep: the blocks to train a head on (default: all)")
     steps: int = opt(300, "optimizer steps")
     batch_size: int = opt(8, "conversations per step")
-    lr: float = opt(1e-3, "head learning rate")
-    anneal_fraction: float = opt(0.5, "span-max loss weight reaches 1 after this fraction of training")
+    lr: float = opt(1e-2, "head learning rate")
+    anneal_fraction: float = opt(1.0, "span-max loss weight reaches 1 after this fraction of training")
     lora: ProbeLoRA | None = opt(None, "also train LoRA on blocks 0..layer (--lora for defaults)")
     out: str = opt("probe", "probe directory to write (probe_config.json, probe_head.safetensors, adapter)")
     seed: int = opt(0, "seed")
@@ -84,7 +87,8 @@ def _train_config(run: ProbeRun, layer: int) -> ProbeTrainConfig:
     if run.lora is not None:
         lora = LoRAConfig(r=run.lora.r, alpha=run.lora.alpha, dropout=run.lora.dropout,
                           target_modules=tuple(run.lora.targets))
-    return ProbeTrainConfig(layer=layer, steps=run.steps, batch_size=run.batch_size, lr=run.lr,
+    return ProbeTrainConfig(layer=layer, alignment=run.alignment, l2=run.l2, steps=run.steps,
+                            batch_size=run.batch_size, lr=run.lr,
                             anneal_fraction=run.anneal_fraction, lora=lora,
                             lora_lr=run.lora.lr if run.lora else 1e-4,
                             kl_weight=run.lora.kl_weight if run.lora else 0.0, seed=run.seed)
@@ -94,12 +98,12 @@ def run_probe_train(run: ProbeRun) -> dict:
     loaded, tokenizer, layer, pad = _setup(run)
     train, stats = read_examples(run.data, tokenizer)
     head = train_probe(loaded.model, train, _train_config(run, layer), pad)
-    config = ProbeConfig(layer, loaded.config.dim, loaded.config.n_layers)
+    config = ProbeConfig(layer, loaded.config.dim, loaded.config.n_layers, alignment=run.alignment)
     save_probe(run.out, head, config, loaded.model, loaded.family)
     report = {"probe": run.out, "layer": layer, "train": asdict(stats)}
     if run.val_data:
         val, val_stats = read_examples(run.val_data, tokenizer)
-        report["eval"] = evaluate_probe(loaded.model, head, layer, val, pad)
+        report["eval"] = evaluate_probe(loaded.model, head, layer, val, pad, run.alignment)
         report["eval_data"] = asdict(val_stats)
     return report
 
@@ -110,18 +114,22 @@ def run_probe_eval(model: str, probe: str, data: list[str]) -> dict:
     lm = lucidlm.load(model, probe=probe, device="cpu")
     examples, stats = read_examples(data, lm.tokenizer)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    report = evaluate_probe(lm.model, lm.probe.head, lm.probe.config.layer, examples, pad)
+    report = evaluate_probe(lm.model, lm.probe.head, lm.probe.config.layer, examples, pad, lm.probe.config.alignment)
     report["data"] = asdict(stats)
     return report
 
 
 def run_probe_sweep(run: ProbeRun) -> dict:
+    """A head per layer on --data, each measured on --val-data (span-max AUROC): one forward per conversation."""
     loaded, tokenizer, _, pad = _setup(run)
     layers = run.layers or list(range(loaded.config.n_layers))
     train, _ = read_examples(run.data, tokenizer)
     val, _ = read_examples(run.val_data or run.data, tokenizer)
-    heads = sweep(loaded.model, train, layers, _train_config(run, layers[0]), pad)
-    per_layer = {layer: evaluate_probe(loaded.model, head, layer, val, pad) for layer, head in heads.items()}
+    config = _train_config(run, layers[0])
+    heads = sweep(loaded.model, train, layers, config, pad)
+    val_feats = extract(loaded.model, val, layers, pad, (run.alignment,), progress=None)
+    per_layer = {layer: report(val_feats, method_scores(val_feats, head, layer, run.alignment, run.seed), layer,
+                               run.alignment) for layer, head in heads.items()}
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {str(layer): r["probe"]["span_max"]["auroc"] for layer, r in per_layer.items()}

@@ -1,15 +1,19 @@
-"""Training a probe head (and optionally LoRA on the layers up to it), as in Obeso et al. (2025).
+"""Training a probe head (and optionally LoRA on the layers up to it), as in Obeso et al. (2025) and its code.
 
-Loss per batch, on the predictive alignment (the head reads h[t − 1] to score token t):
-    token BCE over labelled tokens (positives weighted by ``pos_weight``, default #neg / #pos)
-  + w(step) · span-max BCE: each annotated span's maximum logit against the span's label, with
-    w rising linearly from 0 to 1 over the first ``anneal_fraction`` of training (token-level
-    signal first, then the span decision the evaluation uses)
+Loss, on the probe's alignment (token t read from h[t], "own", or h[t − 1], "predictive"):
+    (1 − ω) · token BCE over labelled response tokens, tokens inside annotated spans weighted
+              ``span_token_weight`` (10 in the reference code), the others 1
+  +  ω      · span-max BCE: each annotated span's maximum logit against the span's label,
+    ω rising linearly from 0 to 1 over the first ``anneal_fraction`` of training (the reference anneals
+    over the whole run: token-level signal first, then the span decision the evaluation uses)
+  + l2 · |w|² on the head's weights (the regularisation a validation split chooses, see selection.py)
   + with LoRA: kl_weight · KL(p_base ‖ p_probed) on next-token distributions over response tokens,
     p_base from the same model with its adapters off, so the probe cannot buy accuracy by
     degrading generation.
-The head and the LoRA parameters get separate learning rates. ``sweep`` trains one head per layer
-in a single pass over the data (every layer's hidden state comes out of the same forward).
+A frozen model's probe trains on stored features (features.py: one forward per conversation, all
+layers at once), full batch, on standardised inputs whose scaling is folded back into the head — so a
+layer sweep costs one pass over the data. A LoRA probe needs the forward in the loop: mini-batches,
+separate learning rates for the head and the adapters.
 """
 
 from __future__ import annotations
@@ -24,46 +28,97 @@ from torch import nn
 from ..model.lora import LoRAConfig, apply_lora, disabled
 from ..progress import progress_bar
 from .data import IGNORE, LabeledExample, collate
-from .probe import ProbeHead, hidden_size_of
+from .features import TokenFeatures, extract
+from .probe import Alignment, ProbeHead, aligned_hidden, check_alignment, hidden_size_of
 
 
 @dataclass
 class ProbeTrainConfig:
     layer: int
+    alignment: Alignment = "own"
     steps: int = 300
-    batch_size: int = 8
-    lr: float = 1e-3  # head
+    batch_size: int = 8  # LoRA: conversations per step (a frozen model's probe trains full batch)
+    lr: float = 1e-2  # head (on standardised features when frozen)
     lora_lr: float = 1e-4
-    weight_decay: float = 0.0
-    pos_weight: float | None = None  # None: negatives / positives in the training labels
-    anneal_fraction: float = 0.5  # span-max weight reaches 1 after this fraction of the steps
+    l2: float = 1e-3  # penalty on the head's weights (frozen: on the standardised scale)
+    span_token_weight: float = 10.0  # token BCE weight of tokens inside annotated spans
+    anneal_fraction: float = 1.0  # span-max weight ω reaches 1 after this fraction of the steps
     lora: LoRAConfig | None = None  # applied to blocks 0..layer
     kl_weight: float = 0.5
     seed: int = 0
     progress: bool | None = None
 
+    def __post_init__(self) -> None:
+        check_alignment(self.alignment)
 
-def probe_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], pos_weight: float,
-               span_weight: float) -> torch.Tensor:
-    """logits (b, s−1): head outputs for tokens 1..s−1 (read from positions 0..s−2)."""
-    labels, span_ids = batch["labels"][:, 1:], batch["span_ids"][:, 1:]
+
+def probe_loss(logits: torch.Tensor, labels: torch.Tensor, span: torch.Tensor, span_labels: torch.Tensor,
+               omega: float, span_token_weight: float) -> torch.Tensor:
+    """Flat tensors: logits, labels, span of N tokens; span_labels of the S spans that ``span`` indexes."""
     keep = labels != IGNORE
-    weight = torch.tensor(pos_weight, device=logits.device)
-    token = F.binary_cross_entropy_with_logits(logits[keep].float(), labels[keep].float(), pos_weight=weight)
-    if span_weight == 0:
+    weight = torch.where(span[keep] >= 0, span_token_weight, 1.0)
+    token = (F.binary_cross_entropy_with_logits(logits[keep].float(), labels[keep].float(), reduction="none")
+             * weight).sum() / weight.sum().clamp_min(1e-9)
+    if omega == 0:
         return token
-    span_logits, span_targets = [], []
-    for row, spans in enumerate(batch["span_labels"].tolist()):
-        for s, label in enumerate(spans):
-            inside = span_ids[row] == s
-            if label in (0, 1) and inside.any():
-                span_logits.append(logits[row][inside].max())
-                span_targets.append(float(label))
-    if not span_logits:
+    maxima, targets = span_logits(logits, span, span_labels)
+    if maxima.numel() == 0:
         return token
-    span = F.binary_cross_entropy_with_logits(torch.stack(span_logits).float(),
-                                              torch.tensor(span_targets, device=logits.device), pos_weight=weight)
-    return token + span_weight * span
+    return (1 - omega) * token + omega * F.binary_cross_entropy_with_logits(maxima.float(), targets.float())
+
+
+def span_logits(logits: torch.Tensor, span: torch.Tensor, span_labels: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each labelled span's maximum logit over its tokens, its label): a differentiable segment max."""
+    inside = span >= 0
+    order = torch.argsort(span[inside], stable=True)
+    ids, values = span[inside][order], logits[inside][order]
+    present, counts = torch.unique_consecutive(ids, return_counts=True)
+    rows = torch.repeat_interleave(torch.arange(len(present), device=ids.device), counts)
+    cols = torch.arange(len(ids), device=ids.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts,
+                                                                                 counts)
+    grid = values.new_full((len(present), int(counts.max()) if len(counts) else 0), float("-inf"))
+    grid[rows, cols] = values
+    maxima, labels = grid.max(-1).values, span_labels[present]
+    labelled = (labels == 0) | (labels == 1)
+    return maxima[labelled], labels[labelled]
+
+
+def check_classes(labels: torch.Tensor) -> None:
+    pos, neg = int((labels == 1).sum()), int((labels == 0).sum())
+    if pos == 0 or neg == 0:
+        raise ValueError(f"probe training needs both classes: {pos} positive and {neg} negative tokens")
+
+
+def fit_head(x: torch.Tensor, feats: TokenFeatures, config: ProbeTrainConfig) -> ProbeHead:
+    """A head trained full batch on features x (N, dim) of ``feats``' tokens. Inputs are standardised
+    (residual streams have a few huge dimensions that stall plain gradient descent); the scaling is
+    folded back into the returned head, which reads raw hidden states."""
+    check_classes(feats.labels)
+    torch.manual_seed(config.seed)
+    x = x.float()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mean) / std
+    linear = nn.Linear(x.shape[1], 1)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.01)  # the reference initialisation
+        linear.bias.zero_()
+    optimizer = torch.optim.Adam(linear.parameters(), lr=config.lr)
+    anneal = max(1, int(config.anneal_fraction * config.steps))
+    for step in range(config.steps):
+        omega = min(1.0, step / anneal)
+        logits = linear(z).squeeze(-1)
+        loss = probe_loss(logits, feats.labels, feats.span, feats.span_labels, omega, config.span_token_weight)
+        loss = loss + config.l2 * linear.weight.pow(2).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    head = ProbeHead(x.shape[1])
+    with torch.no_grad():
+        w = linear.weight / std
+        head.linear.weight.copy_(w)
+        head.linear.bias.copy_(linear.bias - (w * mean).sum())
+    return head.eval()
 
 
 def _batches(examples: list[LabeledExample], batch_size: int, pad_id: int, rng: random.Random):
@@ -74,68 +129,80 @@ def _batches(examples: list[LabeledExample], batch_size: int, pad_id: int, rng: 
             yield collate([examples[j] for j in order[i:i + batch_size]], pad_id)
 
 
-def default_pos_weight(examples: list[LabeledExample]) -> float:
-    pos = sum(y == 1 for e in examples for y in e.labels)
-    neg = sum(y == 0 for e in examples for y in e.labels)
-    if pos == 0 or neg == 0:
-        raise ValueError(f"probe training needs both classes: {pos} positive and {neg} negative tokens")
-    return neg / pos
-
-
-def _hidden(model: nn.Module, batch: dict, layers: list[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], hidden_layers=layers)
-    return out.logits, out.hidden_states
-
-
 def train_probe(model: nn.Module, examples: list[LabeledExample], config: ProbeTrainConfig,
                 pad_id: int) -> ProbeHead:
     """Train a head on block ``config.layer`` (and LoRA on blocks ≤ layer when ``config.lora`` is set)."""
+    if config.lora is not None:
+        return _train_lora_probe(model, examples, config, pad_id)
     return sweep(model, examples, [config.layer], config, pad_id)[config.layer]
 
 
-def sweep(model: nn.Module, examples: list[LabeledExample], layers: list[int], config: ProbeTrainConfig,
-          pad_id: int) -> dict[int, ProbeHead]:
-    """One head per layer, all trained from the same forwards (LoRA only with a single layer)."""
+def _check_layers(model: nn.Module, layers: list[int]) -> None:
     n_blocks = model.config.n_layers
     bad = [layer for layer in layers if not 0 <= layer < n_blocks]
     if bad:
         raise IndexError(f"probe layers {bad} out of range for a model of {n_blocks} blocks")
+
+
+def sweep(model: nn.Module, examples: list[LabeledExample], layers: list[int], config: ProbeTrainConfig,
+          pad_id: int) -> dict[int, ProbeHead]:
+    """One head per layer of a frozen model, all from the same stored features."""
+    _check_layers(model, layers)
     if not examples:
         raise ValueError("no training examples")
-    if config.lora is not None and len(layers) != 1:
-        raise ValueError("LoRA probes train one layer at a time")
-    pos_weight = config.pos_weight if config.pos_weight is not None else default_pos_weight(examples)
+    if config.lora is not None:
+        raise ValueError("LoRA probes train one layer at a time (train_probe)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    feats = extract(model, examples, layers, pad_id, (config.alignment,), progress=config.progress)
+    heads = {}
+    with progress_bar(len(layers), "probe heads", config.progress) as advance:
+        for layer in layers:
+            heads[layer] = fit_head(feats.features(layer, config.alignment), feats, config).to(
+                next(model.parameters()).device)
+            advance(1)
+    return heads
+
+
+def _train_lora_probe(model: nn.Module, examples: list[LabeledExample], config: ProbeTrainConfig,
+                      pad_id: int) -> ProbeHead:
+    _check_layers(model, [config.layer])
+    if not examples:
+        raise ValueError("no training examples")
+    check_classes(torch.tensor([y for e in examples for y in e.labels]))
     torch.manual_seed(config.seed)
     device = next(model.parameters()).device
-    heads = {layer: ProbeHead(hidden_size_of(model)).to(device) for layer in layers}
-    groups = [{"params": [p for h in heads.values() for p in h.parameters()], "lr": config.lr}]
-    if config.lora is not None:
-        lora = LoRAConfig(**{**config.lora.__dict__, "layers": list(range(layers[0] + 1))})
-        apply_lora(model, lora)
-        groups.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lora_lr})
-    else:
-        for p in model.parameters():
-            p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    head = ProbeHead(hidden_size_of(model)).to(device)
+    with torch.no_grad():
+        head.linear.weight.normal_(0, 0.01)
+        head.linear.bias.zero_()
+    lora = LoRAConfig(**{**config.lora.__dict__, "layers": list(range(config.layer + 1))})
+    apply_lora(model, lora)
+    groups = [{"params": list(head.parameters()), "lr": config.lr},
+              {"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lora_lr}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     batches = _batches(examples, min(config.batch_size, len(examples)), pad_id, random.Random(config.seed))
-    model.train(config.lora is not None)
+    model.train()
     anneal = max(1, int(config.anneal_fraction * config.steps))
-    with progress_bar(config.steps, "probe", config.progress) as advance:
+    with progress_bar(config.steps, "LoRA probe", config.progress) as advance:
         for step in range(config.steps):
             batch = {k: v.to(device) for k, v in next(batches).items()}
-            with torch.set_grad_enabled(config.lora is not None):
-                logits, hidden = _hidden(model, batch, layers)
-            span_weight = min(1.0, step / anneal)
-            loss = sum(probe_loss(head(hidden[layer][:, :-1]), batch, pos_weight, span_weight)
-                       for layer, head in heads.items())
-            if config.lora is not None and config.kl_weight:
-                loss = loss + config.kl_weight * _kl_to_base(model, batch, logits)
+            out = model(batch["input_ids"], attention_mask=batch["attention_mask"], hidden_layers=[config.layer])
+            logits = head(aligned_hidden(out.hidden_states[config.layer], config.alignment))  # tokens 1..
+            spans = batch["span_ids"][:, 1:]
+            offsets = torch.arange(spans.shape[0], device=device)[:, None] * batch["span_labels"].shape[1]
+            loss = probe_loss(logits.flatten(), batch["labels"][:, 1:].flatten(),
+                              torch.where(spans >= 0, spans + offsets, spans).flatten(),
+                              batch["span_labels"].flatten(), min(1.0, step / anneal), config.span_token_weight)
+            loss = loss + config.l2 * head.linear.weight.pow(2).sum()
+            if config.kl_weight:
+                loss = loss + config.kl_weight * _kl_to_base(model, batch, out.logits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             advance(1)
     model.eval()
-    return {layer: head.eval() for layer, head in heads.items()}
+    return head.eval()
 
 
 def _kl_to_base(model: nn.Module, batch: dict, logits: torch.Tensor) -> torch.Tensor:

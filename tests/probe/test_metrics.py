@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from lucidlm.probe.metrics import binary_metrics, expected_calibration_error, span_max
+from lucidlm.probe.features import span_max
+from lucidlm.probe.metrics import binary_metrics, expected_calibration_error
+from lucidlm.probe.train import span_logits
 
 
 def naive_auroc(scores, labels):
@@ -40,12 +42,19 @@ def test_ece_by_hand_and_perfect_separation():
     assert m["auroc"] == 1.0 and m["auprc"] == 1.0 and m["recall_at_10fpr"] == 1.0 and m["best_f1"] == 1.0
 
 
-def test_span_max_takes_the_highest_token_of_each_labelled_span():
-    scores = torch.tensor([[float("nan"), 0.1, 0.7, 0.2, 0.9, 0.3]])
-    span_ids = torch.tensor([[-1, 0, 0, -1, 1, 2]])
-    span_labels = torch.tensor([[1, 0, -100]])
-    s, y = span_max(scores, span_ids, span_labels)
-    assert s.tolist() == pytest.approx([0.7, 0.9]) and y.tolist() == [1, 0]
+def test_span_max_takes_the_highest_token_of_each_span():
+    values = torch.tensor([0.1, 0.7, 0.2, 0.9, 0.3, 0.05])
+    span = torch.tensor([0, 0, -1, 1, 2, 2])
+    assert span_max(values, span, 4).tolist() == pytest.approx([0.7, 0.9, 0.3, float("-inf")])
+
+
+def test_span_logits_is_a_differentiable_max_over_labelled_spans_only():
+    logits = torch.tensor([0.1, 0.7, 0.2, 0.9, 0.3, 0.5], requires_grad=True)
+    span = torch.tensor([2, 0, -1, 0, 2, 1])  # tokens of a span need not be contiguous
+    maxima, labels = span_logits(logits, span, torch.tensor([1, -100, 0]))
+    assert maxima.tolist() == pytest.approx([0.9, 0.3]) and labels.tolist() == [1, 0]
+    maxima.sum().backward()
+    assert logits.grad.tolist() == [0, 0, 0, 1, 1, 0]  # the gradient reaches each span's maximum only
 
 
 def test_empty_or_one_class_evaluation_is_an_error():
