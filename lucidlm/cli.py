@@ -150,6 +150,10 @@ from .cli_train import register as _register_training  # noqa: E402
 
 _register_training(app)
 
+from .cli_facts import facts_app  # noqa: E402
+
+app.add_typer(facts_app, name="facts")
+
 
 def main() -> None:
     from .checkpoint import CheckpointError
