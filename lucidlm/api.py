@@ -12,6 +12,8 @@ import torch
 
 from .checkpoint import load_model, save_model
 from .checkpoint.family import Family
+from .checkpoint.gguf import find_gguf, gguf_tokenizer_and_defaults
+from .checkpoint.local_models import resolve_model_path
 from .config import ModelConfig
 from .device import resolve_device
 from .generate import text_generation
@@ -127,7 +129,9 @@ class LM:
 def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: str | torch.device = "auto", *,
          adapter: str | Path | None = None, probe: str | Path | None = None, compile: bool = False,
          pack_weights: bool = False) -> LM:
-    """Load a Hugging Face-format checkpoint directory (config.json + safetensors + tokenizer.json).
+    """Load a Hugging Face-format checkpoint directory (config.json + safetensors + tokenizer.json), a GGUF
+    file (or a directory holding one), or a named local model (``"smollm2-135m-instruct"``, see
+    checkpoint/local_models.py). A GGUF model's ``save`` writes the Hugging Face layout.
 
     dtype: "float32", "bfloat16", "float16" or "auto" (the checkpoint's own). device: "auto"
     picks CUDA when available, else CPU.
@@ -140,7 +144,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: 
     pack_weights: (CPU) keep a copy of every linear weight in oneDNN's blocked layout, which it
     multiplies about twice as fast as the plain one, for prefill and decode; costs the weights' size again.
     """
-    path = Path(path)
+    path = resolve_model_path(path)
     target = resolve_device(device)
     if pack_weights and torch.device(target).type != "cpu":
         raise ValueError(f"pack_weights is a CPU layout (oneDNN); the device is {target}")
@@ -155,7 +159,10 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: 
         attached = attach_probe(loaded.model, probe, loaded.family)
     if pack_weights:
         pack_linears(loaded.model)
-    gen_path = path / "generation_config.json"
-    defaults = json.loads(gen_path.read_text()) if gen_path.exists() else {}
-    return LM(loaded.model, Tokenizer.from_dir(path), loaded.config, path, loaded.family, loaded.hf_config, defaults,
+    if (gguf_file := find_gguf(path)) is not None:  # tokenizer and generation ids live in the file's metadata
+        tokenizer, defaults = gguf_tokenizer_and_defaults(gguf_file)
+    else:
+        gen_path = path / "generation_config.json"
+        tokenizer, defaults = Tokenizer.from_dir(path), json.loads(gen_path.read_text()) if gen_path.exists() else {}
+    return LM(loaded.model, tokenizer, loaded.config, path, loaded.family, loaded.hf_config, defaults,
               compile_decode=compile, probe=attached)

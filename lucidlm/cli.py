@@ -32,11 +32,12 @@ def _describe(cfg, n_params: int, model_type: str) -> dict:
 
 @app.command()
 def info(
-    path: Annotated[Path | None, typer.Argument(help="checkpoint directory (config.json + safetensors)")] = None,
+    path: Annotated[Path | None, typer.Argument(help="checkpoint directory (config.json + safetensors), .gguf "
+                                                     "file or named local model")] = None,
     preset: Annotated[str | None, typer.Option(help="describe a named preset instead of a checkpoint")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Describe a checkpoint's architecture (reads only config.json) or a preset."""
+    """Describe a checkpoint's architecture (reads only config.json, or a GGUF file's metadata) or a preset."""
     import torch
 
     from .checkpoint import read_hf_config
@@ -63,6 +64,21 @@ def info(
     for k, v in desc.items():
         table.add_row(k, f"{v / 1e6:.1f} M" if k == "parameters" else str(v))
     Console().print(table)
+
+
+@app.command()
+def convert(
+    source: Annotated[Path, typer.Argument(help=".gguf file (or a directory holding one) or named local model")],
+    out: Annotated[Path, typer.Argument(help="directory to write the Hugging Face checkpoint to")],
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (the file's float type; "
+                                            "quantized weights dequantize to float32)")] = "auto",
+) -> None:
+    """Convert a GGUF model to a Hugging Face checkpoint directory: config.json, model.safetensors,
+    tokenizer.json and tokenizer_config.json (with the chat template)."""
+    from .api import load
+
+    lm = load(source, dtype=dtype, device="cpu")
+    typer.echo(f"wrote {lm.save(out)} ({lm.model.num_parameters() / 1e6:.1f}M params, {lm.dtype})")
 
 
 @app.command()

@@ -20,6 +20,8 @@ from ..progress import progress_bar
 from . import bloom, deepseek, gpt2, llama_family, native
 from .errors import CheckpointError
 from .family import Family, Rule
+from .gguf import GGUFTensors, find_gguf, gguf_hf_config, open_gguf
+from .local_models import resolve_model_path
 from .safetensors_io import SafetensorsReader, write_json, write_safetensors
 
 FAMILIES: dict[str, Family] = {
@@ -54,7 +56,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, cfg: ModelConfig | None = Non
 
 
 def read_hf_config(directory: str | Path) -> tuple[dict, Family, ModelConfig]:
-    directory = Path(directory)
+    """config.json of a checkpoint directory, or the equivalent of a GGUF file (see checkpoint/gguf.py)."""
+    directory = resolve_model_path(directory)
+    if (file := find_gguf(directory)) is not None:
+        return _family_config(gguf_hf_config(open_gguf(file)), file)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     path = directory / "config.json"
@@ -66,6 +71,10 @@ def read_hf_config(directory: str | Path) -> tuple[dict, Family, ModelConfig]:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from e
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    return _family_config(hf, path)
+
+
+def _family_config(hf: dict, path: Path) -> tuple[dict, Family, ModelConfig]:
     kind = hf.get("model_type")
     if kind not in FAMILIES:
         raise CheckpointError(
@@ -116,10 +125,13 @@ def _check(reader: SafetensorsReader, rules: list[Rule], ours: dict[str, torch.T
 
 def load_model(directory: str | Path, dtype: str | torch.dtype | None = "float32",
                device: str | torch.device = "cpu", progress: bool | None = None) -> Loaded:
-    """progress: draw a bar while reading (None: for checkpoints over 256 MiB on a terminal)."""
+    """directory: a checkpoint directory, a .gguf file (or a directory holding one) or a named local model.
+    progress: draw a bar while reading (None: for checkpoints over 256 MiB on a terminal)."""
+    directory = resolve_model_path(directory)
     hf, family, cfg = read_hf_config(directory)
     torch_dtype = resolve_dtype(dtype, cfg)
-    reader = SafetensorsReader(directory)
+    file = find_gguf(directory)
+    reader = SafetensorsReader(directory) if file is None else GGUFTensors(file, hf)
     with torch.device("meta"):
         model = Transformer(cfg)
     ours = _our_tensors(model)

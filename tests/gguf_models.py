@@ -1,0 +1,149 @@
+"""Tiny random Llama / Qwen2 / Qwen3 models written as GGUF files with the ``gguf`` package's writer,
+the way llama.cpp's converter writes them (llama.cpp names, Llama's Q/K rows permuted, 2-D weights
+quantized, norms and biases F32), plus a small byte-level BPE tokenizer with ChatML specials."""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from hf_models import build_hf_model
+
+CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+USER_DEFINED = ["<think>"]
+CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                 "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                 "{% endif %}")
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Héllo wörld, ça va? Naïve café, señor, Größe.",
+    "日本語のテキストと中文的句子。한국어 문장도 있습니다.",
+    "Emoji: 🎉🤖👍🏽 and more 🙂. Don't stop; we'll see what they've done.",
+    "def main():\n    return 42  # numbers 12345 and 3.14159\n",
+] * 20
+# what the tests' config needs on top of hf_models.TINY, per GGUF architecture (qwen3: transformers' GGUF
+# reader ignores attention.key_length and takes Qwen3Config's default head_dim of 128)
+HF_OVERRIDES = {
+    "llama": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0), tie_word_embeddings=True),
+    "qwen2": dict(rope_parameters=dict(rope_type="default", rope_theta=1e6), tie_word_embeddings=False),
+    "qwen3": dict(head_dim=128, rope_parameters=dict(rope_type="default", rope_theta=1e6), tie_word_embeddings=False),
+}
+GGUF_NAMES = [  # Hugging Face suffix -> llama.cpp name (per layer)
+    ("input_layernorm.weight", "attn_norm.weight"), ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"), ("self_attn.q_norm.weight", "attn_q_norm.weight"),
+    ("self_attn.k_norm.weight", "attn_k_norm.weight"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+]
+
+
+@functools.cache
+def train_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE with ChatML specials first (ids 0-2), like SmolLM's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CHATML + USER_DEFINED, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+def gguf_name(hf: str) -> str:
+    if hf == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf == "model.norm.weight":
+        return "output_norm.weight"
+    if hf == "lm_head.weight":
+        return "output.weight"
+    layer, rest = hf.removeprefix("model.layers.").split(".", 1)
+    for suffix, name in GGUF_NAMES:
+        if rest.startswith(suffix):
+            return f"blk.{layer}.{name}{rest[len(suffix):]}"
+    raise KeyError(hf)
+
+
+def permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of Llama's Q/K rows (halves -> interleaved pairs)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass
+class GGUFModel:
+    path: Path
+    source: torch.nn.Module  # the transformers model it was written from
+    dequantized: torch.nn.Module  # the same model with every weight quantized and dequantized back
+    tokenizer: object  # the tokenizers.Tokenizer its vocabulary came from
+
+
+def write_gguf(path: Path, arch: str = "llama", qtype: str = "F32", seed: int = 0, add_bos: bool = False,
+               pre: str = "gpt2", extra=None, **overrides) -> GGUFModel:
+    """extra(writer): a hook to add metadata / tensors (for the error tests); overrides: config fields."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    tok = train_tokenizer()
+    vocab = tok.get_vocab()
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    config = {**HF_OVERRIDES[arch], **overrides, "vocab_size": len(tokens)}
+    model, dequantized = build_hf_model(arch, seed, **config), build_hf_model(arch, seed, **config)
+    cfg = model.config
+    kind = Q[qtype]
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    types = [3 if t in CHATML else 4 if t in USER_DEFINED else 1 for t in tokens]
+    w.add_token_types(types)
+    merges = [" ".join(m) if isinstance(m, list) else m for m in json.loads(tok.to_str())["model"]["merges"]]
+    w.add_token_merges(merges)
+    w.add_bos_token_id(vocab["<|im_start|>"])
+    w.add_eos_token_id(vocab["<|im_end|>"])
+    w.add_pad_token_id(vocab["<|im_end|>"])
+    w.add_unk_token_id(vocab["<|endoftext|>"])
+    w.add_add_bos_token(add_bos)
+    w.add_chat_template(CHAT_TEMPLATE)
+    state = {n: t.detach().float().numpy() for n, t in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    deq_state = {}
+    for name, t in state.items():
+        data = t
+        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            heads = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
+            data = permute(t, heads)
+        if t.ndim == 2 and kind != Q.F32:
+            raw = gguf.quants.quantize(data, kind)
+            w.add_tensor(gguf_name(name), raw, raw_dtype=kind)
+            deq_state[name] = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(t, kind), kind).copy())
+        else:
+            w.add_tensor(gguf_name(name), np.ascontiguousarray(data, dtype=np.float32))
+            deq_state[name] = torch.from_numpy(t.copy())
+    if extra is not None:
+        extra(w)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    dequantized.load_state_dict(deq_state, strict=False)
+    if cfg.tie_word_embeddings:
+        dequantized.tie_weights()
+    return GGUFModel(Path(path), model, dequantized.eval(), tok)
