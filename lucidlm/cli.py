@@ -82,36 +82,38 @@ def convert(
 
 
 @app.command()
-def convert(
-    source: Annotated[Path, typer.Argument(help=".gguf file (or a directory holding one) or named local model")],
-    out: Annotated[Path, typer.Argument(help="directory to write the Hugging Face checkpoint to")],
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (the file's float type; "
-                                            "quantized weights dequantize to float32)")] = "auto",
-) -> None:
-    """Convert a GGUF model to a Hugging Face checkpoint directory: config.json, model.safetensors,
-    tokenizer.json and tokenizer_config.json (with the chat template)."""
-    from .api import load
-
-    lm = load(source, dtype=dtype, device="cpu")
-    typer.echo(f"wrote {lm.save(out)} ({lm.model.num_parameters() / 1e6:.1f}M params, {lm.dtype})")
-
-
-@app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="cache directory: every stage is kept here and reused")] = Path("runs/demo"),
-    seed: Annotated[int, typer.Option(help="world seed (another seed: other people, corpus and model)")] = 0,
-    people: Annotated[int, typer.Option(min=10, help="people in the world")] = 480,
-    lm_steps: Annotated[int, typer.Option(min=1, help="pretraining steps of the small model")] = 500,
+    out: Annotated[Path | None, typer.Option(help="cache directory: every stage is kept here and reused "
+                                                  "(default runs/demo, or runs/demo-world with --world)")] = None,
+    world: Annotated[bool, typer.Option("--world", help="the synthetic-world sandbox instead of the real model: "
+                                                        "fictional people, a small model trained here")] = False,
+    model: Annotated[str, typer.Option(help="the model to probe: a named local model, a .gguf or a checkpoint "
+                                            "directory")] = "smollm2-135m-instruct",
+    seed: Annotated[int, typer.Option(help="seed of the questions and splits (--world: of the world)")] = 0,
+    samples: Annotated[int, typer.Option(min=1, help="answers per question: greedy + sampled")] = 3,
+    people: Annotated[int, typer.Option(min=10, help="--world: people in the world")] = 480,
+    lm_steps: Annotated[int, typer.Option(min=1, help="--world: pretraining steps of the small model")] = 500,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16 (for answering and scoring)")] = "float32",
+    live: Annotated[bool, typer.Option(help="end with live answers coloured by their scores")] = True,
 ) -> None:
-    """The main job: build a synthetic world of people, train a small model on it, train a hallucination
-    probe on its answers, and report how well the probe catches the model's false claims (vs token NLL,
-    entropy and a random head), what acting on its scores buys, and live answers coloured by risk.
-    Each stage is cached under --out; a second run starts in seconds."""
+    """The main job: a real pretrained model (SmolLM2-135M-Instruct, installed by setup) answers questions about
+    countries, cities and chemical elements; every claim is graded against ground truth; a probe on its hidden
+    states is chosen on validation entities and measured on held-out ones against token NLL, entropy, the
+    claimed value's prior, sample disagreement and a random head (pooled and per question type, with CIs);
+    then what acting on its scores buys, and live answers coloured by risk. Each stage is cached under --out;
+    a second run starts in seconds. --world: the synthetic-world sandbox (a small model trained here)."""
+    if world:
+        from .demo_world import DemoConfig as WorldDemoConfig
+        from .demo_world import run_demo as run_world_demo
+
+        run_world_demo(out or Path("runs/demo-world"), WorldDemoConfig(seed=seed, people=people, lm_steps=lm_steps,
+                                                                       device=device, dtype=dtype))
+        return
     from .demo import DemoConfig, run_demo
 
-    run_demo(out, DemoConfig(seed=seed, people=people, lm_steps=lm_steps, device=device, dtype=dtype))
+    run_demo(out or Path("runs/demo"), DemoConfig(model=model, seed=seed, samples=samples, device=device,
+                                                  dtype=dtype), live=live)
 
 
 @app.command()

@@ -1,188 +1,151 @@
-"""``lucidlm demo``: the main job. A model learns a synthetic world, then a probe learns when it is wrong.
+"""``lucidlm demo``: the main job. A real pretrained model answers questions about real facts, every claim is
+graded exactly, and a probe learns — from the model's own hidden states — when it is making things up.
 
 Stages, each cached under ``out`` and rebuilt only when its settings (or an earlier stage) change:
 
-    world      fictional people; a corpus where mentions follow a power law   (world/build.py)
-    tokenizer  byte-level BPE learned on the corpus, with a Q:/A: chat template
-    lm         a small Llama-architecture model pretrained on the corpus       (train/recipes.py)
-    answers    the model answers "Tell me about X." for everyone, greedy and sampled;
-               every claim graded against the ground truth                      (world/answers.py)
-    probe      a linear head on one block's residual stream, trained on the answers about half
-               of the people                                                     (probe/train.py)
-    report     on the other half: probe vs token NLL, entropy and a random head; selective
-               answering (accuracy vs attempt rate); best-of-N by the probe       (probe/selective.py)
+    model      SmolLM2-135M-Instruct from its installed GGUF, written once as a safetensors checkpoint
+    questions  several question types about countries, cities and elements (facts/questions.py)
+    answers    greedy + sampled answers in the model's own words, each claim graded (facts/answers.py)
+    probe      entities split train / validation / test; alignment, layer and L2 chosen on validation;
+               on test: probe vs NLL, entropy, claimed-value prior, sample disagreement, random head,
+               pooled and per question type with bootstrap CIs; selective answering; best-of-N
+               (probe/benchmark.py)
 
-Then it streams a few answers with every token coloured by its live probe score.
+Then it streams answers to held-out questions with every token coloured by its live probe score.
+``lucidlm demo --world`` runs the synthetic-world sandbox instead (demo_world.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
-import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from .checkpoint.safetensors_io import atomic_write
+from .demo_cache import Cache, read_jsonl, risk_color, stage_keys
 from .train.jsonl import write_jsonl
-from .world.answers import accuracy_by_exposure
 
-# "Q: question\nA: answer" — the format of the corpus' Q&A documents, so pretraining alone teaches answering
-QA_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n{% else %}A: "
-               "{{ m['content'] }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}A: {% endif %}")
+PER_TYPE = {"city_country": 700, "country_capital": 200, "country_continent": 200, "element_symbol": 118,
+            "country_profile": 120, "element_profile": 100}
+NAMES = {"probe": "probe (linear head)", "probe_other_alignment": "probe, other alignment",
+         "nll": "span max token NLL", "entropy": "span max entropy", "value_prior": "claimed-value prior",
+         "sample_disagreement": "sample disagreement", "random_head": "random-init head"}
+BENCHMARK_VERSION = 1  # bump when the probe stage's computation changes
 
 
 @dataclass
 class DemoConfig:
+    model: str = "smollm2-135m-instruct"
     seed: int = 0
-    people: int = 480
-    vocab_size: int = 1024
-    dim: int = 256
-    n_layers: int = 4
-    lm_steps: int = 500
-    lm_lr: float = 2e-3
-    samples: int = 3  # answers per person: greedy + sampled at temperature 1
-    probe_layer: int = -2
-    probe_steps: int = 400
-    best_of: int = 4
+    per_type: dict[str, int] = field(default_factory=lambda: dict(PER_TYPE))
+    samples: int = 3  # answers per question: greedy + sampled
+    temperature: float = 0.7
+    layers: tuple[int, ...] = tuple(range(3, 30, 2))  # blocks swept (SmolLM2 has 30)
+    split: tuple[float, float, float] = (0.5, 0.15, 0.35)  # entities: train / validation / test
     device: str = "auto"
     dtype: str = "float32"
-
-
-STAGES = ("world", "tokenizer", "lm", "answers", "probe")
+    n_boot: int = 1000
 
 
 def _stage_keys(config: DemoConfig) -> dict[str, str]:
-    """A fingerprint per stage covering its own settings and every earlier stage's."""
-    settings = {
-        "world": [config.seed, config.people],
-        "tokenizer": [config.vocab_size, QA_TEMPLATE],
-        "lm": [config.dim, config.n_layers, config.lm_steps, config.lm_lr],
-        "answers": [config.samples, config.dtype],
-        "probe": [config.probe_layer, config.probe_steps],
-    }
-    keys, chain = {}, ""
-    for stage in STAGES:
-        chain = hashlib.sha256((chain + json.dumps(settings[stage])).encode()).hexdigest()[:16]
-        keys[stage] = chain
-    return keys
+    return stage_keys({
+        "model": [config.model],
+        "questions": [config.seed, sorted(config.per_type.items())],
+        "answers": [config.samples, config.temperature, config.dtype],
+        "probe": [list(config.layers), list(config.split), config.n_boot, BENCHMARK_VERSION],
+    })
 
 
-class Cache:
-    """``out/<stage>/`` plus ``out/<stage>.done`` holding the stage's fingerprint, written last."""
-
-    def __init__(self, out: Path, config: DemoConfig) -> None:
-        self.out, self.keys = out, _stage_keys(config)
-
-    def fresh(self, stage: str) -> bool:
-        marker = self.out / f"{stage}.done"
-        return marker.exists() and marker.read_text() == self.keys[stage]
-
-    def start(self, stage: str) -> Path:
-        """An empty directory for the stage (a stale or half-built one is removed first)."""
-        (self.out / f"{stage}.done").unlink(missing_ok=True)
-        path = self.out / stage
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-        return path
-
-    def finish(self, stage: str) -> None:
-        with atomic_write(self.out / f"{stage}.done") as tmp:
-            tmp.write_text(self.keys[stage])
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def split_people(names: list[str], seed: int) -> tuple[set[str], set[str]]:
-    """Half the people train the probe, the other half evaluate it (no person is in both)."""
-    order = sorted(names)
-    random.Random(seed).shuffle(order)
-    return set(order[: len(order) // 2]), set(order[len(order) // 2:])
+def demo_cache(out: Path, config: DemoConfig) -> Cache:
+    return Cache(out, _stage_keys(config))
 
 
 # --- the stages -------------------------------------------------------------------------------------
-def build_world_stage(cache: Cache, config: DemoConfig, console: Console) -> Path:
-    from .world.build import WorldConfig, build_world
+def model_stage(cache: Cache, config: DemoConfig) -> Path:
+    import lucidlm
 
-    if not cache.fresh("world"):
-        build_world(cache.start("world"), WorldConfig(seed=config.seed, people=config.people))
-        cache.finish("world")
-    return cache.out / "world"
-
-
-def build_tokenizer_stage(cache: Cache, config: DemoConfig, world: Path) -> Path:
-    from .train.tokenizer_training import train_bpe_tokenizer
-
-    if not cache.fresh("tokenizer"):
-        train_bpe_tokenizer([world / "corpus"], config.vocab_size, cache.start("tokenizer"), chat_template=QA_TEMPLATE)
-        cache.finish("tokenizer")
-    return cache.out / "tokenizer"
+    if not cache.fresh("model"):
+        lucidlm.load(config.model, device="cpu").save(cache.start("model"))
+        cache.finish("model")
+    return cache.out / "model"
 
 
-def train_lm_stage(cache: Cache, config: DemoConfig, world: Path, tokenizer: Path) -> Path:
-    from .train.recipes import ModelSpec, PretrainRun, run_pretrain
-    from .train.trainer import TrainConfig
+def questions_stage(cache: Cache, config: DemoConfig) -> list[dict]:
+    from .facts.questions import build_questions
 
-    if not cache.fresh("lm"):
-        out = cache.out / "lm"
-        if (out / "model").exists() or not (cache.out / "lm.partial").exists():
-            cache.start("lm")  # a new run; an interrupted one (lm.partial) resumes from its checkpoint
-            (cache.out / "lm.partial").write_text(cache.keys["lm"])
-        model = ModelSpec(preset="llama-125m", dim=config.dim, n_layers=config.n_layers, n_heads=config.dim // 32,
-                          n_kv_heads=config.dim // 64, ffn_dim=3 * config.dim, max_seq_len=512, seed=config.seed)
-        train = TrainConfig(out_dir=str(out), max_steps=config.lm_steps, lr=config.lm_lr, warmup_steps=50,
-                            save_every=100, eval_every=10**9, log_every=10, seed=config.seed, device=config.device,
-                            progress=True)
-        run_pretrain(PretrainRun(data=[str(world / "corpus")], tokenizer=str(tokenizer), block_size=256, batch_size=8,
-                                 val_percent=0, model=model, train=train))
-        (cache.out / "lm.partial").unlink(missing_ok=True)
-        cache.finish("lm")
-    return cache.out / "lm" / "model"
+    if not cache.fresh("questions"):
+        out = cache.start("questions")
+        write_jsonl(out / "questions.jsonl", build_questions(config.seed, config.per_type, list(config.per_type)))
+        cache.finish("questions")
+    return read_jsonl(cache.out / "questions" / "questions.jsonl")
 
 
-def answers_stage(cache: Cache, config: DemoConfig, world: Path, lm) -> tuple[list[dict], list[dict]]:
-    """(probe-training rows, evaluation rows): every person answered, split by person."""
-    from .world.answers import generate_answers
-    from .world.build import read_people
+def answers_stage(cache: Cache, config: DemoConfig, lm, questions: list[dict]) -> list[dict]:
+    from .facts.answers import answer_questions
 
     if not cache.fresh("answers"):
         out = cache.start("answers")
-        prompts = _read_jsonl(world / "prompts.jsonl")
-        rows = generate_answers(lm, prompts, read_people(world), samples=config.samples, seed=config.seed,
-                                progress=True)
-        train_names, _ = split_people([p["name"] for p in prompts], config.seed)
-        write_jsonl(out / "train.jsonl", [r for r in rows if r["name"] in train_names])
-        write_jsonl(out / "eval.jsonl", [r for r in rows if r["name"] not in train_names])
+        rows = answer_questions(lm, questions, samples=config.samples, temperature=config.temperature,
+                                seed=config.seed, progress=True)
+        write_jsonl(out / "answers.jsonl", rows)
         cache.finish("answers")
-    return _read_jsonl(cache.out / "answers" / "train.jsonl"), _read_jsonl(cache.out / "answers" / "eval.jsonl")
+    return read_jsonl(cache.out / "answers" / "answers.jsonl")
 
 
-def probe_stage(cache: Cache, config: DemoConfig, lm, train_rows: list[dict]) -> Path:
-    from .probe.data import label_row
+def split_entities(rows: list[dict], seed: int, fractions: tuple[float, float, float]) -> dict[str, set]:
+    """Entities (per question type) shuffled with ``seed`` into train / val / test: no entity in two splits."""
+    by_type: dict[str, list[str]] = {}
+    for r in rows:
+        by_type.setdefault(r["type"], [])
+        if r["entity"] not in by_type[r["type"]]:
+            by_type[r["type"]].append(r["entity"])
+    splits: dict[str, set] = {"train": set(), "val": set(), "test": set()}
+    for t, entities in sorted(by_type.items()):
+        order = sorted(entities)
+        random.Random(f"{seed}/{t}").shuffle(order)
+        a = round(fractions[0] * len(order))
+        b = a + round(fractions[1] * len(order))
+        for name, part in (("train", order[:a]), ("val", order[a:b]), ("test", order[b:])):
+            splits[name] |= {(t, e) for e in part}
+    return splits
+
+
+def probe_stage(cache: Cache, config: DemoConfig, lm, rows: list[dict]) -> tuple[Path, dict]:
+    from .probe.benchmark import BenchmarkConfig, run_benchmark
     from .probe.probe import ProbeConfig, save_probe
-    from .probe.train import ProbeTrainConfig, train_probe
 
     if not cache.fresh("probe"):
         out = cache.start("probe")
-        n = lm.config.n_layers
-        layer = config.probe_layer % n
-        examples = [label_row(r, lm.tokenizer) for r in train_rows]
-        head = train_probe(lm.model, examples, ProbeTrainConfig(layer=layer, steps=config.probe_steps,
-                                                                batch_size=16, seed=config.seed, progress=True),
-                           _pad(lm))
-        save_probe(out, head, ProbeConfig(layer, lm.config.dim, n), lm.model, lm.family)
+        splits = split_entities(rows, config.seed, config.split)
+        split_rows = {name: [r for r in rows if (r["type"], r["entity"]) in members and r["annotations"]]
+                      for name, members in splits.items()}
+        bench = BenchmarkConfig(layers=config.layers, n_boot=config.n_boot, seed=config.seed, progress=True)
+        result = run_benchmark(lm.model, lm.tokenizer, split_rows, _pad(lm), bench)
+        chosen = result.selection.config
+        save_probe(out / "probe", result.head, ProbeConfig(chosen.layer, lm.config.dim, lm.config.n_layers,
+                                                           alignment=chosen.alignment))
+        write_jsonl(out / "test_questions.jsonl", _held_out_examples(split_rows["test"]))
+        with atomic_write(out / "benchmark.json") as tmp:
+            tmp.write_text(json.dumps(result.report, indent=1))
         cache.finish("probe")
-    return cache.out / "probe"
+    return cache.out / "probe" / "probe", json.loads((cache.out / "probe" / "benchmark.json").read_text())
+
+
+def _held_out_examples(test_rows: list[dict]) -> list[dict]:
+    """Greedy test answers, a right and a wrong one of each type where there are, for the live show."""
+    picks = []
+    for t in sorted({r["type"] for r in test_rows}):
+        greedy = [r for r in test_rows if r["type"] == t and r["sample"] == 0]
+        for wrong in (True, False):
+            match = [r for r in greedy if any(a["label"] != "Supported" for a in r["annotations"]) == wrong]
+            picks += match[:1]
+    return picks
 
 
 def _pad(lm) -> int:
@@ -190,203 +153,153 @@ def _pad(lm) -> int:
 
 
 # --- the report -------------------------------------------------------------------------------------
-NAMES = {"probe": "probe (linear head)", "nll": "span max token NLL", "entropy": "span max entropy",
-         "random_head": "random-init head"}
+def _ci(m: dict) -> str:
+    if m["auroc"] != m["auroc"]:  # NaN: one class only
+        return "—"
+    return f"{m['auroc']:.3f} [{m['lo']:.2f}, {m['hi']:.2f}]"
 
 
-def evaluation(lm, eval_rows: list[dict], out: Path) -> tuple[dict, dict]:
-    """(metrics report, per-method span-max arrays) on the evaluation people, plots into ``out``."""
-    from .probe.data import label_row
-    from .probe.evaluate import METHODS, collect_all, report, span_arrays
-    from .probe.plots import plot_reliability, plot_roc
-
-    examples = [label_row(r, lm.tokenizer) for r in eval_rows]
-    collected = collect_all(lm.model, lm.probe.head, lm.probe.config.layer, examples, _pad(lm))
-    arrays = {m: span_arrays(collected, m) for m in METHODS}
-    plot_roc({NAMES[m]: arrays[m] for m in METHODS}, out / "roc.png")
-    plot_reliability(*arrays["probe"], out / "reliability.png")
-    return report(collected, lm.probe.config.layer), arrays
-
-
-def metrics_table(result: dict) -> Table:
-    table = Table(title="hallucination detection on held-out people (span max over each claim)")
-    for col in ("method", "AUROC", "AUPRC", "recall @10% FPR", "best F1", "ECE"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    rows = {"probe": result["probe"], **result["baselines"]}
-    for name, levels in rows.items():
-        m = levels["span_max"]
-        ece = f"{m['ece']:.3f}" if "ece" in m else "—"
-        style = "bold green" if name == "probe" else None
-        table.add_row(NAMES[name], f"{m['auroc']:.3f}", f"{m['auprc']:.3f}", f"{m['recall_at_10fpr']:.3f}",
-                      f"{m['best_f1']:.3f}", ece, style=style)
+def detection_table(block: dict, title: str) -> Table:
+    """Rows: pooled, then each question type; columns: claims, accuracy, every method's AUROC [95% CI]."""
+    methods = [m for m in NAMES if m in block["all"]]
+    table = Table(title=title)
+    for col in ("claims", "n", "true", *[NAMES[m] for m in methods]):
+        table.add_column(col, justify="left" if col == "claims" else "right")
+    for name, b in [("all", block["all"]), *block["by_type"].items()]:
+        accuracy = "—" if b["accuracy"] is None else f"{b['accuracy']:.0%}"
+        table.add_row(name, str(b["claims"]), accuracy, *[_ci(b[m]) for m in methods],
+                      style="bold" if name == "all" else None)
     return table
 
 
-def attempt_table(arrays: dict, out: Path) -> tuple[Table, dict]:
-    """Selective answering: a claim is stated only when its risk is low; accuracy at each attempt rate."""
-    from .probe.plots import plot_attempt_curves
-    from .probe.selective import accuracy_at, attempt_curve
-
-    curves = {NAMES[m]: attempt_curve(s, y == 0) for m, (s, y) in arrays.items()}
-    plot_attempt_curves(curves, out / "attempt_curve.png")
-    rates = (1.0, 0.8, 0.6, 0.4)
-    table = Table(title="selective answering: accuracy of the claims stated when the riskiest are withheld")
+def selective_table(selective: dict) -> Table:
+    table = Table(title="selective answering (greedy test claims): accuracy of the claims kept, riskiest withheld")
     table.add_column("risk measure")
-    for r in rates:
-        table.add_column(f"state {r:.0%}", justify="right")
-    for name, rows in curves.items():
-        table.add_row(name, *[f"{accuracy_at(rows, r):.1%}" for r in rates])
-    return table, curves
+    for r in (100, 80, 50):
+        table.add_column(f"keep {r}%", justify="right")
+    for m, s in selective.items():
+        table.add_row(NAMES[m], *[f"{s[f'accuracy_at_{r}']:.1%}" for r in (100, 80, 50)])
+    return table
 
 
-def best_of_n(lm, eval_rows: list[dict], world: Path, n: int, seed: int) -> dict:
-    """Claim accuracy on the evaluation people: greedy, one sample, and the best of ``n`` samples chosen
-    by mean logprob or by the probe (lowest max score) — the same ``n`` samples for both choices."""
-    from .generate.generation_config import GenerationConfig
-    from .generate.strategies import mean_logprob
-    from .generate.text_generation import sample_ids
-    from .probe.selective import lowest_max_score
-    from .world.answers import answer_row, prompt_ids
-    from .world.build import read_people
-
-    people = read_people(world)
-    names = sorted({r["name"] for r in eval_rows})
-    prompts = {p["name"]: p for p in _read_jsonl(world / "prompts.jsonl")}
-    chosen: dict[str, list[dict]] = {"one sample": [], "best of n by mean logprob": [], "best of n by probe": []}
-    config = GenerationConfig.from_kwargs(max_new_tokens=56, stop=["\n"], temperature=1.0, seed=seed)
-    for i in range(0, len(names), 32):
-        batch = [prompts[name] for name in names[i:i + 32]]
-        samples = sample_ids(lm, [prompt_ids(lm, p) for p in batch], config, n=n)  # row j·n + k: sample k of j
-        for j, p in enumerate(batch):
-            mine = samples[j * n:(j + 1) * n]
-            rows = [answer_row(p, people[p["name"]], c.text, k) for k, c in enumerate(mine)]
-            chosen["one sample"].append(rows[0])
-            chosen["best of n by mean logprob"].append(rows[max(range(n), key=lambda k: mean_logprob(mine[k]))])
-            chosen["best of n by probe"].append(rows[max(range(n), key=lambda k: lowest_max_score(mine[k]))])
-    return {k: _claim_accuracy(v) for k, v in chosen.items()}
+def best_of_table(best: dict, n: int) -> Table:
+    table = Table(title=f"best of {n} answers per test question: claim accuracy of the answer kept")
+    table.add_column("answer kept")
+    table.add_column("questions", justify="right")
+    table.add_column("claims true", justify="right")
+    for name, b in best.items():
+        acc = "—" if b["claim_accuracy"] is None else f"{b['claim_accuracy']:.1%}"
+        table.add_row(name, str(b["questions"]), acc)
+    return table
 
 
-def _claim_accuracy(rows: list[dict]) -> float:
-    labels = [a["label"] == "Supported" for r in rows for a in r["annotations"]]
-    return float(np.mean(labels)) if labels else float("nan")
+def accuracy_table(rows: list[dict]) -> Table:
+    from .facts.report import accuracy_by_type
+
+    table = Table(title="what the model gets right (all answers, greedy and sampled)")
+    for col in ("question type", "answers", "claims", "true", "hedged", "no claim"):
+        table.add_column(col, justify="left" if col == "question type" else "right")
+    for t, a in accuracy_by_type(rows).items():
+        acc = "—" if a["accuracy"] is None else f"{a['accuracy']:.1%}"
+        table.add_row(t, str(a["answers"]), str(a["claims"]), acc, str(a["hedged"]), str(a["no_claim"]))
+    return table
 
 
-def risk_color(score: float) -> str:
-    """Green (safe) through yellow to red (likely hallucinated)."""
-    s = min(max(score, 0.0), 1.0)
-    red, green = (int(255 * min(1, 2 * s)), int(255 * min(1, 2 * (1 - s))))
-    return f"rgb({red},{green},60)"
+def plots(report: dict, out: Path) -> None:
+    import numpy as np
+
+    from .probe.plots import plot_attempt_curves, plot_auroc_per_layer, plot_roc
+
+    claims = report["greedy_claims"]
+    labels = np.array(claims["labels"])
+    curves = {}
+    for m, values in claims["scores"].items():
+        values = np.array(values, dtype=float)
+        ok = ~np.isnan(values)
+        curves[NAMES[m]] = (values[ok], labels[ok])
+    plot_roc(curves, out / "roc.png", title="greedy answers, held-out entities (span max)")
+    plot_attempt_curves({NAMES[m]: s["curve"] for m, s in report["selective"].items()}, out / "attempt_curve.png")
+    plot_auroc_per_layer(report["val_auroc_per_layer"], out / "auroc_per_layer.png",
+                         ylabel="validation span-max AUROC")
 
 
-def show_live(lm, world: Path, eval_rows: list[dict], console: Console, threshold: float = 0.5) -> list[str]:
-    """Stream greedy answers for a few held-out people of each exposure, every token coloured by the
-    score the probe gave it in the same decode step; the truth underneath, wrong claims struck out."""
-    from .probe.selective import flagged_spans
-    from .world.answers import answer_row, prompt_ids
-    from .world.build import read_people
+def show_live(lm, examples: list[dict], console: Console) -> None:
+    """Stream greedy answers to held-out questions, every token coloured by its live probe score."""
+    from .facts.answers import answer_row, prompt_ids, stops_for
+    from .facts.questions import TYPES
 
-    people = read_people(world)
-    prompts = {p["name"]: p for p in _read_jsonl(world / "prompts.jsonl")}
-    picks = []
-    for bucket in ("5+", "2-4", "1", "0"):
-        names = sorted({r["name"] for r in eval_rows if r["exposure"] == bucket})
-        picks += names[:1]
-    console.rule("live: each token coloured by its probe score (green safe → red risky), from the same decode step")
-    for name in picks:
-        p = prompts[name]
-        console.print(Text(f"Q: {p['question']}  (mentioned {p['mentions']}× in the corpus)", style="bold"))
-        line = Text("A: ")
-        line.append(p["prefix"], style="dim")
-        pieces, scores = [], []
-        for token in lm.stream(prompt_ids(lm, p), max_new_tokens=56, stop=["\n"]):
+    console.rule("live, held-out entities: each token coloured by its probe score (green safe → red risky)")
+    for row in examples:
+        question = {k: row[k] for k in ("id", "type", "entity", "truth")} | {
+            "question": row["conversation"][0]["content"], "aliases": row.get("aliases", [])}
+        console.print(Text(f"Q: {question['question']}", style="bold"))
+        line, pieces = Text("A: "), []
+        for token in lm.stream(prompt_ids(lm, question), max_new_tokens=TYPES[row["type"]].max_new_tokens,
+                               stop=stops_for(row["type"])):
             pieces.append(token.text)
-            scores.append(token.score)
-            line.append(token.text, style=risk_color(token.score))
+            line.append(token.text, style=risk_color(token.score) if token.score is not None else "dim")
         console.print(line)
-        row = answer_row(p, people[name], "".join(pieces), 0)
-        truth = Text("   truth: ")
-        for a, attribute in zip(row["annotations"], row["attributes"]):
+        graded = answer_row(question, "".join(pieces), 0)["annotations"]
+        truth = Text("   graded: ")
+        for a in graded:
             ok = a["label"] == "Supported"
-            truth.append(f"{attribute}={a['span']}", style="green" if ok else "red strike")
+            truth.append(f"{a['attribute']}={a['span']}", style="green" if ok else "red strike")
             if not ok:
-                truth.append(f" ({people[name].facts()[attribute]})", style="green")
+                truth.append(f" (true: {', '.join(question['truth'][a['attribute']][:2])})", style="green")
             truth.append("  ")
         console.print(truth)
-        flagged = flagged_spans(pieces, scores, threshold)
-        if flagged:
-            console.print("   flagged: " + ", ".join(f"{f.text.strip()!r} ({f.max_score:.2f})" for f in flagged),
-                          style="yellow")
-    return picks
 
 
-def run_demo(out: Path, config: DemoConfig, console: Console | None = None) -> dict:
-    """Every stage (cached), the evaluation report, then live coloured answers. Returns report.json's content."""
+def run_demo(out: Path, config: DemoConfig, console: Console | None = None, live: bool = True) -> dict:
+    """Every stage (cached), the benchmark tables, then live coloured answers. Returns report.json's content."""
     import lucidlm
 
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
-    cache = Cache(out, config)
+    cache = demo_cache(out, config)
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
     def timed(stage: str, work):
-        began = time.perf_counter()
-        cached = cache.fresh(stage)
+        began, cached = time.perf_counter(), cache.fresh(stage)
         result = work()
         timings[stage] = time.perf_counter() - began
         console.print(f"[green]✓[/green] {stage:<9} {'cached' if cached else f'{timings[stage]:.0f}s'}")
         return result
 
-    world = timed("world", lambda: build_world_stage(cache, config, console))
-    tokenizer = timed("tokenizer", lambda: build_tokenizer_stage(cache, config, world))
-    model_dir = timed("lm", lambda: train_lm_stage(cache, config, world, tokenizer))
-    lm = lucidlm.load(model_dir, dtype=config.dtype, device=config.device)
-    train_rows, eval_rows = timed("answers", lambda: answers_stage(cache, config, world, lm))
-    probe_dir = timed("probe", lambda: probe_stage(cache, config, lm, train_rows))
-    lm = lucidlm.load(model_dir, dtype=config.dtype, device=config.device, probe=probe_dir)
+    model_dir = timed("model", lambda: model_stage(cache, config))
+    questions = timed("questions", lambda: questions_stage(cache, config))
+    lm = None
+    if not (cache.fresh("answers") and cache.fresh("probe")):
+        lm = lucidlm.load(model_dir, dtype=config.dtype, device=config.device)
+    rows = timed("answers", lambda: answers_stage(cache, config, lm, questions))
+    probe_dir, report = timed("probe", lambda: probe_stage(cache, config, lm, rows))
 
-    began = time.perf_counter()
     reports = out / "report"
     reports.mkdir(exist_ok=True)
-    result, arrays = evaluation(lm, eval_rows, reports)
-    console.print(_world_table(train_rows + eval_rows, lm, config))
-    console.print(metrics_table(result))
-    attempts, curves = attempt_table(arrays, reports)
-    console.print(attempts)
-    best = best_of_n(lm, eval_rows, world, config.best_of, config.seed)
-    console.print(_best_of_table(best, config.best_of))
-    timings["report"] = time.perf_counter() - began
-    shown = show_live(lm, world, eval_rows, console)
+    plots(report, reports)
+    choice = report["choice"]
+    console.print(accuracy_table(rows))
+    console.print(f"probe: block {choice['layer']} of {lm.config.n_layers if lm else 30}, alignment "
+                  f"'{choice['alignment']}', L2 {choice['l2']:g} — chosen on validation entities "
+                  f"(AUROC {choice['val_auroc']:.3f}); entities train/val/test: "
+                  f"{report['entities']['train']}/{report['entities']['val']}/{report['entities']['test']}")
+    console.print(detection_table(report["greedy"], "hallucination detection, greedy answers about held-out "
+                                                    "entities: span-max AUROC [95% CI over entities]"))
+    console.print(detection_table(report["value_disjoint"], "value-disjoint: test claims whose value was never "
+                                                            "claimed in training"))
+    console.print(selective_table(report["selective"]))
+    console.print(best_of_table(report["best_of_n"], config.samples))
+    if live:
+        lm = lucidlm.load(model_dir, dtype=config.dtype, device=config.device, probe=probe_dir)
+        show_live(lm, read_jsonl(cache.out / "probe" / "test_questions.jsonl"), console)
     timings["total"] = time.perf_counter() - start
-    summary = {"config": asdict(config), "metrics": result, "selective_answering": curves, "best_of_n": best,
-               "accuracy_by_exposure": accuracy_by_exposure(train_rows + eval_rows), "seconds": timings}
+    summary = {"config": asdict(config), "benchmark": report, "seconds": timings}
     with atomic_write(reports / "report.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
-    console.print(f"\nreport: {reports}/report.json  plots: roc.png reliability.png attempt_curve.png  "
+        tmp.write_text(json.dumps(summary, indent=1))
+    console.print(f"\nreport: {reports}/report.json  plots: roc.png attempt_curve.png auroc_per_layer.png  "
                   f"probe: {probe_dir}  model: {model_dir}  ({timings['total']:.0f}s)")
-    name = shown[-1] if shown else "Ada Vance"
-    console.print(f"try: lucidlm generate -m {model_dir} --probe {probe_dir} --max-new-tokens 48 --stop $'\\n' "
-                  f"$'Q: Tell me about {name}.\\nA: {name} was born in'", style="dim", markup=False, highlight=False)
-    console.print(f"or chat with it in a browser: lucidlm serve -m {model_dir} --probe {probe_dir}  (then open "
-                  "http://127.0.0.1:8000/)", style="dim", markup=False, highlight=False)
+    console.print(f"try: lucidlm chat -m {model_dir} --probe {probe_dir}   or in a browser: lucidlm serve -m "
+                  f"{model_dir} --probe {probe_dir}  (then open http://127.0.0.1:8000/)", style="dim", markup=False,
+                  highlight=False)
     return summary
-
-
-def _world_table(rows: list[dict], lm, config: DemoConfig) -> Table:
-    table = Table(title=f"what the {lm.model.num_parameters() / 1e6:.1f}M-parameter model knows "
-                        f"(world seed {config.seed}, {config.people} people, {config.samples} answers each)")
-    table.add_column("mentions in corpus")
-    table.add_column("claims", justify="right")
-    table.add_column("true", justify="right")
-    for bucket, b in accuracy_by_exposure(rows).items():
-        table.add_row(bucket, str(b["claims"]), f"{b['supported'] / max(1, b['claims']):.1%}")
-    return table
-
-
-def _best_of_table(best: dict, n: int) -> Table:
-    table = Table(title=f"best-of-{n} on held-out people: claim accuracy of the answer kept")
-    table.add_column("answer kept")
-    table.add_column("claims true", justify="right")
-    for name, acc in best.items():
-        table.add_row(name.replace(" n ", f" {n} "), f"{acc:.1%}")
-    return table

@@ -1,44 +1,28 @@
-"""The demo's stage cache: stages are reused while their settings hold and rebuilt (with every later
-stage) when a setting changes; an interrupted stage is never taken as done."""
+"""The real-model demo's stage cache and entity split (the stages themselves run in `lucidlm demo`)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from rich.console import Console
-
-from lucidlm.demo import STAGES, Cache, DemoConfig, _stage_keys, build_tokenizer_stage, build_world_stage, split_people
+from lucidlm.demo import DemoConfig, _stage_keys, split_entities
 
 
 def test_a_changed_setting_invalidates_its_stage_and_every_later_one():
     base = _stage_keys(DemoConfig())
-    assert list(base) == list(STAGES)
-    changed = _stage_keys(DemoConfig(lm_steps=7))
-    assert [s for s in STAGES if base[s] != changed[s]] == ["lm", "answers", "probe"]
-    assert _stage_keys(DemoConfig(seed=1))["world"] != base["world"]
+    assert list(base) == ["model", "questions", "answers", "probe"]
+    changed = _stage_keys(DemoConfig(samples=5))
+    assert [s for s in base if base[s] != changed[s]] == ["answers", "probe"]
+    assert _stage_keys(DemoConfig(seed=1))["model"] == base["model"]
+    assert _stage_keys(DemoConfig(seed=1))["questions"] != base["questions"]
+    assert _stage_keys(replace(DemoConfig(), layers=(1, 2)))["answers"] == base["answers"]
     assert _stage_keys(DemoConfig(device="cpu")) == base  # where it runs does not change what is built
 
 
-def test_cached_stages_are_reused_and_stale_ones_rebuilt(tmp_path):
-    config = DemoConfig(people=30, vocab_size=300)
-    cache = Cache(tmp_path, config)
-    world = build_world_stage(cache, config, Console())
-    tokenizer = build_tokenizer_stage(cache, config, world)
-    assert cache.fresh("world") and cache.fresh("tokenizer") and not cache.fresh("lm")
-    stamp = (tokenizer / "tokenizer.json").stat().st_mtime_ns
-    build_tokenizer_stage(cache, config, world)
-    assert (tokenizer / "tokenizer.json").stat().st_mtime_ns == stamp  # reused, not retrained
-    other = replace(config, vocab_size=320)
-    cache2 = Cache(tmp_path, other)
-    assert cache2.fresh("world") and not cache2.fresh("tokenizer")
-    build_tokenizer_stage(cache2, other, world)
-    assert (tokenizer / "tokenizer.json").stat().st_mtime_ns != stamp
-    (tmp_path / "world.done").unlink()  # as if killed while building: the stage is redone
-    assert not cache.fresh("world")
-
-
-def test_people_split_is_disjoint_and_seeded():
-    names = [f"p{i}" for i in range(11)]
-    a, b = split_people(names, 0)
-    assert not a & b and a | b == set(names) and len(a) == 5
-    assert split_people(names, 0) == (a, b) and split_people(names, 1) != (a, b)
+def test_entities_split_disjoint_per_type_deterministic_and_in_proportion():
+    rows = [{"type": t, "entity": f"{t}{i}"} for t in ("a", "b") for i in range(40) for _ in range(3)]
+    splits = split_entities(rows, 0, (0.5, 0.15, 0.35))
+    assert not (splits["train"] & splits["val"] or splits["train"] & splits["test"] or splits["val"] & splits["test"])
+    assert splits["train"] | splits["val"] | splits["test"] == {(r["type"], r["entity"]) for r in rows}
+    assert [len(splits[k]) for k in ("train", "val", "test")] == [40, 12, 28]  # 20/6/14 of each type
+    assert split_entities(rows, 0, (0.5, 0.15, 0.35)) == splits
+    assert split_entities(rows, 1, (0.5, 0.15, 0.35))["test"] != splits["test"]

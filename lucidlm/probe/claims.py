@@ -146,9 +146,11 @@ def claims_report(test: Claims, methods: list[str], n_boot: int = 1000, seed: in
         return {m: auroc_ci(c.scores[m], c.labels, c.meta["entity"], n_boot, seed) for m in methods
                 if m in c.scores}
 
+    def accuracy(c: Claims) -> float | None:
+        return float(1 - c.labels.mean()) if len(c) else None
+
     by_type = {}
     for t in sorted(set(test.meta["type"])):
         sub = test.subset(test.meta["type"] == t)
-        by_type[t] = {"claims": len(sub), "accuracy": float(1 - sub.labels.mean()), **block(sub)}
-    return {"all": {"claims": len(test), "accuracy": float(1 - test.labels.mean()), **block(test)},
-            "by_type": by_type}
+        by_type[t] = {"claims": len(sub), "accuracy": accuracy(sub), **block(sub)}
+    return {"all": {"claims": len(test), "accuracy": accuracy(test), **block(test)}, "by_type": by_type}

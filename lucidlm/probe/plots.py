@@ -63,11 +63,17 @@ def plot_reliability(scores: np.ndarray, labels: np.ndarray, png: str | Path, bi
     return _save(fig, png)
 
 
-def plot_auroc_per_layer(summary: dict[str, float], png: str | Path) -> Path:
+def plot_auroc_per_layer(summary: dict[str, float] | dict[str, dict[str, float]], png: str | Path,
+                         ylabel: str = "span-max AUROC") -> Path:
+    """One line of AUROC per block, or one line per series ({series: {block: auroc}})."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([int(k) for k in summary], list(summary.values()), "o-")
-    ax.set(xlabel="probed block", ylabel="span-max AUROC")
+    series = summary if all(isinstance(v, dict) for v in summary.values()) else {"": summary}
+    for name, per_layer in series.items():
+        ax.plot([int(k) for k in per_layer], list(per_layer.values()), "o-", label=name or None)
+    ax.set(xlabel="probed block", ylabel=ylabel)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, png)
 

@@ -1,0 +1,166 @@
+"""A probe measured on a claims benchmark, end to end: choose on validation entities, report on test entities.
+
+    train / val / test rows (split by entity) ─label─▶ examples ─features.extract─▶ hidden states, NLL, entropy
+    selection.select_probe: alignment × layer, then L2, by validation span-max AUROC
+    test claims (claims.py): probe, the other alignment's best probe, NLL, entropy, random head,
+                             claimed-value prior, sample disagreement — pooled, per type, value-disjoint,
+                             bootstrap CIs over entities
+    acting on the scores: selective answering (accuracy vs attempt rate), best-of-N among each question's answers
+
+Rows follow claims.py (``type``, ``entity``, ``id``, ``sample``; annotations with ``value``/``attribute``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..progress import progress_bar
+from ..tokenizer import Tokenizer
+from .claims import Claims, add_sample_disagreement, add_value_prior, claims, claims_report, value_disjoint
+from .data import label_row
+from .evaluate import random_head
+from .features import TokenFeatures, extract
+from .probe import ALIGNMENTS, ProbeHead
+from .selection import Selection, select_probe
+from .selective import accuracy_at, attempt_curve
+from .train import ProbeTrainConfig
+
+METHODS = ("probe", "probe_other_alignment", "nll", "entropy", "value_prior", "sample_disagreement", "random_head")
+
+
+@dataclass
+class BenchmarkConfig:
+    layers: tuple[int, ...]  # blocks to sweep
+    alignments: tuple[str, ...] = ALIGNMENTS
+    steps: int = 200  # full-batch steps per head
+    feature_dtype: torch.dtype = torch.float16  # stored features (memory: tokens × layers × alignments × dim)
+    n_boot: int = 1000
+    seed: int = 0
+    progress: bool | None = None
+
+
+@dataclass
+class BenchmarkResult:
+    head: ProbeHead
+    selection: Selection
+    report: dict
+
+
+def _examples(rows: list[dict], tokenizer: Tokenizer):
+    return [label_row(r, tokenizer) for r in rows]
+
+
+def run_benchmark(model: nn.Module, tokenizer: Tokenizer, split_rows: dict[str, list[dict]], pad_id: int,
+                  config: BenchmarkConfig) -> BenchmarkResult:
+    """split_rows: {"train", "val", "test"} -> rows (each with at least one annotation)."""
+    train_rows, val_rows, test_rows = split_rows["train"], split_rows["val"], split_rows["test"]
+    feats = {}
+    with progress_bar(3, "probe benchmark", config.progress) as advance:
+        for name, rows in (("train", train_rows), ("val", val_rows)):
+            feats[name] = extract(model, _examples(rows, tokenizer), list(config.layers), pad_id, config.alignments,
+                                  dtype=config.feature_dtype, progress=config.progress)
+            advance(1)
+        base = ProbeTrainConfig(layer=config.layers[0], steps=config.steps, seed=config.seed)
+        selection = select_probe(feats["train"], feats["val"], config.layers, config.alignments, base)
+        other = _best_other_alignment(selection, feats, config)
+        layers = sorted({selection.config.layer} | ({other[1].layer} if other else set()))
+        feats["test"] = extract(model, _examples(test_rows, tokenizer), layers, pad_id, config.alignments,
+                                progress=config.progress)
+        advance(1)
+    report = _report(selection, other, feats, split_rows, config)
+    return BenchmarkResult(selection.head, selection, report)
+
+
+def _best_other_alignment(selection: Selection, feats: dict, config: BenchmarkConfig):
+    """(head, config) of the best validation fit at the alignment that lost, retrained with the winner's L2."""
+    others = [r for r in selection.table if r["alignment"] != selection.config.alignment]
+    if not others:
+        return None
+    best = max(others, key=lambda r: r["val_auroc"])
+    from .train import fit_head
+
+    cfg = replace(selection.config, layer=best["layer"], alignment=best["alignment"])
+    return fit_head(feats["train"].features(cfg.layer, cfg.alignment), feats["train"], cfg), cfg
+
+
+def _token_scores(feats: TokenFeatures, selection: Selection, other, seed: int) -> dict[str, torch.Tensor]:
+    cfg = selection.config
+    x = feats.features(cfg.layer, cfg.alignment)
+    with torch.no_grad():
+        scores = {"probe": selection.head.scores(x), "nll": feats.nll, "entropy": feats.entropy,
+                  "random_head": random_head(x.shape[1], seed).scores(x)}
+        if other is not None:
+            scores["probe_other_alignment"] = other[0].scores(feats.features(other[1].layer, other[1].alignment))
+    return scores
+
+
+def _report(selection: Selection, other, feats: dict, split_rows: dict, config: BenchmarkConfig) -> dict:
+    test_all = claims(split_rows["test"], feats["test"], _token_scores(feats["test"], selection, other, config.seed))
+    train = claims(split_rows["train"], feats["train"], {"nll": feats["train"].nll})
+    add_value_prior(test_all, train)
+    add_sample_disagreement(test_all, split_rows["test"])
+    greedy = test_all.subset(test_all.meta["sample"] == 0)
+    methods = [m for m in METHODS if m in test_all.scores]
+    disjoint = greedy.subset(value_disjoint(greedy, train))
+    sampled = test_all.subset(test_all.meta["sample"] > 0)
+    per_layer: dict[str, dict[str, float]] = {}
+    for r in selection.table:
+        if r["l2"] == selection.table[0]["l2"]:
+            per_layer.setdefault(r["alignment"], {})[str(r["layer"])] = r["val_auroc"]
+    return {
+        "choice": {**{k: v for k, v in asdict(selection.config).items() if k in ("layer", "alignment", "l2")},
+                   "val_auroc": selection.val_auroc,
+                   "other_alignment": None if other is None else {"alignment": other[1].alignment,
+                                                                  "layer": other[1].layer}},
+        "val_auroc_per_layer": per_layer, "selection_table": selection.table,
+        "entities": {k: len({r["entity"] for r in v}) for k, v in split_rows.items()},
+        "greedy": claims_report(greedy, methods, config.n_boot, config.seed),
+        "value_disjoint": claims_report(disjoint, methods, config.n_boot, config.seed),
+        "sampled": claims_report(sampled, [m for m in methods if m != "sample_disagreement"], config.n_boot,
+                                 config.seed) if len(sampled) else None,
+        "selective": _selective(greedy, methods),
+        "best_of_n": _best_of_n(split_rows["test"], feats["test"], _token_scores(feats["test"], selection, other,
+                                                                                  config.seed)["probe"], config.seed),
+        "greedy_claims": {"labels": greedy.labels.tolist(), "type": greedy.meta["type"].tolist(),
+                          "scores": {m: greedy.scores[m].tolist() for m in methods}},
+    }
+
+
+def _selective(test: Claims, methods: list[str]) -> dict:
+    out = {}
+    for m in methods:
+        ok = ~np.isnan(test.scores[m])
+        curve = attempt_curve(test.scores[m][ok], test.labels[ok] == 0)
+        out[m] = {"curve": curve, **{f"accuracy_at_{int(r * 100)}": accuracy_at(curve, r) for r in (1.0, 0.8, 0.5)}}
+    return out
+
+
+def _best_of_n(rows: list[dict], feats: TokenFeatures, probe: torch.Tensor, seed: int) -> dict:
+    """Per question, the answer kept among its greedy and sampled answers: claim accuracy of the kept answers.
+    Risk of an answer = its highest token score (the probe) or its mean token NLL (= −mean logprob)."""
+    n = len(rows)
+    top = torch.full((n,), float("-inf")).scatter_reduce(0, feats.example, probe.float(), "amax")
+    nll_sum = torch.zeros(n).scatter_add(0, feats.example, feats.nll.float())
+    count = torch.zeros(n).scatter_add(0, feats.example, torch.ones_like(feats.nll.float()))
+    mean_nll = (nll_sum / count.clamp_min(1)).tolist()
+    by_question: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_question.setdefault(r["id"], []).append(i)
+    rng = np.random.default_rng(seed)
+    kept: dict[str, list[int]] = {"greedy": [], "a random answer": [], "lowest mean NLL": [], "lowest max probe": []}
+    for ids in by_question.values():
+        if len(ids) < 2:
+            continue
+        kept["greedy"].append(min(ids, key=lambda i: rows[i]["sample"]))
+        kept["a random answer"].append(int(rng.choice(ids)))
+        kept["lowest mean NLL"].append(min(ids, key=lambda i: mean_nll[i]))
+        kept["lowest max probe"].append(min(ids, key=lambda i: float(top[i])))
+    out = {}
+    for name, chosen in kept.items():
+        labels = [a["label"] == "Supported" for i in chosen for a in rows[i]["annotations"]]
+        out[name] = {"questions": len(chosen), "claim_accuracy": float(np.mean(labels)) if labels else None}
+    return out
