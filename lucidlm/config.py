@@ -105,6 +105,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     rope_interleaved: bool = False  # rotate (x0,x1),(x2,x3).. pairs instead of the two halves
+    # Gemma 3: sliding-window layers rotate with a RoPE of their own (base 1e4, unscaled) while the
+    # global layers use rope_theta / rope_scaling. None: every layer shares one RoPE.
+    sliding_rope_theta: float | None = None
+    sliding_rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # only with sliding_rope_theta
 
     # norms
     norm: NormKind = "rmsnorm"
@@ -140,6 +144,8 @@ class ModelConfig:
         # Accept plain dicts for the nested configs (as read from JSON).
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = _nested(RopeScaling, self.rope_scaling, "rope_scaling")
+        if isinstance(self.sliding_rope_scaling, dict):
+            self.sliding_rope_scaling = _nested(RopeScaling, self.sliding_rope_scaling, "sliding_rope_scaling")
         if isinstance(self.moe, dict):
             self.moe = _nested(MoEConfig, self.moe, "moe")
         if isinstance(self.mla, dict):
@@ -166,9 +172,10 @@ class ModelConfig:
             value = getattr(self, name)
             if value not in get_args(kind):
                 raise ValueError(f"ModelConfig.{name} must be one of {list(get_args(kind))}, got {value!r}")
-        if self.rope_scaling.type not in get_args(RopeType):
-            raise ValueError(f"ModelConfig.rope_scaling.type must be one of {list(get_args(RopeType))}, "
-                             f"got {self.rope_scaling.type!r}")
+        for name in ("rope_scaling", "sliding_rope_scaling"):
+            if getattr(self, name).type not in get_args(RopeType):
+                raise ValueError(f"ModelConfig.{name}.type must be one of {list(get_args(RopeType))}, "
+                                 f"got {getattr(self, name).type!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
@@ -264,6 +271,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=256000, dim=2048, n_layers=18, n_heads=8, n_kv_heads=1, head_dim=256, ffn_dim=16384,
         max_seq_len=8192, norm_eps=1e-6, embed_scale=True, norm_unit_offset=True, activation="gelu_tanh",
         tie_embeddings=True,
+    ),
+    "gemma3-270m": dict(
+        vocab_size=262144, dim=640, n_layers=18, n_heads=4, n_kv_heads=1, head_dim=256, ffn_dim=2048,
+        max_seq_len=32768, norm_eps=1e-6, embed_scale=True, norm_unit_offset=True, norm_placement="sandwich",
+        qk_norm=True, activation="gelu_tanh", tie_embeddings=True, attn_scale=256**-0.5,  # query_pre_attn_scalar
+        rope_theta=1e6, sliding_rope_theta=1e4, sliding_window=512,
+        sliding_layers=tuple(i for i in range(18) if (i + 1) % 6),  # every 6th layer attends globally
     ),
     "gpt2": dict(
         vocab_size=50257, dim=768, n_layers=12, n_heads=12, ffn_dim=3072, max_seq_len=1024,

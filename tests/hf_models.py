@@ -21,6 +21,10 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict()),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16)),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=16, query_pre_attn_scalar=32, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters=dict(full_attention=dict(rope_type="linear", rope_theta=1e6, factor=2.0),
+                             sliding_attention=dict(rope_type="default", rope_theta=1e4)))),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True)),
@@ -35,7 +39,7 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=128)),
 }
 MUST = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "deepseek_v2"]
-SHOULD = ["gemma", "qwen3_moe", "deepseek_v3", "bloom"]
+SHOULD = ["gemma", "gemma3_text", "qwen3_moe", "deepseek_v3", "bloom"]
 
 
 def build_hf_model(kind: str, seed: int = 0, **overrides):

@@ -17,7 +17,7 @@ import torch
 from ..config import ModelConfig
 from ..model.transformer import Transformer
 from ..progress import progress_bar
-from . import bloom, deepseek, gpt2, llama_family, native
+from . import bloom, deepseek, gemma3, gpt2, llama_family, native
 from .errors import CheckpointError
 from .family import Family, Rule
 from .gguf import GGUFTensors, find_gguf, gguf_hf_config, open_gguf
@@ -26,7 +26,7 @@ from .safetensors_io import SafetensorsReader, write_json, write_safetensors
 
 FAMILIES: dict[str, Family] = {
     kind: fam
-    for module in (llama_family, deepseek, gpt2, bloom, native)
+    for module in (llama_family, gemma3, deepseek, gpt2, bloom, native)
     for fam in module.FAMILIES
     for kind in fam.model_types
 }

@@ -5,7 +5,8 @@ MHA (n_kv_heads = n_heads), GQA (Ainslie et al. 2023: groups of query heads shar
 MQA (Shazeer 2019: n_kv_heads = 1). Fewer K/V heads shrink the KV cache by n_heads/n_kv_heads.
 
 Options, each from a paper the notes discuss:
-- ``qk_norm``: RMSNorm over each head's q and k before RoPE (Qwen3, OLMo-2), tames logit growth;
+- ``qk_norm``: RMSNorm over each head's q and k before RoPE (Qwen3, OLMo-2, Gemma 3 with its (1 + w)
+  weights), tames logit growth;
 - ``attn_gate``: a sigmoid gate per output channel, computed from the layer input (gated
   attention, Qiu et al. 2025 / Qwen3-Next), lets a head output nothing and removes attention sinks;
 - sliding window: handled by the mask the block receives (see ``masks.py``).
@@ -90,8 +91,8 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.dim, kv_dim, bias=cfg.attn_qkv_bias)
         self.v_proj = Linear(cfg.dim, kv_dim, bias=cfg.attn_qkv_bias)
         self.o_proj = Linear(q_dim, cfg.dim, bias=cfg.attn_out_bias)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_unit_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_unit_offset) if cfg.qk_norm else None
         self.gate_proj = Linear(cfg.dim, q_dim, bias=False) if cfg.attn_gate else None
 
     def forward(

@@ -5,7 +5,8 @@
 A Block is attention then feed-forward (dense MLP or MoE), each wrapped in a residual connection
 with its norm placed pre (GPT-2, Llama: x + f(norm(x))), post (original Transformer:
 norm(x + f(x))) or sandwich (Gemma-2/3: x + norm(f(norm(x)))).
-Positions enter as RoPE tables shared by all layers, an ALiBi bias, or absolute embeddings.
+Positions enter as RoPE tables shared by all layers (Gemma 3: one table for the sliding-window
+layers, another for the global ones), an ALiBi bias, or absolute embeddings.
 """
 
 from __future__ import annotations
@@ -87,10 +88,13 @@ class Transformer(nn.Module):
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the non-learned tables; needed after building on the meta device."""
         cfg = self.config
-        self.rotary = None
+        self.rotary = self.sliding_rotary = None
         if cfg.positions == "rope":
             dim = cfg.mla.qk_rope_head_dim if cfg.mla else cfg.head_dim
             self.rotary = RotaryEmbedding(dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len).to(device)
+            if cfg.sliding_rope_theta is not None:
+                self.sliding_rotary = RotaryEmbedding(dim, cfg.sliding_rope_theta, cfg.sliding_rope_scaling,
+                                                      cfg.max_seq_len).to(device)
         if cfg.positions == "sinusoidal":
             self.positions = SinusoidalPositions(cfg.max_seq_len, cfg.dim).to(device)
         self.alibi = alibi_slopes(cfg.n_heads).to(device) if cfg.positions == "alibi" else None
@@ -151,7 +155,7 @@ class Transformer(nn.Module):
                 position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
         wanted = self._wanted(hidden_layers)
         x = self._embed(input_ids, position_ids)
-        rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+        rope = self._rope(position_ids, x.dtype)
         bias = alibi_bias(self.alibi, position_ids, position_ids) if self.alibi is not None else None
         masks = self._masks(b, s, x.device, attention_mask, prefix_mask)
         return self._run_blocks(x, rope, masks, bias, None, wanted, return_aux_loss, last_only)
@@ -192,16 +196,25 @@ class Transformer(nn.Module):
         """The cached forward after ``cache.begin`` placed the tokens: pure tensor work, so that a
         decode step can be compiled (``torch.compile``) separately from the cache's host-side bookkeeping."""
         x = self._embed(input_ids, plan.position_ids)
-        rope = self.rotary(plan.position_ids, x.dtype) if self.rotary is not None else None
+        rope = self._rope(plan.position_ids, x.dtype)
         bias = alibi_bias(self.alibi, plan.position_ids, plan.key_positions) if self.alibi is not None else None
         wanted = self._wanted(hidden_layers)
         return self._run_blocks(x, rope, plan.masks, bias, cache, wanted, return_aux_loss, last_only)
+
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[bool, tuple | None]:
+        """The (cos, sin) tables keyed by sliding, like the masks: the same table for every layer
+        unless sliding-window layers have a RoPE of their own (Gemma 3)."""
+        if self.rotary is None:
+            return {False: None, True: None}
+        table = self.rotary(position_ids, dtype)
+        sliding = self.sliding_rotary(position_ids, dtype) if self.sliding_rotary is not None else table
+        return {False: table, True: sliding}
 
     def _run_blocks(self, x, rope, masks, bias, cache, wanted, return_aux_loss, last_only):
         hidden: dict[int, torch.Tensor] = {}
         aux_total = None
         for i, block in enumerate(self.blocks):
-            x, aux = block(x, rope, masks[block.sliding], bias, cache)
+            x, aux = block(x, rope[block.sliding], masks[block.sliding], bias, cache)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
             if i in wanted:
