@@ -5,8 +5,8 @@ Named values (countries, capitals, continents, currencies) are found with a ``Le
 the attribute can take, so a wrong answer is found as surely as a right one; capitals the lexicon lacks
 ("The capital of Burkina Faso is Kouilé") are caught by the phrase around them. Symbols and numbers
 are read next to their keyword ("symbol Na", "atomic number 11", "discovered in 1807"). ``anchored``
-asks for the keyword even in a one-claim answer's fallback-free mode: a long answer mentions many
-numbers and places, and only those tied to the attribute are claims about it.
+(long-form answers) keeps only values tied to their keyword: a long answer mentions many numbers and
+places, and only those are claims about the attribute; a one-claim answer falls back to its first value.
 """
 
 from __future__ import annotations
@@ -78,13 +78,16 @@ def continent_claims(answer: str, masks: list[Mention], anchored: bool) -> list[
     return _named("continent", answer, continent_lexicon(), masks)
 
 
-_CAPITAL_IS = re.compile(r"capital(?: city)?(?: of [^.,;]+?)?(?: is|:| was)\s+(?:the city of\s+)?"
+_CAPITAL_IS = re.compile(r"capital(?: city)?(?: of [^,;\n]{1,60}?)?(?: is|:| was)\s+(?:called\s+|known as\s+|named\s+)?"
+                         r"(?:the city of\s+)?"
                          r"([A-Z][\w'’.\-]*(?:\s+(?:[A-Z][\w'’\-]*|de|da|do|del|la|el|es|al))*)")
 
 
 def capital_claims(answer: str, masks: list[Mention], anchored: bool) -> list[Claim]:
     """Capitals named after the word "capital" (any capital of the lexicon, or a name the phrase gives);
-    a one-claim answer without the phrase: the first capital it names."""
+    a one-claim answer without the phrase: the first capital it names. Names inside a country's name are not
+    capitals ("Salvador" in "El Salvador")."""
+    masks = masks + country_lexicon().find(answer)
     out: list[Claim] = []
     for m in re.finditer(r"\bcapital\b", answer, flags=re.I):
         sentence_end = _sentence_end(answer, m.end())
@@ -163,13 +166,15 @@ def currency_claims(answer: str, masks: list[Mention], anchored: bool) -> list[C
 
 # the token after "symbol ... is" whatever it is ("Na", "MoS2", "KR-22", "Zirconium"): a wrong symbol is a claim too
 _SYMBOL = re.compile(r"\bsymbol\b[^.\n]{0,40}?(?:\bis|:|\bas)\s+(?:the\s+(?:letters?\s+)?)?[\"'“(]?"
-                     r"([A-Za-z0-9][\w\-]*)|\bsymbol\s+[\"'“(]?([A-Z][\w\-]*)")
+                     r"([A-Za-z0-9][\w\-]*)|\bsymbol\s+[\"'“(]?([A-Z][\w\-]*)|\bsymbol\s+of\s+[\"'“(]?([A-Z][\w\-]*)")
 
 
 def symbol_claims(answer: str, masks: list[Mention], anchored: bool) -> list[Claim]:
     out = []
     for m in _SYMBOL.finditer(answer):
-        g = 1 if m.group(1) else 2
+        g = next(i for i in (1, 2, 3) if m.group(i))
+        if g == 3 and any(k.start <= m.start(g) < k.end for k in masks):
+            continue  # "symbol of Sodium, ...": the element's name, not a symbol
         out.append(Claim("symbol", m.start(g), m.end(g), frozenset([m.group(g)]), m.group(g)))
     if not out and not anchored:
         m = re.search(r"\(([A-Z][a-z]?)\)", answer)

@@ -81,6 +81,10 @@ def test_capital_known_unknown_and_alternate_names():
     assert graded("country_capital", "KW", "The capital of Kuwait is Kuwait City.") == [("Kuwait City", S)]
     assert graded("country_capital", "BO", "Bolivia's capital is La Paz.") == [("La Paz", S)]
     assert graded("country_capital", "US", "It is Washington, D.C.") == [("Washington", S)]
+    assert graded("country_capital", "WS", "The capital of Samoa is called Lanau.") == [("Lanau", N)]
+    assert graded("country_capital", "VI", "The capital of the U.S. Virgin Islands is Fort Lauderdale.") == [
+        ("Fort Lauderdale", N)]
+    assert graded("country_capital", "SV", "El Salvador is in Central America.") == []  # a country, not a capital
 
 
 def test_continent():
@@ -109,6 +113,8 @@ def test_element_symbol_number_year():
     for wrong in ("MoS2", "KR-22", "Krypton", "KR"):
         assert graded("element_symbol", "Krypton", f"The chemical symbol of Krypton is {wrong}.") == [(wrong, N)]
     assert graded("element_symbol", "Sodium", "Sodium is an element with the symbol Na.") == [("Na", S)]
+    assert graded("element_symbol", "Uranium", "It has the chemical symbol of U. It is radioactive.") == [("U", S)]
+    assert graded("element_symbol", "Uranium", "The symbol of Uranium, an element.") == []
     assert graded("element_number", "Iron", "The atomic number of Iron is 26.") == [("26", S)]
     assert graded("element_number", "Iron", "Iron has 56 protons.") == [("56", N)]
     assert graded("element_year", "Helium", "Helium was discovered on December 26, 1895.") == [("1895", S)]
