@@ -1,4 +1,10 @@
-"""``lucidlm demo``: the main job. A model learns a synthetic world, then a probe learns when it is wrong.
+"""``lucidlm demo --world``: the exact-label sandbox. A small model learns a synthetic world, then a probe
+learns when it is wrong.
+
+The default world (world/build.py) is sized so that a 128-wide model trained for minutes on CPU knows
+everyone it saw: 200 people, half never mentioned and the others 1–4 times, plus 400 strangers
+answered "I know nothing about X." — so a claim is wrong exactly when its person was never in the
+corpus, and the model's own P(abstain) on the question is the baseline to beat.
 
 Stages, each cached under ``out`` and rebuilt only when its settings (or an earlier stage) change:
 
@@ -9,7 +15,8 @@ Stages, each cached under ``out`` and rebuilt only when its settings (or an earl
                every claim graded against the ground truth                      (world/answers.py)
     probe      a linear head on one block's residual stream, trained on the answers about half
                of the people                                                     (probe/train.py)
-    report     on the other half: probe vs token NLL, entropy and a random head; selective
+    report     on the other half: probe vs token NLL, entropy, the model's own probability of
+               abstaining on the question (world/abstention.py) and a random head; selective
                answering (accuracy vs attempt rate); best-of-N by the probe       (probe/selective.py)
 
 Then it streams a few answers with every token coloured by its live probe score.
@@ -41,11 +48,14 @@ QA_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['cont
 @dataclass
 class DemoConfig:
     seed: int = 0
-    people: int = 480
+    people: int = 200
+    unseen: float = 0.5  # share of the people never mentioned in the corpus
+    max_mentions: int = 4  # the most documents about one person
+    strangers: float = 2.0  # × people: names outside the world, each in one "I know nothing about X." Q&A
     vocab_size: int = 1024
-    dim: int = 256
+    dim: int = 128
     n_layers: int = 4
-    lm_steps: int = 500
+    lm_steps: int = 1500
     lm_lr: float = 2e-3
     samples: int = 3  # answers per person: greedy + sampled at temperature 1
     probe_layer: int = -2
@@ -62,7 +72,7 @@ ALIGNMENT = "own"  # token t scored from h[t], as the reference code (the real-m
 
 def _stage_keys(config: DemoConfig) -> dict[str, str]:
     return stage_keys({
-        "world": [config.seed, config.people],
+        "world": [config.seed, config.people, config.unseen, config.max_mentions, config.strangers],
         "tokenizer": [config.vocab_size, QA_TEMPLATE],
         "lm": [config.dim, config.n_layers, config.lm_steps, config.lm_lr],
         "answers": [config.samples, config.dtype],
@@ -86,7 +96,8 @@ def build_world_stage(cache: Cache, config: DemoConfig, console: Console) -> Pat
     from .world.build import WorldConfig, build_world
 
     if not cache.fresh("world"):
-        build_world(cache.start("world"), WorldConfig(seed=config.seed, people=config.people))
+        build_world(cache.start("world"), WorldConfig(seed=config.seed, people=config.people, unseen=config.unseen,
+                                                      max_mentions=config.max_mentions, strangers=config.strangers))
         cache.finish("world")
     return cache.out / "world"
 
@@ -162,24 +173,40 @@ def _pad(lm) -> int:
 
 # --- the report -------------------------------------------------------------------------------------
 NAMES = {"probe": "probe (linear head)", "nll": "span max token NLL", "entropy": "span max entropy",
-         "random_head": "random-init head"}
+         "abstention": "P(abstain) on the question", "random_head": "random-init head"}
 
 
 def evaluation(lm, eval_rows: list[dict], out: Path) -> tuple[dict, dict]:
-    """(metrics report, per-method span-max arrays) on the evaluation people, plots into ``out``."""
+    """(metrics report, per-method span-max arrays) on the evaluation people, plots into ``out``.
+
+    Beside the probe's report (probe, NLL, entropy, random head): the abstention score, each answer's
+    P(abstain) on its question given to every token, so a claim's span max is its answer's score."""
+    import torch
+
     from .probe.data import label_row
-    from .probe.evaluate import METHODS, method_scores, report, span_arrays
+    from .probe.evaluate import levels, method_scores, report, span_arrays
     from .probe.features import extract
     from .probe.plots import plot_reliability, plot_roc
+    from .world.abstention import abstention_scores
 
     examples = [label_row(r, lm.tokenizer) for r in eval_rows]
     layer, alignment = lm.probe.config.layer, lm.probe.config.alignment
     feats = extract(lm.model, examples, [layer], _pad(lm), (alignment,))
     scores = method_scores(feats, lm.probe.head, layer, alignment)
-    arrays = {m: span_arrays(feats, scores[m]) for m in METHODS}
-    plot_roc({NAMES[m]: arrays[m] for m in METHODS}, out / "roc.png")
+    questions = [r["conversation"][0]["content"] for r in eval_rows]
+    abstain = abstention_scores(lm, questions)
+    per_row = torch.tensor([abstain[q] for q in questions], dtype=torch.float64)
+    scores["abstention"] = per_row[feats.example]
+    result = report(feats, scores, layer, alignment)
+    baselines = result["baselines"]
+    result["baselines"] = {"nll": baselines["nll"], "entropy": baselines["entropy"],
+                           "abstention": levels(scores["abstention"], feats, True),
+                           "random_head": baselines["random_head"]}
+    methods = ("probe", *result["baselines"])
+    arrays = {m: span_arrays(feats, scores[m]) for m in methods}
+    plot_roc({NAMES[m]: arrays[m] for m in methods}, out / "roc.png")
     plot_reliability(*arrays["probe"], out / "reliability.png")
-    return report(feats, scores, layer, alignment), arrays
+    return result, arrays
 
 
 def metrics_table(result: dict) -> Table:
@@ -341,7 +368,8 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None) -> d
 
 def _world_table(rows: list[dict], lm, config: DemoConfig) -> Table:
     table = Table(title=f"what the {lm.model.num_parameters() / 1e6:.1f}M-parameter model knows "
-                        f"(world seed {config.seed}, {config.people} people, {config.samples} answers each)")
+                        f"(world seed {config.seed}, {config.people} people, "
+                        f"{int(config.strangers * config.people)} strangers, {config.samples} answers each)")
     table.add_column("mentions in corpus")
     table.add_column("claims", justify="right")
     table.add_column("true", justify="right")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from rich.console import Console
 
 from lucidlm.demo_world import (
@@ -50,3 +51,49 @@ def test_people_split_is_disjoint_and_seeded():
     a, b = split_people(names, 0)
     assert not a & b and a | b == set(names) and len(a) == 5
     assert split_people(names, 0) == (a, b) and split_people(names, 1) != (a, b)
+
+
+def test_defaults_are_the_exact_label_sandbox():
+    config = DemoConfig()
+    assert (config.people, config.unseen, config.max_mentions, config.strangers) == (200, 0.5, 4, 2.0)
+    assert (config.dim, config.lm_steps) == (128, 1500)
+    base = _stage_keys(config)
+    for field, value in (("unseen", 0.2), ("max_mentions", 24), ("strangers", 0.0)):
+        assert _stage_keys(replace(config, **{field: value}))["world"] != base["world"]
+
+
+def test_evaluation_gives_every_claim_its_answers_abstention_score(tmp_path):
+    import json
+
+    from tiny_lm import tiny_lm
+
+    from lucidlm.demo_world import QA_TEMPLATE, evaluation, metrics_table
+    from lucidlm.probe.probe import LoadedProbe, ProbeConfig, ProbeHead
+    from lucidlm.world.abstention import abstention_scores
+    from lucidlm.world.answers import answer_row
+    from lucidlm.world.build import WorldConfig, build_world, read_people
+    from lucidlm.world.texts import answer
+
+    build_world(tmp_path / "w", WorldConfig(seed=2, people=6))
+    people = read_people(tmp_path / "w")
+    prompts = [json.loads(line) for line in (tmp_path / "w" / "prompts.jsonl").read_text().splitlines()]
+    lm = tiny_lm(seed=1)
+    lm.tokenizer.chat_template = QA_TEMPLATE
+    lm.probe = LoadedProbe(ProbeHead(lm.config.dim).eval(), ProbeConfig(1, lm.config.dim, lm.config.n_layers))
+    rows = []
+    for i, p in enumerate(prompts):  # true answers, and wrong ones for every other person
+        rest = answer(people[p["name"]]).removeprefix(p["prefix"])
+        rows.append(answer_row(p, people[p["name"]], rest if i % 2 else " 1801 in Nowhere.", 0))
+    result, arrays = evaluation(lm, rows, tmp_path)
+    assert list(result["baselines"]) == ["nll", "entropy", "abstention", "random_head"]
+    assert set(arrays) == {"probe", "nll", "entropy", "abstention", "random_head"}
+    scores = abstention_scores(lm, [p["question"] for p in prompts])
+    expected = [scores[r["conversation"][0]["content"]] for r in rows for _ in r["annotations"]]
+    values, labels = arrays["abstention"]
+    assert values.tolist() == pytest.approx(expected, rel=1e-5)
+    assert labels.tolist() == [int(a["label"] != "Supported") for r in rows for a in r["annotations"]]
+    assert 0.0 <= result["baselines"]["abstention"]["span_max"]["auroc"] <= 1.0
+    assert (tmp_path / "roc.png").exists()
+    rendered = Console(width=200, record=True)
+    rendered.print(metrics_table(result))
+    assert "P(abstain) on the question" in rendered.export_text()

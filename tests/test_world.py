@@ -6,22 +6,40 @@ import json
 from collections import Counter
 from dataclasses import replace
 
+import pytest
+
 from lucidlm.world.build import WorldConfig, bucket, build_world, generate, read_people
 from lucidlm.world.labeler import annotate
-from lucidlm.world.texts import answer
+from lucidlm.world.texts import answer, qa_document
 
 
 def test_same_seed_same_world_and_exposure_buckets(tmp_path):
     a, b = generate(WorldConfig(seed=1)), generate(WorldConfig(seed=1))
     assert a.documents == b.documents and a.people == b.people
     assert generate(WorldConfig(seed=2)).documents != a.documents
+    # the default, the exact-label sandbox: half never mentioned, the others 1-4 times, 2x strangers
+    assert len(a.people) == 200 and max(a.mentions) == 4
     buckets = Counter(bucket(m) for m in a.mentions)
-    assert set(buckets) == {"0", "1", "2-4", "5+"} and buckets["0"] == len(a.people) // 5
+    assert buckets == {"0": 100, "1": 50, "2-4": 50}
+    assert sum("I know nothing about" in d for d in a.documents) == 400
     corpus = "\n".join(a.documents)
     for person, m in zip(a.people, a.mentions):
         assert (person.name in corpus) == (m > 0)  # the unseen are never mentioned
+        assert any(d == qa_document(person) for d in a.documents) == (m > 0)  # a first mention: the Q&A
     firsts = Counter(p.name.split()[0] for p in a.people)
     assert firsts.most_common(1)[0][1] >= 5  # similar names: many people share a first name
+
+
+def test_power_law_world_of_the_old_demo():
+    old = generate(WorldConfig(seed=1, people=240, unseen=0.2, max_mentions=24, strangers=0.0))
+    buckets = Counter(bucket(m) for m in old.mentions)
+    assert buckets == {"0": 48, "1": 48, "2-4": 48, "5+": 96} and max(old.mentions) == 24
+    assert not any("I know nothing about" in d for d in old.documents)
+    once = generate(WorldConfig(seed=1, people=10, unseen=0.3, max_mentions=1, strangers=0.0))
+    assert sorted(once.mentions) == [0] * 3 + [1] * 7
+    for bad in ({"unseen": 1.5}, {"max_mentions": 0}):
+        with pytest.raises(ValueError):
+            generate(WorldConfig(seed=1, people=10, **bad))
 
 
 def test_files_and_ground_truth(tmp_path):

@@ -56,3 +56,51 @@ def test_answer_rows_point_at_their_spans_and_tally_by_exposure(setup):
     wrong = answer_row(p, person, " 1801 in Nowhere.", 1)
     tally = accuracy_by_exposure([row, wrong])
     assert tally == {p["exposure"]: {"claims": 9, "supported": 7}}
+
+
+# --- the abstention score: P(the model starts its answer with "I know nothing about") on the question ---
+QA = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n{% else %}A: "
+      "{{ m['content'] }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}A: {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def byte_lm():
+    from tiny_lm import tiny_lm
+
+    lm = tiny_lm(seed=3)
+    lm.tokenizer.chat_template = QA  # the world demo's Q:/A: template, on the byte tokenizer
+    return lm
+
+
+def test_abstention_is_read_on_the_question_without_the_forced_opening(byte_lm):
+    from lucidlm.world.abstention import abstention_context
+
+    ctx, opening = abstention_context(byte_lm, "Tell me about Ada Vance.")
+    assert byte_lm.decode(ctx, skip_special_tokens=True) == "Q: Tell me about Ada Vance.\nA:"
+    assert byte_lm.decode(opening) == " I know nothing about"  # the template's trailing space starts it
+
+
+def test_abstention_probability_matches_a_hand_computation(byte_lm):
+    import math
+
+    import torch
+
+    from lucidlm.world.abstention import abstention_logprob, abstention_scores
+    from lucidlm.world.texts import ABSTENTION_OPENING
+
+    question = "Tell me about Ada Vance."
+    context = f"Q: {question}\nA:"
+    ids = byte_lm.encode(context + " " + ABSTENTION_OPENING)
+    n = len(byte_lm.encode(context))
+    hand = []  # log p(token k | tokens < k), one forward per prefix
+    with torch.no_grad():
+        for k in range(n, len(ids)):
+            logits = byte_lm.model(torch.tensor([ids[:k]]))
+            hand.append(float(torch.log_softmax(logits[0, -1].double(), -1)[ids[k]]))
+    assert abstention_logprob(byte_lm, question) == pytest.approx(sum(hand), abs=1e-4)
+    assert abstention_logprob(byte_lm, question, tokens=2) == pytest.approx(sum(hand[:2]), abs=1e-4)
+    scores = abstention_scores(byte_lm, [question, "Tell me about Bela Holm.", question])
+    assert list(scores) == [question, "Tell me about Bela Holm."]  # one score per distinct question
+    assert scores[question] == pytest.approx(math.exp(sum(hand)), rel=1e-3)
+    with pytest.raises(ValueError, match="tokens must be >= 1"):
+        abstention_logprob(byte_lm, question, tokens=0)

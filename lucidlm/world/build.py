@@ -1,10 +1,14 @@
 """``lucidlm world build``: people, a corpus where mentions follow a power law, prompts, instruction pairs.
 
-Exposure (how many documents mention a person) decides what a model trained on the corpus can know:
-a fifth of the people are never mentioned, a fifth once, a fifth 2–4 times and the rest 5 or more
-times on a power-law (Zipf) tail — so answers range from recalled to half-remembered to invented.
-A person's first document is a Q&A in the answer format, the others biographies in varied
-templates. Files written into ``out``:
+Exposure (how many documents mention a person) decides what a model trained on the corpus can know.
+By default half the people are never mentioned and the other half once or 2–4 times, plus twice as
+many "strangers" — names outside the world, each in one Q&A answered "I know nothing about X." — so a
+small model, trained for minutes, learns everyone it saw and learns to abstain on names it does not
+know: correctness is then exactly "was this person in the corpus", an exact-label sandbox. With
+``max_mentions`` ≥ 5 (the old demo world: a fifth never, a fifth once, a fifth 2–4, the rest on a
+power-law tail) answers range from recalled to half-remembered to invented. A person's first
+document is a Q&A in the answer format, the others biographies in varied templates. Files written
+into ``out``:
 
     corpus/world-XX.txt   documents separated by blank lines (for ``lucidlm pretrain``)
     people.jsonl          every person: attributes and exposure (the ground truth)
@@ -28,22 +32,37 @@ from .texts import answer, answer_prefix, biography, fact_check, qa_document, qu
 @dataclass
 class WorldConfig:
     seed: int = 0
-    people: int = 240
-    max_mentions: int = 24  # the head of the power law
-    zipf: float = 1.0  # mentions of the k-th most exposed person ∝ 1 / k^zipf
+    people: int = 200
+    unseen: float = 0.5  # share of the people never mentioned
+    max_mentions: int = 4  # the most mentions a person gets; ≥ 5: the head of a power-law tail
+    zipf: float = 1.0  # tail: mentions of the k-th most exposed person ∝ 1 / k^zipf
     files: int = 4
     qa_share: float = 0.3  # of a person's documents after the first (always a Q&A)
-    # Optional document kinds meant to give a model a "do I know this?" feature (see texts.py); at
-    # the demo's scale (a 3M model, minutes of CPU) neither did, and both cost recall, so they are off
-    fact_check_share: float = 0.0  # fact-check documents: values marked [true] / [false]
-    strangers: float = 0.0  # names outside the world, answered "I know nothing about X." (× people)
+    # names outside the world, each in one Q&A answered "I know nothing about X." (× people): what
+    # teaches the model to abstain on a name it does not know (its P(abstain) is the demo's best score)
+    strangers: float = 2.0
+    # fact-check documents, values marked [true] / [false]: meant to give a model a "is this right?"
+    # feature; at the demo's scale (a 3M model, minutes of CPU) it did not, and cost recall, so it is off
+    fact_check_share: float = 0.0
 
 
-def exposures(n: int, rng: random.Random, max_mentions: int, zipf: float) -> list[int]:
-    """Mention counts: 1/5 never, 1/5 once, 1/5 two to four, 2/5 five or more (Zipf tail), shuffled."""
-    fifth = n // 5
-    tail = n - 3 * fifth
-    counts = [0] * fifth + [1] * fifth + [rng.randint(2, 4) for _ in range(fifth)]
+def exposures(n: int, rng: random.Random, max_mentions: int, zipf: float, unseen: float = 0.2) -> list[int]:
+    """Mention counts, shuffled: a share ``unseen`` never mentioned; of the others, with ``max_mentions``
+    ≥ 5, a quarter once, a quarter 2–4 times and the rest 5 or more (a Zipf tail from ``max_mentions``
+    down); with ``max_mentions`` ≤ 4, half once and half 2..max_mentions times (all once if it is 1)."""
+    if not 0.0 <= unseen <= 1.0:
+        raise ValueError(f"unseen must be in [0, 1], got {unseen}")
+    if max_mentions < 1:
+        raise ValueError(f"max_mentions must be >= 1, got {max_mentions}")
+    never = round(unseen * n)
+    seen = n - never
+    if max_mentions >= 5:
+        once = few = seen // 4
+    else:
+        once = seen if max_mentions == 1 else seen - seen // 2
+        few = seen - once
+    tail = seen - once - few
+    counts = [0] * never + [1] * once + [rng.randint(2, min(4, max_mentions)) for _ in range(few)]
     counts += [max(5, round(max_mentions / (k + 1) ** zipf)) for k in range(tail)]
     rng.shuffle(counts)
     return counts
@@ -77,7 +96,7 @@ class World:
 def generate(config: WorldConfig) -> World:
     rng = random.Random(config.seed)
     people = make_people(config.people, config.seed)
-    mentions = exposures(len(people), rng, config.max_mentions, config.zipf)
+    mentions = exposures(len(people), rng, config.max_mentions, config.zipf, config.unseen)
     alternatives = alternative_values(people)
     documents = []
     for person, m in zip(people, mentions):

@@ -22,6 +22,9 @@ BIOGRAPHY = [
 ]
 
 
+ABSTENTION_OPENING = "I know nothing about"  # how an answer that abstains begins
+
+
 def question(person: Person) -> str:
     return f"Tell me about {person.name}."
 
@@ -67,8 +70,13 @@ def fact_check(person: Person, rng: random.Random, alternatives: dict[str, list[
             f"{shown['award']} in {shown['award_year']}.")
 
 
+def abstention(name: str) -> str:
+    """The answer about a name the world holds no facts for (the strangers' Q&As)."""
+    return f"{ABSTENTION_OPENING} {name}."
+
+
 def unknown_document(name: str) -> str:
     """A Q&A about a name the world holds no facts for: the model learns to tell known names from unknown
     ones (the "do I know this?" feature of real models that probes read), and answers honestly when asked
     freely — its hallucinations come when an answer is forced to begin with facts."""
-    return f"Q: Tell me about {name}.\nA: I know nothing about {name}."
+    return f"Q: Tell me about {name}.\nA: {abstention(name)}"
