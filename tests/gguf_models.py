@@ -77,12 +77,12 @@ def permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 class GGUFModel:
     path: Path
     source: torch.nn.Module  # the transformers model it was written from
-    dequantized: torch.nn.Module  # the same model with every weight quantized and dequantized back
+    dequantized: torch.nn.Module | None  # the same model with every weight quantized and dequantized back
     tokenizer: object  # the tokenizers.Tokenizer its vocabulary came from
 
 
 def write_gguf(path: Path, arch: str = "llama", qtype: str = "F32", seed: int = 0, add_bos: bool = False,
-               pre: str = "gpt2", extra=None, **overrides) -> GGUFModel:
+               pre: str = "gpt2", extra=None, with_dequantized: bool = True, **overrides) -> GGUFModel:
     """extra(writer): a hook to add metadata / tensors (for the error tests); overrides: config fields."""
     import gguf
     from gguf import GGMLQuantizationType as Q
@@ -91,7 +91,8 @@ def write_gguf(path: Path, arch: str = "llama", qtype: str = "F32", seed: int = 
     vocab = tok.get_vocab()
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     config = {**HF_OVERRIDES[arch], **overrides, "vocab_size": len(tokens)}
-    model, dequantized = build_hf_model(arch, seed, **config), build_hf_model(arch, seed, **config)
+    model = build_hf_model(arch, seed, **config)
+    dequantized = build_hf_model(arch, seed, **config) if with_dequantized else None
     cfg = model.config
     kind = Q[qtype]
     w = gguf.GGUFWriter(path, arch)
@@ -133,7 +134,8 @@ def write_gguf(path: Path, arch: str = "llama", qtype: str = "F32", seed: int = 
         if t.ndim == 2 and kind != Q.F32:
             raw = gguf.quants.quantize(data, kind)
             w.add_tensor(gguf_name(name), raw, raw_dtype=kind)
-            deq_state[name] = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(t, kind), kind).copy())
+            if with_dequantized:
+                deq_state[name] = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(t, kind), kind).copy())
         else:
             w.add_tensor(gguf_name(name), np.ascontiguousarray(data, dtype=np.float32))
             deq_state[name] = torch.from_numpy(t.copy())
@@ -143,7 +145,60 @@ def write_gguf(path: Path, arch: str = "llama", qtype: str = "F32", seed: int = 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    dequantized.load_state_dict(deq_state, strict=False)
-    if cfg.tie_word_embeddings:
-        dequantized.tie_weights()
-    return GGUFModel(Path(path), model, dequantized.eval(), tok)
+    if dequantized is not None:
+        dequantized.load_state_dict(deq_state, strict=False)
+        if cfg.tie_word_embeddings:
+            dequantized.tie_weights()
+        dequantized.eval()
+    return GGUFModel(Path(path), model, dequantized, tok)
+
+
+def sentencepiece_vocab() -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-style BPE vocabulary as llama.cpp stores it: <unk>, <s>, </s>, the 256 byte tokens,
+    then pieces ("▁" for a space) scored by merge order, with no merges listed."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator(CORPUS, vocab_size=300, show_progress=False, special_tokens=[])
+    pieces = [t for t, _ in sorted(sp.get_vocab().items(), key=lambda kv: kv[1])]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    return tokens, scores, types
+
+
+def write_sentencepiece_gguf(path: Path, add_space_prefix: bool = True) -> Path:
+    """A tiny Llama whose tokenizer is tokenizer.ggml.model "llama" (SentencePiece BPE, byte fallback)."""
+    import gguf
+
+    tokens, scores, types = sentencepiece_vocab()
+    model = build_hf_model("llama", 0, vocab_size=len(tokens), **HF_OVERRIDES["llama"])
+    cfg = model.config
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_space_prefix(add_space_prefix)
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        data = t.float().numpy()
+        if ".q_proj." in name or ".k_proj." in name:
+            data = permute(data, cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads)
+        w.add_tensor(gguf_name(name), np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)

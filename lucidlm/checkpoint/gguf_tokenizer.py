@@ -73,16 +73,17 @@ def _gpt2(meta: dict, source: str) -> HFTokenizer:
 
 
 def _sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
-    """The merges a SentencePiece BPE vocabulary implies: every split of a token into two tokens,
-    ordered by the merged token's score (higher first), as SentencePiece ranks them."""
+    """The merges a SentencePiece BPE vocabulary implies: every split of a piece into two pieces, ranked
+    by the merged piece's score (higher first), ties by longer left then right part, as transformers ranks them."""
     vocab = {t: i for i, t in enumerate(tokens) if types[i] in (NORMAL, USER_DEFINED)}
-    found: list[tuple[float, int, str, str]] = []
+    found: list[tuple[str, str, float]] = []
     for token, i in vocab.items():
-        for cut in range(1, len(token)):
-            left, right = token[:cut], token[cut:]
-            if left in vocab and right in vocab:
-                found.append((-scores[i], i, left, right))
-    return [(left, right) for _, _, left, right in sorted(found)]
+        pairs = [(token[:cut], token[cut:]) for cut in range(1, len(token))]
+        pairs = [(left, right) for left, right in pairs if left in vocab and right in vocab]
+        pairs.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        found += [(left, right, scores[i]) for left, right in pairs]
+    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)  # stable: ties keep vocabulary order
+    return [(left, right) for left, right, _ in found]
 
 
 def _llama(meta: dict, source: str) -> HFTokenizer:

@@ -136,6 +136,58 @@ def test_a_directory_holding_one_gguf_loads_and_info_reads_it(tmp_path):
         lucidlm.load(tmp_path)
 
 
+CAPPED = """
+import gc, resource, sys
+import torch
+import torch._dynamo  # imported lazily on the meta device; import it before measuring
+torch.set_num_threads(1)
+from lucidlm.checkpoint import load_model, open_gguf
+from lucidlm.checkpoint.gguf import GGUFTensors
+
+def vmdata():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmData"))
+
+path, budget = sys.argv[1], int(sys.argv[2])
+open_gguf(path)  # the header (and its vocabulary) is not what is measured
+limit = vmdata() + budget
+resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+try:  # first everything dequantized up front, then copied into a model: twice the model
+    reader = GGUFTensors(path)
+    state = {n: reader.get(n) for n in reader.tensors}
+    copies = [t.clone() for t in state.values()]
+    print("eager loaded")
+except (MemoryError, RuntimeError) as e:
+    print("eager out of memory:", str(e)[:60])
+state = copies = None
+gc.collect()
+try:
+    model = load_model(path).model
+    print("lazy loaded", float(model.embed.weight.abs().sum()))
+except (MemoryError, RuntimeError) as e:
+    print("lazy out of memory:", str(e)[:60])
+"""
+
+
+def test_lazy_dequantization_loads_in_little_more_than_the_model(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    # ~40 MB in float32 from a 20 MB F16 file; the cap leaves room for the model plus a quarter
+    m = write_gguf(tmp_path / "big.gguf", "llama", "F16", with_dequantized=False, hidden_size=768,
+                   intermediate_size=1536, num_attention_heads=8, num_key_value_heads=4, head_dim=96)
+    model_bytes = 4 * sum(p.numel() for n, p in m.source.named_parameters() if n != "lm_head.weight")
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", CAPPED, str(m.path), str(int(1.25 * model_bytes))],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    eager, lazy = proc.stdout.strip().splitlines()[-2:]
+    assert eager.startswith("eager out of memory"), eager  # the cap is tight enough to matter
+    assert lazy.startswith("lazy loaded"), lazy
+    expected = float(m.source.model.embed_tokens.weight.detach().half().float().abs().sum())
+    assert float(lazy.split()[2]) == pytest.approx(expected, rel=1e-5)  # the real weights arrived
+
+
 # --- tokenizer ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("pre", ["gpt2", "smollm"])
@@ -167,6 +219,34 @@ def test_tokenizer_adds_bos_when_the_file_says_so(tmp_path):
     ids = tok.encode(TEXT)
     assert ids[0] == tok.bos_token_id and ids == _transformers_tokenizer(m.path).encode(TEXT)
     assert tok.encode(TEXT, add_special_tokens=False) == ids[1:]
+
+
+def test_sentencepiece_tokenizer_encodes_like_transformers_gguf_tokenizer(tmp_path):
+    from gguf_models import write_sentencepiece_gguf
+
+    path = write_sentencepiece_gguf(tmp_path / "sp.gguf")
+    tok, ref = lucidlm.load(path).tokenizer, _transformers_tokenizer(path)
+    # pieces for what the corpus had, byte fallback for what it had not (🦀); </s> and <s> stay whole
+    for text in ["The quick brown fox. Héllo wörld, ça va?", "日本語のテキスト 🎉🤖🦀", "  two  spaces\n\ttab",
+                 "Don't stop</s><s>now", "numbers 12345"]:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text) and ids[0] == tok.bos_token_id == 1, text  # llama: BOS by default
+        decoded = tok.decode(ids, skip_special_tokens=True)
+        assert decoded == ref.decode(ids, skip_special_tokens=True)
+        # the dummy prefix is not added before a leading space, yet stripped: "  two" comes back " two"
+        plain = text.replace("</s>", "").replace("<s>", "")
+        assert decoded == (plain[1:] if plain.startswith(" ") else plain)
+    assert tok.encode("🦀", add_special_tokens=False)[-4:] == [3 + b for b in "🦀".encode()]  # unseen: <0xF0>...
+
+
+def test_sentencepiece_without_space_prefix_follows_the_file(tmp_path):
+    from gguf_models import write_sentencepiece_gguf
+
+    # transformers' reader ignores add_space_prefix=False; llama.cpp (and this loader) does not prepend "▁"
+    tok = lucidlm.load(write_sentencepiece_gguf(tmp_path / "sp.gguf", add_space_prefix=False)).tokenizer
+    ids = tok.encode("The fox", add_special_tokens=False)
+    assert not tok.backend.id_to_token(ids[0]).startswith("▁")
+    assert tok.decode(ids) == "The fox"
 
 
 def test_chat_template_and_eos_come_from_the_metadata(tmp_path):
