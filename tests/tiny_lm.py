@@ -7,6 +7,7 @@ import torch
 from lucidlm.api import LM
 from lucidlm.config import from_preset
 from lucidlm.model.transformer import Transformer
+from lucidlm.probe.probe import LoadedProbe, ProbeConfig, ProbeHead
 from lucidlm.tokenizer import byte_tokenizer
 
 
@@ -27,3 +28,13 @@ def tiny_lm(preset: str = "llama-125m", seed: int = 0, **overrides) -> LM:
     tok = byte_tokenizer()
     model = tiny_model(preset, seed, vocab_size=tok.vocab_size, **overrides)
     return LM(model, tok, model.config)
+
+
+def random_probe(lm: LM, layer: int, alignment: str = "own", seed: int = 0) -> LoadedProbe:
+    """A random probe head for ``lm`` on block ``layer`` (weights large enough that scores vary token to token)."""
+    torch.manual_seed(seed)
+    head = ProbeHead(lm.config.dim)
+    with torch.no_grad():
+        head.linear.weight.normal_(0, 0.05)
+    config = ProbeConfig(layer=layer, hidden_size=lm.config.dim, n_layers=lm.config.n_layers, alignment=alignment)
+    return LoadedProbe(head.to(lm.device).eval(), config)

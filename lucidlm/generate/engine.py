@@ -13,7 +13,12 @@ remaining slots. The serving issue reuses this: requests enter free slots betwee
 
 ``steps`` yields one ``Step`` per forward, carrying the new tokens, their log-probabilities and, on
 request, the hidden states of chosen layers for the tokens fed in that forward — what a
-hallucination probe scores.
+hallucination probe scores. A probe at the "own" alignment scores a token from the state computed
+when the token is fed, one forward after it was sampled; ``steps(feed_last=True)`` therefore feeds
+a finished row its last token once more (logits unused, nothing sampled) before the row leaves.
+That forward writes the last token's K/V into the one cell the sequence still had free: the prefill
+produces the first new token without writing a cell for it, so prompt + max_new_tokens cells hold
+every token once fed. Only a row that ended because the context (the cache) was full cannot be fed.
 """
 
 from __future__ import annotations
@@ -33,12 +38,15 @@ from .sampling import BatchSampling
 class Step:
     """What one forward produced. ``rows`` index the expanded request (prompt i, sample j → i·n + j)."""
 
-    rows: list[int]
+    rows: list[int]  # the rows that sampled a token from this forward's logits
     token_ids: list[int]
     logprobs: list[float]  # log p(token) under the model's own distribution (before processors)
     finished: dict[int, str] = field(default_factory=dict)  # row -> "stop" | "length"
-    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (rows, fed tokens, dim)
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (hidden_rows, fed tokens, dim)
     prefill: bool = False  # the forward that consumed the prompts (hidden covers the left-padded prompt)
+    # the rows this forward was fed, in the order of ``hidden``: ``rows`` first, then (feed_last) the
+    # rows that finished at the previous step and were fed their last token once more
+    hidden_rows: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -50,7 +58,9 @@ class Completion:
     finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
     text: str | None = None
     score: float | None = None  # best-of-N / beam score when a strategy ranked it
-    scores: list[float] | None = None  # per-token hallucination scores when a probe is loaded
+    # per-token hallucination scores when a probe is loaded; None for a last token that ended a full
+    # context under the "own" alignment (it was never fed, so no state of it exists)
+    scores: list[float | None] | None = None
 
     @property
     def mean_logprob(self) -> float:
@@ -113,11 +123,14 @@ class Engine:
         n: int = 1,
         hidden_layers: Sequence[int] = (),
         should_stop: Callable[[int, list[int]], bool] | None = None,
+        feed_last: bool = False,
     ) -> Iterator[Step]:
         """Generate for every prompt ``n`` times; yield each forward's tokens as they are decoded.
 
         should_stop(row, generated ids) is called for every new token and lets the caller end a row
-        (stop strings live at the text level).
+        (stop strings live at the text level). feed_last: a finished row is fed its last token in the
+        next forward (its ``hidden_rows``) so that the token's own hidden state exists; when every row
+        has finished, that is one last forward of just those rows (a Step with no ``rows``).
         """
         prompts = self.check_prompts(prompts)
         if n < 1:
@@ -140,11 +153,14 @@ class Engine:
         row_prompts = [prompts[r // n] for r in range(n_rows)]
         sampler = _RowSampler(config, row_prompts, n, cfg.vocab_size, self.device)
         generated: list[list[int]] = [[] for _ in range(n_rows)]
-        active = list(range(n_rows))
+        active = list(range(n_rows))  # rows that sample next: they lead the logits (rows fed once more follow)
+        fed = active  # the rows the last forward was fed (hidden_rows)
         is_prefill = True
         while True:
-            tokens, logprobs = sampler.next(logits, active)
-            step = Step(active, tokens.tolist(), logprobs.tolist(), hidden=hidden, prefill=is_prefill)
+            step = Step(active, [], [], hidden=hidden, prefill=is_prefill, hidden_rows=fed)
+            if active:
+                tokens, logprobs = sampler.next(logits[: len(active)], active)  # finished rows' logits: unused
+                step.token_ids, step.logprobs = tokens.tolist(), logprobs.tolist()
             for row, tok in zip(active, step.token_ids):
                 generated[row].append(tok)
                 # should_stop sees every token (text layers detokenize through it)
@@ -155,14 +171,18 @@ class Engine:
                     step.finished[row] = reason
             yield step
             keep = [i for i, row in enumerate(active) if row not in step.finished]
-            if not keep:
+            # feed_last: rows that just finished go through the next forward once more, after the others,
+            # unless the context is full (then their last token cannot be fed and has no hidden state)
+            last = [i for i, row in enumerate(active)
+                    if feed_last and row in step.finished and cache.lengths[row] < cache.max_len]
+            if not keep and not last:
                 return
-            if len(keep) < len(active):
-                active = [active[i] for i in keep]
-                tokens = tokens[keep]
+            if keep and len(keep) < len(active):
                 sampler.keep(keep)
-            logits, hidden = split_output(self.decode(cache, tokens[:, None], active, hidden_layers))
+            fed = [active[i] for i in keep + last]
+            logits, hidden = split_output(self.decode(cache, tokens[keep + last, None], fed, hidden_layers))
             logits = logits[:, -1]
+            active = [active[i] for i in keep]
             is_prefill = False
 
     def decode(self, cache: KVCache, tokens: torch.Tensor, slots: list[int],
@@ -171,7 +191,7 @@ class Engine:
         if not self.compile:
             return self.model(tokens, cache=cache, slots=slots, last_only=True, hidden_layers=hidden_layers)
         # A compiled step is specialised to its shapes: run a power-of-two number of rows, filling
-        # up with slots whose sequences have finished (they are shorter, so never overflow), and
+        # up with slots whose sequences have finished (never longer than the fed ones, so never overflow), and
         # drop their outputs. The batch thus shrinks 8 -> 4 -> 2 -> 1 and compiles a handful of times.
         rows = len(slots)
         width = min(cache.n_slots, 1 << (rows - 1).bit_length())
@@ -232,21 +252,33 @@ class Engine:
         should_stop: Callable[[int, list[int]], bool] | None = None,
         hidden_layers: Sequence[int] = (),
         token_scores: Callable[[Step], list[float]] | None = None,
+        alignment: str = "predictive",
     ) -> list[Completion]:
         """All completions, row i·n + j being sample j of prompt i. ``token_scores(step)`` gives a score
-        per row of each step (a probe reading ``step.hidden``), collected into ``Completion.scores``."""
+        per fed row of each step (``step.hidden_rows``; a probe reading ``step.hidden``), collected into
+        ``Completion.scores``: under ``alignment`` "predictive" a forward's score belongs to the token
+        sampled from it, under "own" to the token fed to it (see ``steps(feed_last=...)``)."""
         n_rows = len(prompts) * n
+        own = token_scores is not None and alignment == "own"
         ids: list[list[int]] = [[] for _ in range(n_rows)]
         lps: list[list[float]] = [[] for _ in range(n_rows)]
-        scores: list[list[float]] = [[] for _ in range(n_rows)]
+        scores: list[list[float | None]] = [[] for _ in range(n_rows)]
         reasons: dict[int, str] = {}
-        for step in self.steps(prompts, config, n=n, should_stop=should_stop, hidden_layers=hidden_layers):
-            step_scores = token_scores(step) if token_scores is not None else [None] * len(step.rows)
-            for row, tok, lp, sc in zip(step.rows, step.token_ids, step.logprobs, step_scores):
+        for step in self.steps(prompts, config, n=n, should_stop=should_stop, hidden_layers=hidden_layers,
+                               feed_last=own):
+            for row, tok, lp in zip(step.rows, step.token_ids, step.logprobs):
                 ids[row].append(tok)
                 lps[row].append(lp)
-                scores[row].append(sc)
             reasons.update(step.finished)
+            # Each row gets one score per forward it is fed to, in order: "predictive", of the token it
+            # just sampled; "own", of the token it was fed (its previous one). The prefill was fed the
+            # prompt, whose last token is not a generated one.
+            if token_scores is not None and not (own and step.prefill):
+                for row, score in zip(step.hidden_rows, token_scores(step)):
+                    scores[row].append(score)
+        if own:  # a row ended by a full context was never fed its last token: no score for it
+            for r in range(n_rows):
+                scores[r] += [None] * (len(ids[r]) - len(scores[r]))
         return [Completion(ids[r], lps[r], reasons[r], scores=scores[r] if token_scores else None)
                 for r in range(n_rows)]
 

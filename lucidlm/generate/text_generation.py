@@ -34,7 +34,9 @@ class StreamToken:
     text: str  # the text this token makes visible (may be "" while a character or stop string is pending)
     logprob: float
     finish_reason: str | None = None  # set on the last token
-    score: float | None = None  # hallucination score of this token when a probe is loaded
+    # hallucination score of this token when a probe is loaded (None under the "own" alignment for a
+    # last token that filled the context: it was never fed, so it has no hidden state)
+    score: float | None = None
 
 
 def encode_prompts(lm: LM, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
@@ -92,24 +94,25 @@ def generate(
     return [best_of(completions[i * best_of_n : (i + 1) * best_of_n], scorer) for i in range(len(ids))]
 
 
-def probe_scorer(lm: LM) -> tuple[list[int], Callable[[Step], list[float]] | None]:
-    """(hidden layers to hand out, step -> per-row scores) for the LM's probe, if it has one. A step's
-    last position is the state that decoded its token, so the score comes from that same forward."""
+def probe_scorer(lm: LM) -> tuple[list[int], Callable[[Step], list[float]] | None, str]:
+    """(hidden layers to hand out, step -> a score per fed row (``step.hidden_rows``), alignment) for the
+    LM's probe, if it has one. The score is the head on each row's last fed position: under "predictive"
+    the state that decoded the step's token, under "own" the state of the token fed to that forward."""
     if lm.probe is None:
-        return [], None
+        return [], None, "predictive"
     head, layer = lm.probe.head, lm.probe.config.layer
 
     def scores(step: Step) -> list[float]:
         with torch.no_grad():
             return head.scores(step.hidden[layer][:, -1]).tolist()
 
-    return [layer], scores
+    return [layer], scores, lm.probe.config.alignment
 
 
 def sample_ids(lm: LM, ids: list[list[int]], config: GenerationConfig, n: int = 1) -> list[Completion]:
     """``n`` completions per prompt, row i·n + j being sample j of prompt i, with their text."""
     engine = engine_for(lm)
-    layers, scorer = probe_scorer(lm)
+    layers, scorer, alignment = probe_scorer(lm)
     texts = _assemblers(lm, config, len(ids) * n)
 
     def stop_string_seen(row: int, generated: list[int]) -> bool:
@@ -117,7 +120,7 @@ def sample_ids(lm: LM, ids: list[list[int]], config: GenerationConfig, n: int = 
         return texts[row].stopped
 
     completions = engine.generate(ids, config, n=n, should_stop=stop_string_seen if texts else None,
-                                  hidden_layers=layers, token_scores=scorer)
+                                  hidden_layers=layers, token_scores=scorer, alignment=alignment)
     if texts:
         for c, t in zip(completions, texts):
             t.finish()
@@ -139,7 +142,8 @@ def _beam(lm: LM, ids: list[list[int]], config: GenerationConfig, num_return_seq
 
 
 def stream(lm: LM, prompt: Prompt, **options: Any) -> Iterator[StreamToken]:
-    """Yield each token as soon as it is decoded; the texts concatenate to the final text."""
+    """Yield each token as soon as it is decoded (with an "own"-aligned probe: as soon as it is scored, one
+    decode step later); the texts concatenate to the final text."""
     config = GenerationConfig.from_kwargs(**options)
     if config.num_beams > 1:
         raise ValueError("beam search cannot stream: its best sequence is known only at the end")
@@ -155,13 +159,29 @@ def stream(lm: LM, prompt: Prompt, **options: Any) -> Iterator[StreamToken]:
         return text.stopped
 
     engine = engine_for(lm)
-    layers, scorer = probe_scorer(lm)
-    for step in engine.steps(ids, config, should_stop=stop_string_seen if text else None, hidden_layers=layers):
+    layers, scorer, alignment = probe_scorer(lm)
+    own = scorer is not None and alignment == "own"
+    held: StreamToken | None = None  # "own": the last token, waiting for the forward it is fed to
+    for step in engine.steps(ids, config, should_stop=stop_string_seen if text else None, hidden_layers=layers,
+                             feed_last=own):
+        score = scorer(step)[0] if scorer else None  # of the one row's fed position
+        if held is not None:  # "own": this forward was fed the held token, so it scored it
+            held.score = score
+            yield held
+            held = None
+        if not step.rows:  # the last forward: it only fed the finished token
+            break
         reason = step.finished.get(0)
         piece = pieces.pop() if text else ""
         if reason is not None and text is not None:
             piece += text.finish()
-        yield StreamToken(step.token_ids[0], piece, step.logprobs[0], reason, scorer(step)[0] if scorer else None)
+        token = StreamToken(step.token_ids[0], piece, step.logprobs[0], reason, None if own else score)
+        if own:
+            held = token
+        else:  # "predictive": the forward that decoded the token scored it
+            yield token
+    if held is not None:  # it filled the context, so no forward was fed it: no score
+        yield held
 
 
 def sample(lm: LM, prompt: Prompt, n: int, **options: Any) -> list[Completion]:

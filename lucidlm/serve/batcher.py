@@ -12,8 +12,13 @@ cache keeps per-slot lengths and masks, so rows at different positions decode in
 
 The batcher runs in its own thread (torch releases the GIL inside its kernels, so the HTTP event
 loop stays responsive) and hands every token to the sequence's ``sink`` as a ``TokenEvent``; the
-server turns those into server-sent events. A row's scores, log-probabilities and text come from
-the forward that produced its logits, exactly as ``lm.stream`` does.
+server turns those into server-sent events. A row's log-probabilities and text come from the forward
+that produced its logits, exactly as ``lm.stream`` does; so does its probe score under the "predictive"
+alignment. Under "own" a token is scored by the decode forward it is fed to, so its event waits for
+that forward (one step of latency), and a finished row is fed its last token once more (logits
+unused) before its slot is freed. The slot has the cell for it: ``submit`` keeps prompt +
+max_new_tokens within max_len, and the first new token comes from the prefill without a cell of its
+own. (A row ending because its slot was full could not be fed: its last score would be None.)
 """
 
 from __future__ import annotations
@@ -104,7 +109,9 @@ class _Row:
             self.generator = torch.Generator(device).manual_seed(params.seed + seq.sample_index)
         self.text = TextAssembler(lm.tokenizer, seq.config.stop) if lm.tokenizer is not None else None
         self.logits: torch.Tensor | None = None  # (vocab,) the distribution of the next token
-        self.score: float | None = None  # the probe's score of the next token (same forward)
+        # the probe's score from the last forward: "predictive", of the next token (decoded by it);
+        # "own", of the token fed to it. Taken (reset to None) by the event it goes to.
+        self.score: float | None = None
 
 
 class ContinuousBatcher:
@@ -120,6 +127,7 @@ class ContinuousBatcher:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.vocab = cfg.vocab_size
         self.probe_layers = [lm.probe.config.layer] if lm.probe is not None else []
+        self.own = lm.probe is not None and lm.probe.config.alignment == "own"  # see the module docstring
         self.free = list(range(max_batch))  # a heap: the lowest free slot first keeps the running slots a
         # contiguous range more often, and the cache then reads them as views instead of gathering
         self.rows: dict[int, _Row] = {}  # slot -> running row
@@ -213,14 +221,18 @@ class ContinuousBatcher:
             return
         rows = list(self.rows.values())
         tokens, logprobs, top = self._sample(rows)
-        keep = []  # positions in this batch of the rows that go on
-        for i, (row, tok, lp, tl) in enumerate(zip(rows, tokens.tolist(), logprobs.tolist(), top)):
-            if self._emit(row, tok, lp, tl):
-                keep.append(i)
-            else:
-                self._release(row.slot)
-        if keep:
-            self._decode([rows[i] for i in keep], tokens[keep])
+        events = [self._event(*a) for a in zip(rows, tokens.tolist(), logprobs.tolist(), top)]
+        # Which forward scores a token: "predictive", the one that decoded it (already run: emit now);
+        # "own", the one it is fed to (the decode below: emit after it, and feed rows that just
+        # finished once more so that their last token is scored too).
+        fed = [i for i, (row, e) in enumerate(zip(rows, events))
+               if e.finish_reason is None or (self.own and self.cache.lengths[row.slot] < self.cache.max_len)]
+        if not self.own:
+            self._emit(rows, events)
+        if fed:
+            self._decode([rows[i] for i in fed], tokens[fed])
+        if self.own:
+            self._emit(rows, events)
 
     def _drop_cancelled(self) -> None:
         for slot in [s for s, r in self.rows.items() if r.seq.cancelled]:
@@ -252,7 +264,7 @@ class ContinuousBatcher:
         for group in _padding_groups(rows, self.max_len):
             prompts, slots = [r.seq.prompt for r in group], [r.slot for r in group]
             logits, hidden = self.engine.prefill(self.cache, prompts, slots, self.probe_layers)
-            scores = self._scores(hidden)
+            scores = self._scores(hidden) if not self.own else None  # "own": the prompt's token, not scored
             for i, r in enumerate(group):
                 r.logits, r.score = logits[i], None if scores is None else scores[i]
             self._mark_prompts(group)
@@ -301,8 +313,8 @@ class ContinuousBatcher:
             self.counts[slot_t, tokens] += 1
         return tokens, logprobs, top
 
-    def _emit(self, row: _Row, tok: int, logprob: float, top: list[tuple[int, float]]) -> bool:
-        """Hand the token to its sequence; False when the sequence has ended."""
+    def _event(self, row: _Row, tok: int, logprob: float, top: list[tuple[int, float]]) -> TokenEvent:
+        """The row's new token (its text and finish reason; the score is set by ``_emit``)."""
         seq = row.seq
         seq.generated.append(tok)
         piece, reason = "", None
@@ -315,11 +327,18 @@ class ContinuousBatcher:
                                                 self.cache.max_len)
         if reason is not None and row.text is not None:
             piece += row.text.finish()
-        seq.sink(TokenEvent(tok, piece, logprob, top, row.score, reason))
-        return reason is None
+        return TokenEvent(tok, piece, logprob, top, finish_reason=reason)
+
+    def _emit(self, rows: list[_Row], events: list[TokenEvent]) -> None:
+        """Hand each row's event, with the row's score, to its sequence; finished rows free their slot."""
+        for row, event in zip(rows, events):
+            event.score, row.score = row.score, None
+            row.seq.sink(event)
+            if event.finish_reason is not None:
+                self._release(row.slot)
 
     def _decode(self, rows: list[_Row], tokens: torch.Tensor) -> None:
-        """One forward for every continuing row: their next logits (and probe scores)."""
+        """One forward for every fed row: their next logits (and probe scores)."""
         out = self.engine.decode(self.cache, tokens[:, None], [r.slot for r in rows], self.probe_layers)
         logits, hidden = split_output(out)
         scores = self._scores(hidden)

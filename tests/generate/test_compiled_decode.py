@@ -1,9 +1,11 @@
-"""Engine(compile=True) and packed weights: the same tokens, logprobs and hidden states as the eager engine."""
+"""Engine(compile=True) and packed weights: the same tokens, logprobs, hidden states and probe scores as the eager
+engine."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from tiny_lm import tiny_model
+from tiny_lm import random_probe, tiny_lm, tiny_model
 
 from lucidlm.generate.engine import Engine
 from lucidlm.generate.generation_config import GenerationConfig
@@ -51,3 +53,22 @@ def test_compiled_step_hidden_states_match_eager():
     for a, b in zip(eager, compiled):
         assert a.token_ids == b.token_ids
         torch.testing.assert_close(a.hidden[1], b.hidden[1], atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_decode_scores_own_aligned_tokens_as_eager():
+    """An "own" probe feeds finished rows once more: the compiled step (filler rows, static cache) gives the
+    same tokens and the same scores, each equal to a full forward's."""
+    torch._dynamo.reset()
+    lm = tiny_lm()
+    lm.probe = random_probe(lm, layer=1, alignment="own")
+    prompts = ["hello", "a longer prompt", "xyz"]
+    lm.hf_config = {"eos_token_id": lm.generate(prompts[1], max_new_tokens=NEW)[0].token_ids[2]}
+    eager = lm.generate(prompts, max_new_tokens=NEW)
+    assert len(eager[1].token_ids) == 3  # row 1 stops early: fed once more beside the others
+    lm.compile_decode = True
+    compiled = lm.generate(prompts, max_new_tokens=NEW)
+    for p, e, c in zip(prompts, eager, compiled):
+        assert c.token_ids == e.token_ids and c.finish_reason == e.finish_reason
+        ids = lm.encode(p)
+        full = lm.token_scores(ids + c.token_ids)[len(ids):]
+        assert c.scores == pytest.approx(full, abs=1e-4) and e.scores == pytest.approx(full, abs=1e-5)

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 from hf_parity import random_hf_model
-from tiny_lm import tiny_lm
+from tiny_lm import random_probe, tiny_lm
 
 import lucidlm
+from lucidlm.generate.engine import Completion
 from lucidlm.probe.probe import (
-    LoadedProbe,
     ProbeConfig,
     ProbedModel,
     ProbeHead,
@@ -59,20 +59,66 @@ def test_probe_on_a_transformers_model():
     torch.testing.assert_close(out.logits, ref.logits)
 
 
-def test_streaming_and_generate_scores_equal_a_full_forward():
-    lm = tiny_lm()
-    lm.probe = LoadedProbe(random_head(lm.config.dim), ProbeConfig(layer=0, hidden_size=lm.config.dim, n_layers=2))
-    prompt = "hello there"
-    tokens = list(lm.stream(prompt, max_new_tokens=12, ignore_eos=True))
-    assert all(t.score is not None and 0.0 <= t.score <= 1.0 for t in tokens)
-    assert len({round(t.score, 6) for t in tokens}) > 1  # scores vary token to token
-    ids = lm.encode(prompt)
-    full = lm.token_scores(ids + [t.token_id for t in tokens])
-    torch.testing.assert_close(torch.tensor([t.score for t in tokens]), torch.tensor(full[len(ids):]),
-                               rtol=1e-5, atol=1e-6)
-    batch = lm.generate([prompt, "a much longer prompt than that"], max_new_tokens=8, ignore_eos=True)
-    assert batch[0].scores == pytest.approx([t.score for t in tokens[:8]], abs=1e-5)  # left padding changes nothing
-    assert len(batch[1].scores) == 8
+PROMPTS = ["hello there", "a much longer prompt than that"]
+
+
+def probed_lm(alignment: str, **overrides):
+    lm = tiny_lm(**overrides)
+    lm.probe = random_probe(lm, layer=0, alignment=alignment)
+    return lm
+
+
+def every_way_to_generate(lm, stop: str) -> list[tuple[list[int], Completion]]:
+    """(prompt ids, completion) of lm.stream, a left-padded lm.generate batch and n samples (lm.sample), each
+    ended by max_new_tokens, by the stop string and by EOS (lm.eos_token_ids)."""
+    out = []
+    for options in (dict(ignore_eos=True), dict(stop=[stop], ignore_eos=True), {}):
+        tokens = list(lm.stream(PROMPTS[0], max_new_tokens=12, **options))
+        out.append((lm.encode(PROMPTS[0]), Completion(
+            [t.token_id for t in tokens], [t.logprob for t in tokens], tokens[-1].finish_reason,
+            "".join(t.text for t in tokens), scores=None if lm.probe is None else [t.score for t in tokens])))
+        assert all(t.finish_reason is None for t in tokens[:-1])
+        out += zip([lm.encode(p) for p in PROMPTS], lm.generate(PROMPTS, max_new_tokens=12, **options))
+        samples = lm.sample(PROMPTS[1], n=3, max_new_tokens=10, temperature=1.0, seed=3, **options)
+        out += [(lm.encode(PROMPTS[1]), c) for c in samples]
+    return out
+
+
+@pytest.mark.parametrize("alignment", ["own", "predictive"])
+def test_streaming_and_generate_scores_equal_a_full_forward(alignment):
+    lm = probed_lm(alignment)
+    probe, lm.probe = lm.probe, None
+    free = lm.generate(PROMPTS[0], max_new_tokens=12, ignore_eos=True)[0]
+    stop = free.text[6:8]
+    lm.hf_config = {"eos_token_id": free.token_ids[4]}  # a second EOS that the first prompt reaches at token 5
+    plain = every_way_to_generate(lm, stop)
+    lm.probe = probe
+    scored = every_way_to_generate(lm, stop)
+
+    assert [c.finish_reason for _, c in scored[:3]] == ["length", "length", "length"]
+    assert [c.finish_reason for _, c in scored[6:9]] == ["stop", "stop", "length"]  # the stop string
+    assert scored[12][1].finish_reason == "stop" and len(scored[12][1].token_ids) == 5  # EOS
+    for (ids, c), (_, p) in zip(scored, plain):
+        assert (c.token_ids, c.text, c.finish_reason) == (p.token_ids, p.text, p.finish_reason)  # the probe
+        assert c.logprobs == pytest.approx(p.logprobs, abs=1e-5)  # changes nothing else
+        full = lm.token_scores(ids + c.token_ids)[len(ids):]  # one forward over the whole text
+        assert None not in c.scores and c.scores == pytest.approx(full, abs=1e-5), (alignment, c.finish_reason)
+    streamed = scored[0][1].scores
+    assert len({round(s, 6) for s in streamed}) > 1  # scores vary token to token
+    assert scored[1][1].scores == pytest.approx(streamed, abs=1e-5)  # left padding changes nothing
+
+
+def test_own_alignment_cannot_score_a_token_that_fills_the_context():
+    lm = probed_lm("own", max_seq_len=24)
+    ids = lm.encode("x" * 19)
+    tokens = list(lm.stream(ids, max_new_tokens=10, ignore_eos=True))
+    generated = [t.token_id for t in tokens]
+    assert len(ids) + len(generated) == 25 and tokens[-1].finish_reason == "length"  # 24 cells, the last never fed
+    full = lm.token_scores(ids + generated[:-1])[len(ids):]
+    assert tokens[-1].score is None and [t.score for t in tokens[:-1]] == pytest.approx(full, abs=1e-5)
+    completion = lm.generate([ids], max_new_tokens=10, ignore_eos=True)[0]
+    assert completion.token_ids == generated and completion.scores[-1] is None
+    assert completion.scores[:-1] == pytest.approx(full, abs=1e-5)
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -113,7 +159,7 @@ def test_generate_cli_prints_scores_with_a_probe(tmp_path):
     from lucidlm.cli import app
 
     base = build_random_checkpoint(tmp_path / "model")
-    save_probe(tmp_path / "probe", random_head(256), ProbeConfig(layer=1, hidden_size=256, n_layers=4))
+    save_probe(tmp_path / "probe", random_head(256), ProbeConfig(layer=1, hidden_size=256, n_layers=4, alignment="own"))
     result = CliRunner().invoke(app, ["generate", "-m", str(base), "--probe", str(tmp_path / "probe"), "--json",
                                       "--max-new-tokens", "5", "Hello"])
     assert result.exit_code == 0, result.output

@@ -1,6 +1,7 @@
 """Continuous batching: rows that join and leave the running batch get exactly what they would get alone
-(the engine's lm.generate / lm.stream is the reference; `lm` is conftest's probed tiny model); cancelled rows
-free their slot at once; the queue is bounded."""
+(the engine's lm.generate / lm.stream is the reference; `lm` is conftest's probed tiny model, "own" alignment);
+probe scores equal a full forward's at either alignment, however a row ends; cancelled rows free their slot at
+once; the queue is bounded."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 
 import pytest
 import torch
+from live_server import probed_tiny_lm
 
 from lucidlm.generate.generation_config import GenerationConfig
 from lucidlm.serve.batcher import ContinuousBatcher, Draining, ErrorEvent, QueueFull, Sequence, TokenEvent
@@ -80,6 +82,47 @@ def test_rows_joining_mid_decode_get_what_they_get_alone(lm):
         assert sink.text == alone.text
         assert sink.events[-1].finish_reason == "length" and all(e.finish_reason is None for e in sink.events[:-1])
     assert batcher.idle() and len(batcher.free) == 8
+
+
+def serve_all(lm, cases: list[tuple[str, dict]], max_len: int) -> list[Collector]:
+    """Each (prompt, options) request submitted one iteration after the previous; every choice's sink."""
+    batcher = ContinuousBatcher(lm, max_batch=8, max_len=max_len)
+    sinks = []
+    with torch.inference_mode():
+        for prompt, opts in cases:
+            seqs, s = request(lm, prompt, **opts)
+            batcher.submit(seqs)
+            sinks += s
+            batcher.iteration()
+    run_until_done(batcher, sinks)
+    assert batcher.idle() and len(batcher.free) == 8  # finished rows fed once more were released after it
+    return sinks
+
+
+@pytest.mark.parametrize("alignment", ["own", "predictive"])
+def test_scores_equal_a_full_forward_however_a_row_ends(alignment):
+    lm = probed_tiny_lm(alignment)
+    first = lm.generate("Hello", max_new_tokens=24, ignore_eos=True)[0]
+    lm.hf_config = {"eos_token_id": first.token_ids[5]}  # a second EOS, reached at token 6 (or earlier)
+    fill = 48 - len(lm.encode(PROMPTS[4]))  # prompt + max_new_tokens = the slot: the last token takes its last cell
+    cases = [("Hello", dict(max_new_tokens=24, ignore_eos=True)), ("Hello", dict(max_new_tokens=24)),
+             ("Hello", dict(max_new_tokens=24, stop=[first.text[3:5]], ignore_eos=True)),
+             (PROMPTS[1], dict(n=3, max_new_tokens=9, temperature=1.0, seed=2)),
+             (PROMPTS[4], dict(max_new_tokens=fill, ignore_eos=True))]
+    probe, lm.probe = lm.probe, None
+    plain = serve_all(lm, cases, max_len=48)
+    lm.probe = probe
+    sinks = serve_all(lm, cases, max_len=48)
+    prompts = [p for p, opts in cases for _ in range(opts.get("n", 1))]
+    reasons = [s.events[-1].finish_reason for s in sinks]
+    assert reasons[:3] == ["length", "stop", "stop"] and len(sinks[1].ids) <= 6 and reasons[-1] == "length"
+    for prompt, sink, alone in zip(prompts, sinks, plain):
+        assert (sink.ids, sink.text) == (alone.ids, alone.text)  # the probe changes nothing else
+        assert [e.logprob for e in sink.events] == pytest.approx([e.logprob for e in alone.events], abs=1e-5)
+        ids = lm.encode(prompt)
+        full = lm.token_scores(ids + sink.ids)[len(ids):]
+        assert [e.score for e in sink.events] == pytest.approx(full, abs=1e-5), (alignment, prompt)
+    assert len(lm.encode(prompts[-1])) + len(sinks[-1].ids) == 48
 
 
 def test_stop_strings_n_choices_and_top_logprobs(lm):

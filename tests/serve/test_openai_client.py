@@ -1,11 +1,12 @@
 """The official openai client against a live server: models, completions, chat, streaming; streamed text equals
-the non-streamed text for the same seed; scores and log-probabilities are the engine's."""
+the non-streamed text for the same seed; scores and log-probabilities are the engine's, and the scores equal a
+full forward's at either probe alignment."""
 
 from __future__ import annotations
 
 import openai
 import pytest
-from live_server import MODEL
+from live_server import MODEL, LiveServer, probed_tiny_lm
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about Ada."}]
 
@@ -38,6 +39,8 @@ def test_chat_matches_the_engine_and_streaming_matches_non_streaming(client, lm)
     assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
     scores = [s["score"] for s in choice.model_extra["token_scores"]]  # lucidlm's extension field
     assert scores == pytest.approx(expected.scores, abs=1e-5)
+    full_forward = lm.token_scores(chat_ids(lm) + expected.token_ids)[len(chat_ids(lm)):]
+    assert scores == pytest.approx(full_forward, abs=1e-5)
     assert full.usage.prompt_tokens == len(chat_ids(lm)) and full.usage.completion_tokens == len(expected.token_ids)
 
     chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True,
@@ -76,6 +79,44 @@ def test_completions_batch_n_stop_and_stream(client, lm):
     streamed = list(client.completions.create(model=MODEL, prompt=prompts[1], max_tokens=12, seed=7, stream=True))
     assert "".join(c.choices[0].text for c in streamed) == full.choices[0].text
     assert streamed[-1].choices[0].finish_reason == full.choices[0].finish_reason == "length"
+
+
+@pytest.fixture(scope="module", params=["own", "predictive"])
+def eos_server(request):
+    """A server whose model has a second EOS that greedy decoding of PROMPT reaches at token 6."""
+    lm = probed_tiny_lm(request.param)
+    lm.hf_config = {"eos_token_id": lm.generate(PROMPT, max_new_tokens=12, ignore_eos=True)[0].token_ids[5]}
+    server = LiveServer(lm, max_batch=8, max_queue=8, max_len=MAX_LEN)
+    yield lm, openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    server.close()
+
+
+PROMPT, MAX_LEN = "Once upon a time", 48
+
+
+def test_token_scores_equal_a_full_forward_streamed_or_not(eos_server):
+    lm, client = eos_server
+    ids = lm.encode(PROMPT)
+    stop = lm.generate(PROMPT, max_new_tokens=12, ignore_eos=True)[0].text[2:4]
+    cases = [(dict(max_tokens=12, extra_body={"ignore_eos": True}), dict(max_new_tokens=12, ignore_eos=True)),
+             (dict(max_tokens=12), dict(max_new_tokens=12)),  # EOS
+             (dict(max_tokens=12, stop=[stop], extra_body={"ignore_eos": True}),
+              dict(max_new_tokens=12, stop=[stop], ignore_eos=True)),
+             (dict(max_tokens=MAX_LEN - len(ids), extra_body={"ignore_eos": True}),  # the slot's last cell: its
+              dict(max_new_tokens=MAX_LEN - len(ids), ignore_eos=True))]  # last token's ("own" feeds it once more)
+    reasons = []
+    for request, options in cases:
+        expected = lm.generate(PROMPT, **options)[0]
+        want = lm.token_scores(ids + expected.token_ids)[len(ids):]  # the last token's score included
+        full = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0, **request).choices[0]
+        chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, temperature=0, stream=True, **request))
+        streamed = [s["score"] for c in chunks for s in (c.choices[0].model_extra.get("token_scores") or [])]
+        assert full.text == expected.text and full.finish_reason == expected.finish_reason
+        assert "".join(c.choices[0].text for c in chunks) == expected.text
+        assert [s["score"] for s in full.model_extra["token_scores"]] == pytest.approx(want, abs=1e-5)
+        assert streamed == pytest.approx(want, abs=1e-5)
+        reasons.append(expected.finish_reason)
+    assert reasons == ["length", "stop", "stop", "length"]
 
 
 def test_best_of_returns_the_best_samples_by_logprob_or_by_the_probe(client, lm):
