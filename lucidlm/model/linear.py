@@ -106,6 +106,14 @@ class OneDNNLinear(torch.autograd.Function):
 ONEDNN_TRAINING = torch.backends.mkldnn.is_available()  # route fp32 CPU training matmuls through oneDNN
 
 
+def check_packable(dtype: torch.dtype) -> None:
+    """oneDNN packs bfloat16/float16 weights only on CPUs with the instructions for them (AVX-512 BW and up)."""
+    if dtype != torch.float32 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise ValueError(f"packed {str(dtype).replace('torch.', '')} weights need a CPU with AVX-512 (oneDNN's "
+                         f"reduced-precision kernels); this one has {torch.backends.cpu.get_cpu_capability()}: "
+                         "use float32, or no pack_weights")
+
+
 class Linear(nn.Linear):
     def pack(self, rows: int = 1) -> None:
         """Keep a copy of the weight reordered into oneDNN's blocked layout (CPU only).
@@ -118,6 +126,7 @@ class Linear(nn.Linear):
         w = self.weight
         if w.device.type != "cpu":
             raise ValueError("packed weights are for CPU: oneDNN's blocked layout")
+        check_packable(w.dtype)
         with torch.no_grad():
             packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_size=rows)
         ptr = w.data_ptr()

@@ -45,9 +45,10 @@ def flagged_spans(pieces: list[str], scores: list[float | None], threshold: floa
 
 def lowest_max_score(completion: Completion) -> float:
     """Best-of-N scorer (higher is better): minus the completion's highest token score."""
-    if not completion.scores:
+    scores = [s for s in completion.scores or () if s is not None]  # "own": a token that filled the context has none
+    if not scores:
         raise ValueError("the completion has no probe scores: load the model with one (lucidlm.load(..., probe=DIR))")
-    return -max(completion.scores)
+    return -max(scores)
 
 
 def attempt_curve(risk: np.ndarray, correct: np.ndarray, points: int = 21) -> list[dict]:
