@@ -82,21 +82,6 @@ def convert(
 
 
 @app.command()
-def convert(
-    source: Annotated[Path, typer.Argument(help=".gguf file (or a directory holding one) or named local model")],
-    out: Annotated[Path, typer.Argument(help="directory to write the Hugging Face checkpoint to")],
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (the file's float type; "
-                                            "quantized weights dequantize to float32)")] = "auto",
-) -> None:
-    """Convert a GGUF model to a Hugging Face checkpoint directory: config.json, model.safetensors,
-    tokenizer.json and tokenizer_config.json (with the chat template)."""
-    from .api import load
-
-    lm = load(source, dtype=dtype, device="cpu")
-    typer.echo(f"wrote {lm.save(out)} ({lm.model.num_parameters() / 1e6:.1f}M params, {lm.dtype})")
-
-
-@app.command()
 def demo(
     out: Annotated[Path | None, typer.Option(help="cache directory: every stage is kept here and reused "
                                                   "(default runs/demo, or runs/demo-world with --world)")] = None,

@@ -30,8 +30,17 @@ HF_OVERRIDES = {
     "llama": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0), tie_word_embeddings=True),
     "qwen2": dict(rope_parameters=dict(rope_type="default", rope_theta=1e6), tie_word_embeddings=False),
     "qwen3": dict(head_dim=128, rope_parameters=dict(rope_type="default", rope_theta=1e6), tie_word_embeddings=False),
+    # what a GGUF leaves out takes Gemma3TextConfig's defaults: query_pre_attn_scalar, the 5:1 layer pattern
+    # (6 layers: one global), the sliding layers' RoPE base
+    "gemma3": dict(head_dim=16, query_pre_attn_scalar=256, sliding_window=4, num_hidden_layers=6, layer_types=None,
+                   rope_parameters=dict(full_attention=dict(rope_type="default", rope_theta=1e6),
+                                        sliding_attention=dict(rope_type="default", rope_theta=1e4))),
 }
-GGUF_NAMES = [  # Hugging Face suffix -> llama.cpp name (per layer)
+HF_KIND = {"gemma3": "gemma3_text"}  # GGUF architecture -> hf_models family
+GGUF_NAMES = [  # Hugging Face suffix -> llama.cpp name (per layer); Gemma 3's sandwich norms first
+    ("post_attention_layernorm.weight@gemma3", "post_attention_norm.weight"),
+    ("pre_feedforward_layernorm.weight@gemma3", "ffn_norm.weight"),
+    ("post_feedforward_layernorm.weight@gemma3", "post_ffw_norm.weight"),
     ("input_layernorm.weight", "attn_norm.weight"), ("post_attention_layernorm.weight", "ffn_norm.weight"),
     ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
     ("self_attn.o_proj", "attn_output"), ("self_attn.q_norm.weight", "attn_q_norm.weight"),
@@ -54,7 +63,7 @@ def train_tokenizer(vocab_size: int = 400):
     return tok
 
 
-def gguf_name(hf: str) -> str:
+def gguf_name(hf: str, arch: str = "llama") -> str:
     if hf == "model.embed_tokens.weight":
         return "token_embd.weight"
     if hf == "model.norm.weight":
@@ -63,7 +72,8 @@ def gguf_name(hf: str) -> str:
         return "output.weight"
     layer, rest = hf.removeprefix("model.layers.").split(".", 1)
     for suffix, name in GGUF_NAMES:
-        if rest.startswith(suffix):
+        suffix, _, only = suffix.partition("@")
+        if rest.startswith(suffix) and only in ("", arch):
             return f"blk.{layer}.{name}{rest[len(suffix):]}"
     raise KeyError(hf)
 
@@ -91,11 +101,14 @@ def write_gguf(path: Path, arch: str = "llama", qtype: str = "F32", seed: int = 
     vocab = tok.get_vocab()
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     config = {**HF_OVERRIDES[arch], **overrides, "vocab_size": len(tokens)}
-    model = build_hf_model(arch, seed, **config)
-    dequantized = build_hf_model(arch, seed, **config) if with_dequantized else None
+    kind = HF_KIND.get(arch, arch)
+    model = build_hf_model(kind, seed, **config)
+    dequantized = build_hf_model(kind, seed, **config) if with_dequantized else None
     cfg = model.config
-    kind = Q[qtype]
+    qkind = Q[qtype]
     w = gguf.GGUFWriter(path, arch)
+    if arch == "gemma3":
+        w.add_sliding_window(cfg.sliding_window)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -103,7 +116,8 @@ def write_gguf(path: Path, arch: str = "llama", qtype: str = "F32", seed: int = 
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
+    w.add_rope_freq_base(rope["rope_theta"])
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
@@ -131,13 +145,16 @@ def write_gguf(path: Path, arch: str = "llama", qtype: str = "F32", seed: int = 
         if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             heads = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
             data = permute(t, heads)
-        if t.ndim == 2 and kind != Q.F32:
-            raw = gguf.quants.quantize(data, kind)
-            w.add_tensor(gguf_name(name), raw, raw_dtype=kind)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            data = data + 1  # llama.cpp stores Gemma's (1 + w) norm weights as the factor itself
+        if t.ndim == 2 and qkind != Q.F32:
+            raw = gguf.quants.quantize(data, qkind)
+            w.add_tensor(gguf_name(name, arch), raw, raw_dtype=qkind)
             if with_dequantized:
-                deq_state[name] = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(t, kind), kind).copy())
+                deq = gguf.quants.dequantize(gguf.quants.quantize(t, qkind), qkind)
+                deq_state[name] = torch.from_numpy(deq.copy())
         else:
-            w.add_tensor(gguf_name(name), np.ascontiguousarray(data, dtype=np.float32))
+            w.add_tensor(gguf_name(name, arch), np.ascontiguousarray(data, dtype=np.float32))
             deq_state[name] = torch.from_numpy(t.copy())
     if extra is not None:
         extra(w)

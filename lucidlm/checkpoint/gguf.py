@@ -2,18 +2,19 @@
 
 A GGUF file holds metadata (architecture hyper-parameters, the tokenizer) and tensors under
 llama.cpp's names, many of them quantized. ``gguf_hf_config`` turns the metadata into the
-config.json dict of a Hugging Face model type (``llama``, ``qwen2``, ``qwen3``), so the existing
+config.json dict of a Hugging Face model type (``llama``, ``qwen2``, ``qwen3``, ``gemma3_text``), so the existing
 families build the ``ModelConfig``; ``GGUFTensors`` lists the tensors under the Hugging Face names
 those families expect (shapes known from the header, no data read) and dequantizes one tensor at
 a time on request, from the memory-mapped file. llama.cpp's converter permutes the rows of Llama's
-Q and K projections for its RoPE kernel (pairs (2i, 2i+1) instead of halves); that is undone here.
+Q and K projections for its RoPE kernel (pairs (2i, 2i+1) instead of halves), and stores Gemma's
+(1 + w) norm weights with the 1 added; both are undone here.
 
 The header is parsed here rather than with ``gguf.GGUFReader``, which builds a numpy view per
 array element (about 5 s for a 49k-token vocabulary); the ``gguf`` package supplies the type
 tables and the dequantization kernels.
 
 A new architecture is one entry in ``ARCHITECTURES`` (its model type, tensor names, whether Q/K
-are permuted, what its config needs beyond the common keys).
+are permuted, a norm offset, what its config needs beyond the common keys).
 """
 
 from __future__ import annotations
@@ -313,25 +314,47 @@ LLAMA_TENSORS = [
 ]
 
 
+# Gemma 3's sandwich norms: llama.cpp's ffn_norm is the pre-feedforward one
+GEMMA3_TENSORS = [
+    (r"blk\.(\d+)\.post_attention_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.pre_feedforward_layernorm.weight"),
+    (r"blk\.(\d+)\.post_ffw_norm\.weight", r"model.layers.\1.post_feedforward_layernorm.weight"),
+] + LLAMA_TENSORS
+
+
 @dataclass(frozen=True)
 class Architecture:
     model_type: str  # the Hugging Face model_type whose family loads it
     hf_architecture: str
     tensors: list[tuple[str, str]]  # (GGUF name regex, HF name template)
     permute_qk: bool = False  # llama.cpp's converter interleaves Llama's Q/K rows (see unpermute)
-    extra_config: Callable[[GGUFFile], dict] | None = None  # config keys beyond the common ones
+    norm_offset: float = 0.0  # subtracted from *norm.weight: llama.cpp stores Gemma's (1 + w) as is
+    adapt_config: Callable[[GGUFFile, dict], None] | None = None  # what the family needs beyond the common keys
 
 
-def _qwen2_config(f: GGUFFile) -> dict:
-    return {"use_sliding_window": False}
+def _qwen2_config(f: GGUFFile, hf: dict) -> None:
+    hf["use_sliding_window"] = False
 
 
-# To add an architecture (e.g. gemma3 -> gemma3_text: its sandwich norms, norms stored as 1 + w by
-# llama.cpp, per-layer RoPE bases), add an entry here and test it against transformers' GGUF loader.
+def _gemma3_config(f: GGUFFile, hf: dict) -> None:
+    """config.json's 4.x dialect: rope_theta and rope_scaling are the global layers'; the sliding layers'
+    base (10k), their pattern (5 sliding : 1 global) and query_pre_attn_scalar are not in the file, and
+    llama.cpp takes the same defaults as transformers' Gemma3TextConfig, which the family applies."""
+    rope = hf.pop("rope_parameters")
+    hf["rope_theta"] = rope.pop("rope_theta")
+    if rope["rope_type"] != "default":
+        hf["rope_scaling"] = rope
+    hf.pop("hidden_act")
+    hf.update(hidden_activation="gelu_pytorch_tanh", sliding_window=_meta(f, "attention.sliding_window", 4096))
+
+
+# A new architecture: an entry here, tested against its source and transformers' GGUF loader.
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("llama", "LlamaForCausalLM", LLAMA_TENSORS, permute_qk=True),
-    "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", LLAMA_TENSORS, extra_config=_qwen2_config),
+    "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", LLAMA_TENSORS, adapt_config=_qwen2_config),
     "qwen3": Architecture("qwen3", "Qwen3ForCausalLM", LLAMA_TENSORS),
+    "gemma3": Architecture("gemma3_text", "Gemma3ForCausalLM", GEMMA3_TENSORS, norm_offset=1.0,
+                           adapt_config=_gemma3_config),
 }
 
 
@@ -412,8 +435,8 @@ def gguf_hf_config(f: GGUFFile) -> dict:
     }
     if not hf["vocab_size"]:
         raise CheckpointError(f"{f.path}: no {f.architecture}.vocab_size and no tokenizer.ggml.tokens")
-    if arch.extra_config:
-        hf.update(arch.extra_config(f))
+    if arch.adapt_config:
+        arch.adapt_config(f, hf)
     return hf
 
 
@@ -465,6 +488,8 @@ class GGUFTensors:
         proj = name.rsplit(".", 2)[-2]
         if self.arch.permute_qk and proj in self._heads:
             t = unpermute(t, self._heads[proj])
+        if self.arch.norm_offset and self._source[name].endswith("norm.weight"):
+            t = t - self.arch.norm_offset
         return t
 
 

@@ -8,7 +8,7 @@ tokenizer.json (e.g. SmolLM's "smollm" splits every digit apart before GPT-2's s
 name is refused rather than guessed: a wrong split gives valid but different tokens.
 
 Supported models: "gpt2" (byte-level BPE with merges) and "llama" (SentencePiece BPE with byte
-fallback, merges recovered from the scores when the file has none).
+fallback, merges recovered from the scores when the file has none; not yet Gemma's variant of it).
 """
 
 from __future__ import annotations
@@ -141,6 +141,10 @@ def gguf_tokenizer(meta: dict, source: str = "GGUF file") -> Tokenizer | None:
     if kind not in BUILDERS:
         raise CheckpointError(f"{source}: GGUF tokenizer model {kind!r} is not supported; supported: "
                               f"{', '.join(sorted(BUILDERS))}")
+    if kind == "llama" and str(meta.get("general.architecture", "")).startswith("gemma"):
+        # Gemma files spell multi-space tokens with real spaces and order merges by position, not score
+        raise CheckpointError(f"{source}: Gemma's SentencePiece vocabulary in GGUF is not supported yet (its "
+                              "space tokens and merge order differ); load the Hugging Face checkpoint instead")
     backend = BUILDERS[kind](meta, source)
     _add_special_tokens(backend, meta)
     bos, eos = _token(meta, "bos"), _token(meta, "eos")
