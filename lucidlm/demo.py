@@ -18,7 +18,6 @@ Then it streams answers to held-out questions with every token coloured by its l
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -98,33 +97,17 @@ def answers_stage(cache: Cache, config: DemoConfig, lm, questions: list[dict]) -
     return read_jsonl(cache.out / "answers" / "answers.jsonl")
 
 
-def split_entities(rows: list[dict], seed: int, fractions: tuple[float, float, float]) -> dict[str, set]:
-    """Entities (per question type) shuffled with ``seed`` into train / val / test: no entity in two splits."""
-    by_type: dict[str, list[str]] = {}
-    for r in rows:
-        by_type.setdefault(r["type"], [])
-        if r["entity"] not in by_type[r["type"]]:
-            by_type[r["type"]].append(r["entity"])
-    splits: dict[str, set] = {"train": set(), "val": set(), "test": set()}
-    for t, entities in sorted(by_type.items()):
-        order = sorted(entities)
-        random.Random(f"{seed}/{t}").shuffle(order)
-        a = round(fractions[0] * len(order))
-        b = a + round(fractions[1] * len(order))
-        for name, part in (("train", order[:a]), ("val", order[a:b]), ("test", order[b:])):
-            splits[name] |= {(t, e) for e in part}
-    return splits
-
-
 def probe_stage(cache: Cache, config: DemoConfig, lm, rows: list[dict]) -> tuple[Path, dict]:
+    from .facts.splits import rows_in, split_entities
     from .probe.benchmark import BenchmarkConfig, run_benchmark
     from .probe.probe import ProbeConfig, save_probe
 
     if not cache.fresh("probe"):
         out = cache.start("probe")
-        splits = split_entities(rows, config.seed, config.split)
-        split_rows = {name: [r for r in rows if (r["type"], r["entity"]) in members and r["annotations"]]
-                      for name, members in splits.items()}
+        # an entity's answers of every type land on one side (a country's capital and profile answers alike)
+        splits = split_entities([r for r in rows if r["annotations"]], config.seed, config.split)
+        split_rows = {name: rows_in([r for r in rows if r["annotations"]], splits[key])
+                      for name, key in (("train", "train"), ("val", "validation"), ("test", "test"))}
         bench = BenchmarkConfig(layers=config.layers, n_boot=config.n_boot, seed=config.seed, progress=True)
         result = run_benchmark(lm.model, lm.tokenizer, split_rows, _pad(lm), bench)
         chosen = result.selection.config
