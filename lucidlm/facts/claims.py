@@ -50,7 +50,8 @@ def continent_lexicon() -> Lexicon:
 
 @cache
 def currency_lexicon() -> Lexicon:
-    return Lexicon({code: (*names, code) for code, names in sources.currencies().items()})
+    # plurals too ("Tanzanian shillings"); the code as an acronym
+    return Lexicon({code: (*names, *(n + "s" for n in names), code) for code, names in sources.currencies().items()})
 
 
 def outside(mentions: list[Mention], masks: list[Mention]) -> list[Mention]:
@@ -70,8 +71,20 @@ def _value(values: frozenset[str], text: str) -> str:
     return normalize(next(iter(values))) if len(values) == 1 else normalize(text)
 
 
+# "the Indian state of Gujarat", "the Italian region of Lazio": a demonym before a place word names a country
+_DEMONYM_PLACE = re.compile(r"\b([A-Z][a-z]+) (?:region|state|province|city|town|part|island|county|district|"
+                            r"territory|department|prefecture|coast|subcontinent|municipality)\b")
+
+
 def country_claims(answer: str, masks: list[Mention], anchored: bool) -> list[Claim]:
-    return _named("country", answer, country_lexicon(), masks)
+    out = _named("country", answer, country_lexicon(), masks)
+    for m in _DEMONYM_PLACE.finditer(answer):
+        if any(k.start <= m.start(1) < k.end for k in masks):
+            continue
+        names = {sources.all_country_names()[iso][0] for iso in qualifier_countries(m.group(1))}
+        if names:
+            out.append(Claim("country", m.start(1), m.end(1), frozenset(names), _value(frozenset(names), m.group(1))))
+    return sorted(out, key=lambda c: c.start)
 
 
 def continent_claims(answer: str, masks: list[Mention], anchored: bool) -> list[Claim]:
@@ -127,7 +140,9 @@ def _unique(claims: list[Claim]) -> list[Claim]:
 IRREGULAR_DEMONYMS = {"swiss": "CH", "british": "GB", "dutch": "NL", "american": "US", "us": "US", "u.s.": "US",
                       "uk": "GB", "czech": "CZ", "danish": "DK", "swedish": "SE", "norwegian": "NO", "thai": "TH",
                       "polish": "PL", "turkish": "TR", "welsh": "GB", "scottish": "GB", "filipino": "PH",
-                      "philippine": "PH", "emirati": "AE", "hong kong": "HK", "new zealand": "NZ"}
+                      "philippine": "PH", "emirati": "AE", "hong kong": "HK", "new zealand": "NZ",
+                      "french": "FR", "spanish": "ES", "english": "GB", "irish": "IE", "greek": "GR", "finnish": "FI",
+                      "icelandic": "IS", "flemish": "BE", "basque": "ES", "catalan": "ES", "bavarian": "DE"}
 
 
 def qualifier_countries(word: str) -> set[str]:
@@ -142,7 +157,8 @@ def qualifier_countries(word: str) -> set[str]:
                    for n in names)}
 
 
-_QUALIFIER = re.compile(r"((?:[A-Z][\w.]*\s){1,2})$")
+# one or two capitalised words ("Sri Lankan") or a dotted acronym ("U.S.") right before the currency's name
+_QUALIFIER = re.compile(r"((?:(?:[A-Z][a-z]+|[A-Z](?:\.[A-Z])+\.?|[A-Z]{2,3})\s){1,2})$")
 
 
 def currency_claims(answer: str, masks: list[Mention], anchored: bool) -> list[Claim]:

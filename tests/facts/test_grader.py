@@ -60,6 +60,12 @@ def test_accents_apostrophes_and_geonames_variants():
     assert graded("city_country", "Moscow", "Moscow is in the Russian Federation.") == [("Russian Federation", S)]
 
 
+def test_a_demonym_before_a_place_word_names_a_country():
+    assert graded("city_country", "Lyon", "Lyon is located in the French region of Rhone.") == [("French", S)]
+    assert graded("city_country", "Lyon", "Lyon is located in the Italian region of Lazio.") == [("Italian", N)]
+    assert graded("city_country", "Lyon", "Lyon is in the European region, in Spain.") == [("Spain", N)]
+
+
 def test_the_is_optional_and_constituent_countries_count():
     assert graded("city_country", "Rotterdam", "Rotterdam is in the Netherlands.") == [("Netherlands", S)]
     assert graded("city_country", "Rotterdam", "Rotterdam is in Holland.") == [("Holland", S)]
@@ -103,6 +109,9 @@ def test_currency_names_codes_and_qualifiers():
     assert graded("country_currency", "CH", "It is the Swiss franc.") == [("Swiss franc", S)]
     assert graded("country_currency", "FR", "France uses the Euro.") == [("Euro", S)]
     assert graded("country_currency", "GB", "The pound sterling.") == [("pound sterling", S)]
+    assert graded("country_currency", "TZ", "It is the Tanzanian Shillings.") == [("Tanzanian Shillings", S)]
+    assert graded("country_currency", "LK", "It is the Sri Lankan Rupee.") == [("Sri Lankan Rupee", S)]
+    assert graded("country_currency", "IR", "It is used in Iran. The rial is old.") == [("rial", S)]
 
 
 def test_element_symbol_number_year():
