@@ -199,7 +199,7 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 
 def dequantize_fast(raw: np.ndarray, qtype: int) -> torch.Tensor:
     """(rows, row bytes) uint8 of one of FAST_TYPES -> (rows, row values) float32."""
-    b = torch.from_numpy(raw.copy())  # the copy is writable (torch refuses read-only arrays quietly only so)
+    b = torch.from_numpy(raw.copy())  # writable (torch warns on a read-only mapping); a fraction of the output
     if qtype in (F32, F16, BF16):
         return b.view({F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}[qtype]).float()
     rows = b.shape[0]
