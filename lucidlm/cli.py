@@ -90,7 +90,9 @@ def demo(
     model: Annotated[str, typer.Option(help="the model to probe: a named local model, a .gguf or a checkpoint "
                                             "directory")] = "smollm2-135m-instruct",
     seed: Annotated[int, typer.Option(help="seed of the questions and splits (--world: of the world)")] = 0,
-    samples: Annotated[int, typer.Option(min=1, help="answers per question: greedy + sampled")] = 3,
+    samples: Annotated[int, typer.Option(min=1, help="answers per question: greedy + sampled")] = 2,
+    scale: Annotated[float, typer.Option(min=0.01, help="questions per type x this (1: about 10 min cold on 2 "
+                                                        "cores; more: tighter confidence intervals)")] = 1.0,
     people: Annotated[int, typer.Option(min=10, help="--world: people in the world")] = 480,
     lm_steps: Annotated[int, typer.Option(min=1, help="--world: pretraining steps of the small model")] = 500,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
@@ -112,8 +114,8 @@ def demo(
         return
     from .demo import DemoConfig, run_demo
 
-    run_demo(out or Path("runs/demo"), DemoConfig(model=model, seed=seed, samples=samples, device=device,
-                                                  dtype=dtype), live=live)
+    run_demo(out or Path("runs/demo"), DemoConfig(model=model, seed=seed, scale=scale, samples=samples,
+                                                  device=device, dtype=dtype), live=live)
 
 
 @app.command()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -30,8 +30,10 @@ from .checkpoint.safetensors_io import atomic_write
 from .demo_cache import Cache, read_jsonl, risk_color, stage_keys
 from .train.jsonl import write_jsonl
 
-PER_TYPE = {"city_country": 700, "country_capital": 200, "country_continent": 200, "element_symbol": 118,
-            "country_profile": 120, "element_profile": 100}
+# questions per type at scale 1: sized for about 10 minutes cold on 2 CPU cores; --scale 4 for tighter intervals
+# (element types hold at most the 118 elements). Types where SmolLM2-135M is right 15-85% of the time.
+PER_TYPE = {"city_country": 150, "country_capital": 80, "element_symbol": 60, "element_profile": 30,
+            "country_profile": 20}
 NAMES = {"probe": "probe (linear head)", "probe_other_alignment": "probe, other alignment",
          "nll": "span max token NLL", "entropy": "span max entropy", "value_prior": "claimed-value prior",
          "sample_disagreement": "sample disagreement", "random_head": "random-init head"}
@@ -42,8 +44,8 @@ BENCHMARK_VERSION = 1  # bump when the probe stage's computation changes
 class DemoConfig:
     model: str = "smollm2-135m-instruct"
     seed: int = 0
-    per_type: dict[str, int] = field(default_factory=lambda: dict(PER_TYPE))
-    samples: int = 3  # answers per question: greedy + sampled
+    scale: float = 1.0  # multiplies PER_TYPE
+    samples: int = 2  # answers per question: greedy + sampled
     temperature: float = 0.7
     layers: tuple[int, ...] = tuple(range(3, 30, 2))  # blocks swept (SmolLM2 has 30)
     split: tuple[float, float, float] = (0.5, 0.15, 0.35)  # entities: train / validation / test
@@ -51,11 +53,14 @@ class DemoConfig:
     dtype: str = "float32"
     n_boot: int = 1000
 
+    def per_type(self) -> dict[str, int]:
+        return {t: max(1, round(n * self.scale)) for t, n in PER_TYPE.items()}
+
 
 def _stage_keys(config: DemoConfig) -> dict[str, str]:
     return stage_keys({
         "model": [config.model],
-        "questions": [config.seed, sorted(config.per_type.items())],
+        "questions": [config.seed, sorted(config.per_type().items())],
         "answers": [config.samples, config.temperature, config.dtype],
         "probe": [list(config.layers), list(config.split), config.n_boot, BENCHMARK_VERSION],
     })
@@ -80,7 +85,8 @@ def questions_stage(cache: Cache, config: DemoConfig) -> list[dict]:
 
     if not cache.fresh("questions"):
         out = cache.start("questions")
-        write_jsonl(out / "questions.jsonl", build_questions(config.seed, config.per_type, list(config.per_type)))
+        per_type = config.per_type()
+        write_jsonl(out / "questions.jsonl", build_questions(config.seed, per_type, list(per_type)))
         cache.finish("questions")
     return read_jsonl(cache.out / "questions" / "questions.jsonl")
 
@@ -114,6 +120,7 @@ def probe_stage(cache: Cache, config: DemoConfig, lm, rows: list[dict]) -> tuple
         save_probe(out / "probe", result.head, ProbeConfig(chosen.layer, lm.config.dim, lm.config.n_layers,
                                                            alignment=chosen.alignment))
         write_jsonl(out / "test_questions.jsonl", _held_out_examples(split_rows["test"]))
+        result.report["choice"]["n_layers"] = lm.config.n_layers
         with atomic_write(out / "benchmark.json") as tmp:
             tmp.write_text(json.dumps(result.report, indent=1))
         cache.finish("probe")
@@ -263,7 +270,7 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None, live
     plots(report, reports)
     choice = report["choice"]
     console.print(accuracy_table(rows))
-    console.print(f"probe: block {choice['layer']} of {lm.config.n_layers if lm else 30}, alignment "
+    console.print(f"probe: block {choice['layer']} (0-based) of {choice['n_layers']}, alignment "
                   f"'{choice['alignment']}', L2 {choice['l2']:g} — chosen on validation entities "
                   f"(AUROC {choice['val_auroc']:.3f}); entities train/val/test: "
                   f"{report['entities']['train']}/{report['entities']['val']}/{report['entities']['test']}")

@@ -12,6 +12,7 @@ def test_a_changed_setting_invalidates_its_stage_and_every_later_one():
     base = _stage_keys(DemoConfig())
     assert list(base) == ["model", "questions", "answers", "probe"]
     changed = _stage_keys(DemoConfig(samples=5))
+    assert _stage_keys(DemoConfig(scale=2))["questions"] != base["questions"]
     assert [s for s in base if base[s] != changed[s]] == ["answers", "probe"]
     assert _stage_keys(DemoConfig(seed=1))["model"] == base["model"]
     assert _stage_keys(DemoConfig(seed=1))["questions"] != base["questions"]
