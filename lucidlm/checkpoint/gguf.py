@@ -182,37 +182,43 @@ class GGUFFile:
 
 
 # --- dequantization ----------------------------------------------------------------------------
-# The common types in torch, whole tensors at once: gguf.quants' numpy kernels work in row groups
-# and take ~4 s for a 135M model. Same arithmetic in float32 (tests check equality with gguf.quants).
+# The common types with whole-tensor numpy expressions: gguf.quants' kernels work in row groups and take
+# ~4 s for a 135M model, these ~1 s. numpy, not torch: single-threaded, it stays fast on a busy machine,
+# where torch's two spinning threads are several times slower. Same float32 arithmetic as gguf.quants
+# (tests check equality).
 F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
 FAST_TYPES = (F32, F16, Q4_0, Q4_1, Q8_0, BF16)
+BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
 
 
-def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
-    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
+def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
+    return blocks[:, start:start + 2].copy().view(np.float16).astype(np.float32)
 
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+def _nibbles(qs: np.ndarray) -> np.ndarray:
     """A block's 16 bytes -> its 32 4-bit values: low nibbles are elements 0-15, high ones 16-31."""
-    return torch.cat([qs & 15, qs >> 4], dim=1).float()
+    return np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.float32)
 
 
 def dequantize_fast(raw: np.ndarray, qtype: int) -> torch.Tensor:
     """(rows, row bytes) uint8 of one of FAST_TYPES -> (rows, row values) float32."""
-    b = torch.from_numpy(raw.copy())  # writable (torch warns on a read-only mapping); a fraction of the output
-    if qtype in (F32, F16, BF16):
-        return b.view({F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}[qtype]).float()
-    rows = b.shape[0]
-    size = {Q4_0: 18, Q4_1: 20, Q8_0: 34}[qtype]
-    blocks = b.reshape(-1, size)
-    d = _f16(blocks, 0)
-    if qtype == Q8_0:
-        out = d * blocks[:, 2:].contiguous().view(torch.int8).float()
-    elif qtype == Q4_0:
-        out = d * (_nibbles(blocks[:, 2:]) - 8)
+    rows = raw.shape[0]
+    if qtype == F32:
+        out = raw.view(np.float32).copy()  # a copy: the mapping is read-only
+    elif qtype == F16:
+        out = raw.view(np.float16).astype(np.float32)
+    elif qtype == BF16:  # bfloat16 is the high half of a float32
+        out = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     else:
-        out = d * _nibbles(blocks[:, 4:]) + _f16(blocks, 2)
-    return out.reshape(rows, -1)
+        blocks = raw.reshape(-1, BLOCK_BYTES[qtype])
+        d = _f16(blocks, 0)
+        if qtype == Q8_0:
+            out = d * blocks[:, 2:].view(np.int8).astype(np.float32)
+        elif qtype == Q4_0:
+            out = d * (_nibbles(blocks[:, 2:]) - 8)
+        else:
+            out = d * _nibbles(blocks[:, 4:]) + _f16(blocks, 2)
+    return torch.from_numpy(out.reshape(rows, -1))
 
 
 def _type_name(qtype: int) -> str:
