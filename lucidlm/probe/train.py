@@ -52,36 +52,49 @@ class ProbeTrainConfig:
         check_alignment(self.alignment)
 
 
-def probe_loss(logits: torch.Tensor, labels: torch.Tensor, span: torch.Tensor, span_labels: torch.Tensor,
-               omega: float, span_token_weight: float) -> torch.Tensor:
-    """Flat tensors: logits, labels, span of N tokens; span_labels of the S spans that ``span`` indexes."""
+def probe_loss(logits: torch.Tensor, labels: torch.Tensor, spans: SpanGrid, omega: float,
+               span_token_weight: float) -> torch.Tensor:
+    """Flat tensors: logits and labels of N tokens; ``spans`` groups those tokens by labelled span."""
     keep = labels != IGNORE
-    weight = torch.where(span[keep] >= 0, span_token_weight, 1.0)
+    weight = torch.where(spans.span[keep] >= 0, span_token_weight, 1.0)
     token = (F.binary_cross_entropy_with_logits(logits[keep].float(), labels[keep].float(), reduction="none")
              * weight).sum() / weight.sum().clamp_min(1e-9)
-    if omega == 0:
+    if omega == 0 or spans.targets.numel() == 0:
         return token
-    maxima, targets = span_logits(logits, span, span_labels)
-    if maxima.numel() == 0:
-        return token
-    return (1 - omega) * token + omega * F.binary_cross_entropy_with_logits(maxima.float(), targets.float())
+    span = F.binary_cross_entropy_with_logits(spans.maxima(logits).float(), spans.targets.float())
+    return (1 - omega) * token + omega * span
+
+
+class SpanGrid:
+    """The tokens of each labelled span as rows of an index grid (padded with an index past the end), built once
+    per set of tokens, so each step's span-max is one gather and a max."""
+
+    def __init__(self, span: torch.Tensor, span_labels: torch.Tensor) -> None:
+        self.span = span
+        inside = torch.nonzero(span >= 0)[:, 0]
+        order = torch.argsort(span[inside], stable=True)
+        tokens, ids = inside[order], span[inside][order]
+        present, counts = torch.unique_consecutive(ids, return_counts=True)
+        labels = span_labels[present] if len(present) else span_labels[:0]
+        labelled = (labels == 0) | (labels == 1)
+        starts = torch.cumsum(counts, 0) - counts
+        width = int(counts.max()) if len(counts) else 0
+        grid = torch.full((len(present), width), len(span), dtype=torch.long, device=span.device)
+        rows = torch.repeat_interleave(torch.arange(len(present), device=span.device), counts)
+        grid[rows, torch.arange(len(tokens), device=span.device) - starts[rows]] = tokens
+        self.grid, self.targets = grid[labelled], labels[labelled]
+
+    def maxima(self, logits: torch.Tensor) -> torch.Tensor:
+        """(S,) each labelled span's maximum logit (differentiable: the gradient reaches the maximum)."""
+        padded = torch.cat([logits, logits.new_full((1,), float("-inf"))])
+        return padded[self.grid].max(-1).values
 
 
 def span_logits(logits: torch.Tensor, span: torch.Tensor, span_labels: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(each labelled span's maximum logit over its tokens, its label): a differentiable segment max."""
-    inside = span >= 0
-    order = torch.argsort(span[inside], stable=True)
-    ids, values = span[inside][order], logits[inside][order]
-    present, counts = torch.unique_consecutive(ids, return_counts=True)
-    rows = torch.repeat_interleave(torch.arange(len(present), device=ids.device), counts)
-    cols = torch.arange(len(ids), device=ids.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts,
-                                                                                 counts)
-    grid = values.new_full((len(present), int(counts.max()) if len(counts) else 0), float("-inf"))
-    grid[rows, cols] = values
-    maxima, labels = grid.max(-1).values, span_labels[present]
-    labelled = (labels == 0) | (labels == 1)
-    return maxima[labelled], labels[labelled]
+    """(each labelled span's maximum logit over its tokens, its label)."""
+    grid = SpanGrid(span, span_labels)
+    return grid.maxima(logits), grid.targets
 
 
 def check_classes(labels: torch.Tensor) -> None:
@@ -105,10 +118,11 @@ def fit_head(x: torch.Tensor, feats: TokenFeatures, config: ProbeTrainConfig) ->
         linear.bias.zero_()
     optimizer = torch.optim.Adam(linear.parameters(), lr=config.lr)
     anneal = max(1, int(config.anneal_fraction * config.steps))
+    spans = SpanGrid(feats.span, feats.span_labels)
     for step in range(config.steps):
         omega = min(1.0, step / anneal)
         logits = linear(z).squeeze(-1)
-        loss = probe_loss(logits, feats.labels, feats.span, feats.span_labels, omega, config.span_token_weight)
+        loss = probe_loss(logits, feats.labels, spans, omega, config.span_token_weight)
         loss = loss + config.l2 * linear.weight.pow(2).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -191,9 +205,9 @@ def _train_lora_probe(model: nn.Module, examples: list[LabeledExample], config: 
             logits = head(aligned_hidden(out.hidden_states[config.layer], config.alignment))  # tokens 1..
             spans = batch["span_ids"][:, 1:]
             offsets = torch.arange(spans.shape[0], device=device)[:, None] * batch["span_labels"].shape[1]
-            loss = probe_loss(logits.flatten(), batch["labels"][:, 1:].flatten(),
-                              torch.where(spans >= 0, spans + offsets, spans).flatten(),
-                              batch["span_labels"].flatten(), min(1.0, step / anneal), config.span_token_weight)
+            grid = SpanGrid(torch.where(spans >= 0, spans + offsets, spans).flatten(), batch["span_labels"].flatten())
+            loss = probe_loss(logits.flatten(), batch["labels"][:, 1:].flatten(), grid, min(1.0, step / anneal),
+                              config.span_token_weight)
             loss = loss + config.l2 * head.linear.weight.pow(2).sum()
             if config.kl_weight:
                 loss = loss + config.kl_weight * _kl_to_base(model, batch, out.logits)
