@@ -93,8 +93,9 @@ def demo(
     samples: Annotated[int, typer.Option(min=1, help="answers per question: greedy + sampled")] = 2,
     scale: Annotated[float, typer.Option(min=0.01, help="questions per type x this (1: about 10 min cold on 2 "
                                                         "cores; more: tighter confidence intervals)")] = 1.0,
-    people: Annotated[int, typer.Option(min=10, help="--world: people in the world")] = 480,
-    lm_steps: Annotated[int, typer.Option(min=1, help="--world: pretraining steps of the small model")] = 500,
+    people: Annotated[int | None, typer.Option(min=10, help="--world: people in the world (default 200)")] = None,
+    lm_steps: Annotated[int | None, typer.Option(min=1, help="--world: pretraining steps of the small model "
+                                                             "(default 1500)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16 (for answering and scoring)")] = "float32",
     live: Annotated[bool, typer.Option(help="end with live answers coloured by their scores")] = True,
@@ -109,8 +110,8 @@ def demo(
         from .demo_world import DemoConfig as WorldDemoConfig
         from .demo_world import run_demo as run_world_demo
 
-        run_world_demo(out or Path("runs/demo-world"), WorldDemoConfig(seed=seed, people=people, lm_steps=lm_steps,
-                                                                       device=device, dtype=dtype))
+        given = {k: v for k, v in (("people", people), ("lm_steps", lm_steps)) if v is not None}
+        run_world_demo(out or Path("runs/demo-world"), WorldDemoConfig(seed=seed, device=device, dtype=dtype, **given))
         return
     from .demo import DemoConfig, run_demo
 

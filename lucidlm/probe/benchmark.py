@@ -134,6 +134,8 @@ def _selective(test: Claims, methods: list[str]) -> dict:
     out = {}
     for m in methods:
         ok = ~np.isnan(test.scores[m])
+        if not ok.any():  # e.g. sample disagreement without sampled answers
+            continue
         curve = attempt_curve(test.scores[m][ok], test.labels[ok] == 0)
         out[m] = {"curve": curve, **{f"accuracy_at_{int(r * 100)}": accuracy_at(curve, r) for r in (1.0, 0.8, 0.5)}}
     return out
