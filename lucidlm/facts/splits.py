@@ -1,9 +1,8 @@
 """Splitting answers by entity, so a probe is tested on things it never saw in training.
 
 ``split_entities`` draws a seeded train / validation / test partition of the entities (a country's
-capital, continent and profile answers all land on one side). ``value_disjoint`` is stricter: it keeps
-the test entities none of whose claimed values was ever claimed in training — a probe that learned
-"the model says Paris when it is unsure" cannot score there by recognising the value.
+capital, continent and profile answers all land on one side). The stricter value-disjoint view (test
+claims whose value was never claimed in training) is a mask over claims: ``lucidlm.probe.claims.value_disjoint``.
 """
 
 from __future__ import annotations
@@ -29,16 +28,3 @@ def split_entities(rows: list[dict], seed: int, fractions: tuple[float, float, f
 
 def rows_in(rows: list[dict], entities: set) -> list[dict]:
     return [r for r in rows if r["entity"] in entities]
-
-
-def claimed_values(rows: list[dict]) -> set[tuple[str, str]]:
-    """(attribute, normalised value) of every claim the rows make."""
-    return {(a.get("attribute", ""), a["value"]) for r in rows for a in r["annotations"]}
-
-
-def value_disjoint(train_rows: list[dict], test_rows: list[dict]) -> list[dict]:
-    """The test rows of entities whose claimed values never appear among the training rows' claimed values."""
-    seen = claimed_values(train_rows)
-    tainted = {r["entity"] for r in test_rows for a in r["annotations"]
-               if (a.get("attribute", ""), a["value"]) in seen}
-    return [r for r in test_rows if r["entity"] not in tainted]

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from lucidlm.facts.splits import rows_in, split_entities, value_disjoint
+from lucidlm.facts.splits import rows_in, split_entities
 
 
 def row(entity: str, *values: str, attribute: str = "capital") -> dict:
@@ -29,13 +29,3 @@ def test_split_is_disjoint_covering_deterministic_and_sized():
     assert len(rows_in(rows, s["test"])) == 140
     with pytest.raises(ValueError, match="fractions"):
         split_entities(rows, 0, (0.5, 0.5, 0.5))
-
-
-def test_value_disjoint_drops_test_entities_whose_values_were_claimed_in_training():
-    train = [row("France", "paris"), row("Peru", "lima")]
-    test = [row("Italy", "rome"), row("Italy", "paris"),  # one sample claims a training value: the entity goes
-            row("Chile", "santiago"), row("Japan", "lima", attribute="continent"),  # other attribute: kept
-            row("Spain")]  # no claims: nothing to taint
-    kept = value_disjoint(train, test)
-    assert [r["entity"] for r in kept] == ["Chile", "Japan", "Spain"]
-    assert value_disjoint([], test) == test
