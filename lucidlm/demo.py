@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .checkpoint.safetensors_io import atomic_write
-from .demo_cache import Cache, read_jsonl, risk_color, stage_keys
+from .demo_cache import Cache, read_jsonl, risk_color, stage_keys, timed_stage
 from .train.jsonl import write_jsonl
 
 # questions per type at scale 1: sized for about 10 minutes cold on 2 CPU cores; --scale 4 for tighter intervals
@@ -256,11 +256,7 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None, live
     start = time.perf_counter()
 
     def timed(stage: str, work):
-        began, cached = time.perf_counter(), cache.fresh(stage)
-        result = work()
-        timings[stage] = time.perf_counter() - began
-        console.print(f"[green]✓[/green] {stage:<9} {'cached' if cached else f'{timings[stage]:.0f}s'}")
-        return result
+        return timed_stage(cache, stage, work, console, timings)
 
     model_dir = timed("model", lambda: model_stage(cache, config))
     questions = timed("questions", lambda: questions_stage(cache, config))

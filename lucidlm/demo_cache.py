@@ -10,7 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from .checkpoint.safetensors_io import atomic_write
 
@@ -44,6 +47,18 @@ class Cache:
     def finish(self, stage: str) -> None:
         with atomic_write(self.out / f"{stage}.done") as tmp:
             tmp.write_text(self.keys[stage])
+
+
+T = TypeVar("T")
+
+
+def timed_stage(cache: Cache, stage: str, work: Callable[[], T], console, timings: dict[str, float]) -> T:
+    """Run (or reuse) a stage, record its seconds, print a ✓ line saying which."""
+    began, cached = time.perf_counter(), cache.fresh(stage)
+    result = work()
+    timings[stage] = time.perf_counter() - began
+    console.print(f"[green]✓[/green] {stage:<9} {'cached' if cached else f'{timings[stage]:.0f}s'}")
+    return result
 
 
 def read_jsonl(path: Path) -> list[dict]:

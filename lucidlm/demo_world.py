@@ -36,7 +36,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .checkpoint.safetensors_io import atomic_write
-from .demo_cache import Cache, read_jsonl, risk_color, stage_keys
+from .demo_cache import Cache, read_jsonl, risk_color, stage_keys, timed_stage
 from .train.jsonl import write_jsonl
 from .world.answers import accuracy_by_exposure
 
@@ -324,12 +324,7 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None) -> d
     start = time.perf_counter()
 
     def timed(stage: str, work):
-        began = time.perf_counter()
-        cached = cache.fresh(stage)
-        result = work()
-        timings[stage] = time.perf_counter() - began
-        console.print(f"[green]✓[/green] {stage:<9} {'cached' if cached else f'{timings[stage]:.0f}s'}")
-        return result
+        return timed_stage(cache, stage, work, console, timings)
 
     world = timed("world", lambda: build_world_stage(cache, config, console))
     tokenizer = timed("tokenizer", lambda: build_tokenizer_stage(cache, config, world))
