@@ -218,6 +218,10 @@ def plots(report: dict, out: Path) -> None:
                          ylabel="validation span-max AUROC")
 
 
+def _stale(made: Path, source: Path) -> bool:
+    return not made.exists() or made.stat().st_mtime < source.stat().st_mtime
+
+
 def show_live(lm, examples: list[dict], console: Console) -> None:
     """Stream greedy answers to held-out questions, every token coloured by its live probe score."""
     from .facts.answers import answer_row, prompt_ids, stops_for
@@ -268,7 +272,8 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None, live
 
     reports = out / "report"
     reports.mkdir(exist_ok=True)
-    plots(report, reports)
+    if _stale(reports / "roc.png", cache.out / "probe" / "benchmark.json"):  # warm runs skip matplotlib
+        plots(report, reports)
     choice = report["choice"]
     console.print(accuracy_table(rows))
     console.print(f"probe: block {choice['layer']} (0-based) of {choice['n_layers']}, alignment "
