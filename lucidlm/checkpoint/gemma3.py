@@ -26,17 +26,15 @@ from .family import (
     require,
     write_rope,
 )
+from .llama_family import LLAMA_RENAMES
 
+# Llama's names, with Gemma's sandwich norms first (first match wins): its "post_attention_layernorm" follows
+# attention, and the feed-forward has its own pre and post norms
 RENAMES = [
-    (r"embed\.weight", r"model.embed_tokens.weight"),
-    (r"norm\.weight", r"model.norm.weight"),
-    (r"lm_head\.weight", r"lm_head.weight"),
-    (r"blocks\.(\d+)\.attn_norm\.(.*)", r"model.layers.\1.input_layernorm.\2"),
     (r"blocks\.(\d+)\.attn_post_norm\.(.*)", r"model.layers.\1.post_attention_layernorm.\2"),
     (r"blocks\.(\d+)\.mlp_norm\.(.*)", r"model.layers.\1.pre_feedforward_layernorm.\2"),
     (r"blocks\.(\d+)\.mlp_post_norm\.(.*)", r"model.layers.\1.post_feedforward_layernorm.\2"),
-    (r"blocks\.(\d+)\.attn\.(.*)", r"model.layers.\1.self_attn.\2"),
-    (r"blocks\.(\d+)\.mlp\.(.*)", r"model.layers.\1.mlp.\2"),
+    *LLAMA_RENAMES,
 ]
 
 # transformers' Gemma3TextConfig defaults, for fields a config.json may leave out
