@@ -49,6 +49,17 @@ GGUF_NAMES = [  # Hugging Face suffix -> llama.cpp name (per layer); Gemma 3's s
 ]
 
 
+def _write_hyperparameters(w, cfg) -> None:
+    """The shape fields every architecture's GGUF header carries, from a transformers config."""
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+
+
 @functools.cache
 def train_tokenizer(vocab_size: int = 400):
     """A byte-level BPE with ChatML specials first (ids 0-2), like SmolLM's."""
@@ -109,13 +120,7 @@ def write_gguf(path: Path, arch: str = "llama", qtype: str = "F32", seed: int = 
     w = gguf.GGUFWriter(path, arch)
     if arch == "gemma3":
         w.add_sliding_window(cfg.sliding_window)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    _write_hyperparameters(w, cfg)
     rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
     w.add_rope_freq_base(rope["rope_theta"])
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -192,13 +197,7 @@ def write_sentencepiece_gguf(path: Path, add_space_prefix: bool = True) -> Path:
     model = build_hf_model("llama", 0, vocab_size=len(tokens), **HF_OVERRIDES["llama"])
     cfg = model.config
     w = gguf.GGUFWriter(path, "llama")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    _write_hyperparameters(w, cfg)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
