@@ -99,6 +99,9 @@ def demo(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16 (for answering and scoring)")] = "float32",
     live: Annotated[bool, typer.Option(help="end with live answers coloured by their scores")] = True,
+    lora_steps: Annotated[int, typer.Option(min=0, help="also train a LoRA probe (KL-regularised) for this many "
+                                                        "steps and report it and its KL cost (0: off; slow on CPU)")
+                          ] = 0,
 ) -> None:
     """The main job: a real pretrained model (SmolLM2-135M-Instruct, installed by setup) answers questions about
     countries, cities and chemical elements; every claim is graded against ground truth; a probe on its hidden
@@ -116,7 +119,7 @@ def demo(
     from .demo import DemoConfig, run_demo
 
     run_demo(out or Path("runs/demo"), DemoConfig(model=model, seed=seed, scale=scale, samples=samples,
-                                                  device=device, dtype=dtype), live=live)
+                                                  device=device, dtype=dtype, lora_steps=lora_steps), live=live)
 
 
 @app.command()
@@ -196,7 +199,7 @@ def main() -> None:
 
     try:
         app()
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, ValueError, OSError) as e:  # bad input or a missing/unwritable file: one clear line
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise SystemExit(2) from None
 

@@ -34,11 +34,11 @@ from .train.jsonl import write_jsonl
 # (element types hold at most the 118 elements). Types where SmolLM2-135M is right 15-85% of the time.
 PER_TYPE = {"city_country": 150, "country_capital": 80, "element_symbol": 60, "element_profile": 30,
             "country_profile": 20}
-NAMES = {"probe": "probe (linear head)", "probe_other_alignment": "probe, other alignment",
+NAMES = {"probe": "probe (linear head)", "probe_lora": "LoRA probe", "probe_other_alignment": "probe, other alignment",
          "nll": "span max token NLL", "entropy": "span max entropy", "value_prior": "claimed-value prior",
          "sample_disagreement": "sample disagreement", "random_head": "random-init head"}
-SHORT = {"probe": "probe", "probe_other_alignment": "probe (other)", "nll": "NLL", "entropy": "entropy",
-         "value_prior": "value prior", "sample_disagreement": "disagree", "random_head": "random"}
+SHORT = {"probe": "probe", "probe_lora": "LoRA", "probe_other_alignment": "probe (other)", "nll": "NLL",
+         "entropy": "entropy", "value_prior": "value prior", "sample_disagreement": "disagree", "random_head": "random"}
 BENCHMARK_VERSION = 2  # bump when the probe stage's computation changes
 
 
@@ -54,6 +54,7 @@ class DemoConfig:
     device: str = "auto"
     dtype: str = "float32"
     n_boot: int = 1000
+    lora_steps: int = 0  # > 0: also a LoRA probe (KL-regularised) trained this many steps, reported beside the rest
 
     def per_type(self) -> dict[str, int]:
         return {t: max(1, round(n * self.scale)) for t, n in PER_TYPE.items()}
@@ -64,7 +65,7 @@ def _stage_keys(config: DemoConfig) -> dict[str, str]:
         "model": [config.model],
         "questions": [config.seed, sorted(config.per_type().items())],
         "answers": [config.samples, config.temperature, config.dtype],
-        "probe": [list(config.layers), list(config.split), config.n_boot, BENCHMARK_VERSION],
+        "probe": [list(config.layers), list(config.split), config.n_boot, config.lora_steps, BENCHMARK_VERSION],
     })
 
 
@@ -107,6 +108,7 @@ def answers_stage(cache: Cache, config: DemoConfig, lm, questions: list[dict]) -
 
 def probe_stage(cache: Cache, config: DemoConfig, lm, rows: list[dict]) -> tuple[Path, dict]:
     from .facts.splits import rows_in, split_entities
+    from .model.lora import LoRAConfig
     from .probe.benchmark import BenchmarkConfig, run_benchmark
     from .probe.probe import ProbeConfig, save_probe
 
@@ -116,11 +118,15 @@ def probe_stage(cache: Cache, config: DemoConfig, lm, rows: list[dict]) -> tuple
         splits = split_entities([r for r in rows if r["annotations"]], config.seed, config.split)
         split_rows = {name: rows_in([r for r in rows if r["annotations"]], splits[key])
                       for name, key in (("train", "train"), ("val", "validation"), ("test", "test"))}
-        bench = BenchmarkConfig(layers=config.layers, n_boot=config.n_boot, seed=config.seed, progress=True)
+        bench = BenchmarkConfig(layers=config.layers, n_boot=config.n_boot, seed=config.seed, progress=True,
+                                lora=LoRAConfig(r=16, alpha=32, dropout=0.05) if config.lora_steps else None,
+                                lora_steps=config.lora_steps)
         result = run_benchmark(lm.model, lm.tokenizer, split_rows, _pad(lm), bench)
         chosen = result.selection.config
-        save_probe(out / "probe", result.head, ProbeConfig(chosen.layer, lm.config.dim, lm.config.n_layers,
-                                                           alignment=chosen.alignment))
+        probe_config = ProbeConfig(chosen.layer, lm.config.dim, lm.config.n_layers, alignment=chosen.alignment)
+        save_probe(out / "probe", result.head, probe_config)
+        if result.lora_head is not None:
+            save_probe(out / "probe_lora", result.lora_head, probe_config, result.lora_model, lm.family)
         write_jsonl(out / "test_questions.jsonl", _held_out_examples(split_rows["test"]))
         result.report["choice"]["n_layers"] = lm.config.n_layers
         with atomic_write(out / "benchmark.json") as tmp:
@@ -280,6 +286,11 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None, live
                   f"'{choice['alignment']}', L2 {choice['l2']:g} — chosen on validation entities "
                   f"(AUROC {choice['val_auroc']:.3f}); entities train/val/test: "
                   f"{report['entities']['train']}/{report['entities']['val']}/{report['entities']['test']}")
+    if report.get("lora"):
+        lora = report["lora"]
+        console.print(f"LoRA probe: r {lora['r']} on blocks 0..{lora['layer']}, {lora['steps']} steps, KL weight "
+                      f"{lora['kl_weight']:g}; its cost to generation KL(base ‖ adapted) {lora['kl_test']:.4f} "
+                      f"nats/token on test answers (validation AUROC {lora['val_auroc']:.3f})")
     console.print(detection_table(report["greedy"], "hallucination detection, greedy answers about held-out "
                                                     "entities: span-max AUROC [95% CI over entities]"))
     console.print(detection_table(report["value_disjoint"], "value-disjoint: test claims whose value was never "

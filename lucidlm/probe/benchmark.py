@@ -6,18 +6,22 @@
                              claimed-value prior, sample disagreement — pooled, per type, value-disjoint,
                              bootstrap CIs over entities
     acting on the scores: selective answering (accuracy vs attempt rate), best-of-N among each question's answers
+    optionally (config.lora): a LoRA probe at the chosen layer, alignment and L2, trained with the KL term on a
+    copy of the model; its test scores beside the rest and its KL cost (nats per response token, on test)
 
 Rows follow claims.py (``type``, ``entity``, ``id``, ``sample``; annotations with ``value``/``attribute``).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..model.lora import LoRAConfig
 from ..progress import progress_bar
 from ..tokenizer import Tokenizer
 from .claims import Claims, add_sample_disagreement, add_value_prior, claims, claims_report, value_disjoint
@@ -25,11 +29,12 @@ from .data import label_row
 from .evaluate import random_head
 from .features import TokenFeatures, extract
 from .probe import ALIGNMENTS, ProbeHead
-from .selection import Selection, select_probe
+from .selection import Selection, select_probe, val_auroc
 from .selective import accuracy_at, attempt_curve
-from .train import ProbeTrainConfig
+from .train import ProbeTrainConfig, train_probe
 
-METHODS = ("probe", "probe_other_alignment", "nll", "entropy", "value_prior", "sample_disagreement", "random_head")
+METHODS = ("probe", "probe_lora", "probe_other_alignment", "nll", "entropy", "value_prior", "sample_disagreement",
+           "random_head")
 
 
 @dataclass
@@ -41,6 +46,10 @@ class BenchmarkConfig:
     n_boot: int = 1000
     seed: int = 0
     progress: bool | None = None
+    lora: LoRAConfig | None = None  # also a LoRA probe (blocks 0..layer adapted), None: frozen probes only
+    lora_steps: int = 200
+    lora_lr: float = 1e-4
+    kl_weight: float = 0.5
 
 
 @dataclass
@@ -48,6 +57,8 @@ class BenchmarkResult:
     head: ProbeHead
     selection: Selection
     report: dict
+    lora_model: nn.Module | None = None  # the adapted copy the LoRA probe reads (its head: lora_head)
+    lora_head: ProbeHead | None = None
 
 
 def _examples(rows: list[dict], tokenizer: Tokenizer):
@@ -71,8 +82,23 @@ def run_benchmark(model: nn.Module, tokenizer: Tokenizer, split_rows: dict[str, 
         feats["test"] = extract(model, _examples(test_rows, tokenizer), layers, pad_id, config.alignments,
                                 progress=config.progress)
         advance(1)
-    report = _report(selection, other, feats, split_rows, config)
-    return BenchmarkResult(selection.head, selection, report)
+    lora = _lora_probe(model, tokenizer, split_rows, selection, pad_id, config) if config.lora else None
+    report = _report(selection, other, feats, split_rows, config, lora)
+    return BenchmarkResult(selection.head, selection, report, *(lora[:2] if lora else (None, None)))
+
+
+def _lora_probe(model: nn.Module, tokenizer: Tokenizer, split_rows: dict, selection: Selection, pad_id: int,
+                config: BenchmarkConfig) -> tuple[nn.Module, ProbeHead, dict[str, TokenFeatures]]:
+    """The LoRA probe at the frozen winner's layer, alignment and L2, on a copy of the model (the caller's stays
+    frozen and unadapted); features of val and test from the adapted copy (their lora_kl: the KL cost)."""
+    chosen = selection.config
+    train_cfg = replace(chosen, steps=config.lora_steps, lora=config.lora, lora_lr=config.lora_lr,
+                        kl_weight=config.kl_weight, progress=config.progress)
+    adapted = copy.deepcopy(model)
+    head = train_probe(adapted, _examples(split_rows["train"], tokenizer), train_cfg, pad_id)
+    feats = {name: extract(adapted, _examples(split_rows[name], tokenizer), [chosen.layer], pad_id,
+                           (chosen.alignment,), progress=config.progress) for name in ("val", "test")}
+    return adapted, head, feats
 
 
 def _best_other_alignment(selection: Selection, feats: dict, config: BenchmarkConfig):
@@ -87,7 +113,10 @@ def _best_other_alignment(selection: Selection, feats: dict, config: BenchmarkCo
     return fit_head(feats["train"].features(cfg.layer, cfg.alignment), feats["train"], cfg), cfg
 
 
-def _token_scores(feats: TokenFeatures, selection: Selection, other, seed: int) -> dict[str, torch.Tensor]:
+def _token_scores(feats: TokenFeatures, selection: Selection, other, seed: int,
+                  lora: tuple[nn.Module, ProbeHead, TokenFeatures] | None = None) -> dict[str, torch.Tensor]:
+    """Per kept token, every method's score; ``lora``: (model, head, the adapted model's features of the same
+    examples — extract keeps the same tokens in the same order, so its scores line up)."""
     cfg = selection.config
     x = feats.features(cfg.layer, cfg.alignment)
     with torch.no_grad():
@@ -95,11 +124,25 @@ def _token_scores(feats: TokenFeatures, selection: Selection, other, seed: int) 
                   "random_head": random_head(x.shape[1], seed).scores(x)}
         if other is not None:
             scores["probe_other_alignment"] = other[0].scores(feats.features(other[1].layer, other[1].alignment))
+        if lora is not None:
+            scores["probe_lora"] = lora[1].scores(lora[2].features(cfg.layer, cfg.alignment))
     return scores
 
 
-def _report(selection: Selection, other, feats: dict, split_rows: dict, config: BenchmarkConfig) -> dict:
-    test_all = claims(split_rows["test"], feats["test"], _token_scores(feats["test"], selection, other, config.seed))
+def _lora_summary(lora, selection: Selection, config: BenchmarkConfig) -> dict:
+    _, head, feats = lora
+    cfg = selection.config
+    return {"r": config.lora.r, "alpha": config.lora.alpha, "steps": config.lora_steps, "kl_weight": config.kl_weight,
+            "layer": cfg.layer, "alignment": cfg.alignment, "l2": cfg.l2,
+            "val_auroc": val_auroc(head, feats["val"], cfg.layer, cfg.alignment),
+            "kl_test": feats["test"].lora_kl, "kl_val": feats["val"].lora_kl}
+
+
+def _report(selection: Selection, other, feats: dict, split_rows: dict, config: BenchmarkConfig,
+            lora=None) -> dict:
+    lora_test = (lora[0], lora[1], lora[2]["test"]) if lora else None
+    test_scores = _token_scores(feats["test"], selection, other, config.seed, lora_test)
+    test_all = claims(split_rows["test"], feats["test"], test_scores)
     train = claims(split_rows["train"], feats["train"], {"nll": feats["train"].nll})
     add_value_prior(test_all, train)
     add_sample_disagreement(test_all, split_rows["test"])
@@ -122,9 +165,9 @@ def _report(selection: Selection, other, feats: dict, split_rows: dict, config: 
         "value_disjoint": claims_report(disjoint, methods, config.n_boot, config.seed),
         "sampled": claims_report(sampled, [m for m in methods if m != "sample_disagreement"], config.n_boot,
                                  config.seed) if len(sampled) else None,
+        "lora": _lora_summary(lora, selection, config) if lora else None,
         "selective": _selective(greedy, methods),
-        "best_of_n": _best_of_n(split_rows["test"], feats["test"], _token_scores(feats["test"], selection, other,
-                                                                                  config.seed)["probe"], config.seed),
+        "best_of_n": _best_of_n(split_rows["test"], feats["test"], test_scores["probe"], config.seed),
         "greedy_claims": {"labels": greedy.labels.tolist(), "type": greedy.meta["type"].tolist(),
                           "scores": {m: greedy.scores[m].tolist() for m in methods}},
     }

@@ -65,3 +65,43 @@ def test_benchmark_refuses_a_split_without_both_classes():
     with pytest.raises(ValueError, match="needs both classes"):
         run_benchmark(lm.model, lm.tokenizer, {"train": rows, "val": rows, "test": rows}, 258,
                       BenchmarkConfig(layers=(0,), steps=5, n_boot=10))
+
+
+def _naive_kl(base, adapted, example) -> list[float]:
+    """KL(p_base ‖ p_adapted) of each kept token's predicting distribution, one conversation at a time."""
+    import torch
+
+    ids = torch.tensor([example.input_ids])
+    with torch.no_grad():
+        log_p = torch.log_softmax(base(ids)[0].float(), -1)
+        log_q = torch.log_softmax(adapted(ids)[0].float(), -1)
+    out = []
+    for t in range(1, len(example.input_ids)):
+        if example.labels[t] != -100 or example.span_ids[t] >= 0:
+            out.append(float((log_p[t - 1].exp() * (log_p[t - 1] - log_q[t - 1])).sum()))
+    return out
+
+
+def test_benchmark_lora_probe_reports_its_kl_and_leaves_the_model_unadapted():
+    import torch
+
+    from lucidlm.model.lora import LoRAConfig
+    from lucidlm.probe.data import label_row
+
+    lm = tiny_lm()
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    split = {"train": _rows(40, 0), "val": _rows(16, 1), "test": _rows(20, 2)}
+    config = BenchmarkConfig(layers=(1,), alignments=("own",), steps=100, n_boot=50,
+                             lora=LoRAConfig(r=4, alpha=8, dropout=0.0), lora_steps=30, lora_lr=1e-2)
+    result = run_benchmark(lm.model, lm.tokenizer, split, pad_id=258, config=config)
+    # the caller's model is untouched: no adapters, same weights
+    assert getattr(lm.model, "lora_config", None) is None
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    lora = result.report["lora"]
+    assert lora["layer"] == result.report["choice"]["layer"] and lora["steps"] == 30
+    kls = [kl for r in split["test"] for kl in _naive_kl(lm.model, result.lora_model, label_row(r, lm.tokenizer))]
+    assert lora["kl_test"] > 0
+    assert lora["kl_test"] == pytest.approx(float(np.mean(kls)), rel=1e-3)
+    m = result.report["greedy"]["all"]["probe_lora"]
+    assert m["lo"] <= m["auroc"] <= m["hi"]
+    assert m["auroc"] > 0.8  # the value's tokens decide the label: the adapted layer still shows them
