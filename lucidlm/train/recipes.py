@@ -22,6 +22,7 @@ from ..config import from_preset
 from ..model.lora import TARGETS, LoRAConfig
 from ..model.transformer import Transformer
 from ..tokenizer import Tokenizer, byte_tokenizer
+from .checkpointing import ensure_writable_dir
 from .config_file import opt
 from .pretrain_data import PackedTextDataset
 from .trainer import TrainConfig, Trainer, default_save_weights
@@ -121,6 +122,7 @@ def _with_tokenizer(save, tokenizer: Tokenizer, model, directory: Path) -> None:
 def run_pretrain(run: PretrainRun) -> dict:
     if not run.data:
         raise ValueError("no training data: give --data FILE[,FILE...] (or data: [...] in the config file)")
+    ensure_writable_dir(run.train.out_dir)  # before the model is built and the data read
     tokenizer = load_tokenizer(run.tokenizer)
     model, family = build_model(run.model, tokenizer)
     if run.block_size > model.config.max_seq_len:
@@ -145,13 +147,13 @@ def run_pretrain(run: PretrainRun) -> dict:
 
 def _export(trainer: Trainer, final: Path) -> None:
     """Copy the last checkpoint's model files to ``out_dir/model`` (replacing an older export)."""
-    from .checkpointing import STATE_FILE, latest_checkpoint
+    from .checkpointing import LEGACY_STATE_FILE, STATE_FILES, latest_checkpoint
 
     source = latest_checkpoint(trainer.out_dir)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(STATE_FILE))
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(*STATE_FILES, LEGACY_STATE_FILE))
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -199,6 +201,9 @@ def _fine_tune_setup(run: SFTRun):
         raise ValueError("give the checkpoint to fine-tune: --model DIR")
     if not run.data:
         raise ValueError("no training data: give --data FILE[,FILE...]")
+    ensure_writable_dir(run.train.out_dir)  # before the model is loaded
+    if run.out:
+        ensure_writable_dir(Path(run.out).parent, "directory of --out")  # the result is renamed into place there
     loaded = load_model(run.model, dtype=torch.float32)
     tokenizer = Tokenizer.from_dir(run.model)
     if tokenizer is None:

@@ -1,8 +1,9 @@
 """Supervised fine-tuning data: JSONL conversations → token ids with the loss on the responses only.
 
-Rows are either ``{"messages": [{"role": ..., "content": ...}, ...]}`` or an instruction pair
-``{"prompt": ..., "response": ...}`` (also ``instruction``/``input``/``output``). With the tokenizer's
-chat template, an instruction pair becomes a user turn and an assistant turn.
+Rows are either ``{"messages": [{"role": ..., "content": ...}, ...]}`` (roles system, user, assistant, and
+tool when the chat template names it) or an instruction pair ``{"prompt": ..., "response": ...}`` (also
+``instruction``/``input``/``output``). With the tokenizer's chat template, an instruction pair becomes a
+user turn and an assistant turn.
 
 Which tokens are trained: every assistant turn, from where the template's generation prompt ends to
 the end of that turn as rendered (its end-of-turn token included); everything else — system and user
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..tokenizer import Tokenizer
-from .jsonl import DataError, messages_field, read_rows, text_field
+from .jsonl import DataError, chat_roles, messages_field, read_rows, text_field
 from .objectives import IGNORE_INDEX
 
 
@@ -41,11 +42,12 @@ class ChatFormatter:
         if max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {max_len}")
         self.tokenizer, self.max_len = tokenizer, max_len
+        self.roles = chat_roles(tokenizer.chat_template)  # an unknown role ("wizard") is a bad row, not a new turn
         self.truncated = 0  # examples cut to max_len
 
     def from_row(self, row: dict) -> Example:
         if "messages" in row:
-            return self.conversation(messages_field(row))
+            return self.conversation(messages_field(row, roles=self.roles))
         prompt = text_field(row, "prompt", "instruction")
         extra = text_field(row, "input", required=False)
         if extra:
@@ -196,7 +198,10 @@ class PreferenceDataset(JsonlDataset):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def parse(self, row: dict) -> tuple[Example, Example]:
-        prompt = messages_field(row, "prompt") if isinstance(row.get("prompt"), list) else text_field(row, "prompt")
+        if isinstance(row.get("prompt"), list):
+            prompt = messages_field(row, "prompt", self.formatter.roles)
+        else:
+            prompt = text_field(row, "prompt")
         chosen, rejected = text_field(row, "chosen"), text_field(row, "rejected")
         return self.formatter.pair(prompt, chosen), self.formatter.pair(prompt, rejected)
 

@@ -26,12 +26,21 @@ import torch
 from torch import nn
 
 from ..device import resolve_device
-from .checkpointing import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from .checkpointing import (
+    checkpoint_root,
+    ensure_writable_dir,
+    latest_checkpoint,
+    load_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config_file import opt
 from .metrics import MetricsLog, plot_loss_curve
 from .objectives import CausalLM, LossParts, count_tokens
 from .optim import build_optimizer, warmup_cosine
 from .spike_guard import SpikeGuard, Verdict
+from .state_io import encode
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -117,6 +126,7 @@ class Trainer:
         self.save_weights = save_weights or default_save_weights
         self.load_weights = load_weights or default_load_weights
         self.run_info = {**(run_info or {}), "train": _defining_fields(config)}
+        encode(self.run_info, {}, "run_info")  # an unstorable value fails now, not at the first checkpoint
         self.out_dir = Path(config.out_dir)
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))
         self.schedule = warmup_cosine(config.warmup_steps, config.max_steps, config.min_lr_ratio)
@@ -131,6 +141,8 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> dict[str, float]:
         """Train to ``max_steps``, resuming from ``out_dir``'s latest checkpoint when there is one."""
+        if self.is_main:  # a read-only out_dir fails here, not at the first checkpoint
+            ensure_writable_dir(checkpoint_root(self.out_dir), "checkpoint directory")
         checkpoint = latest_checkpoint(self.out_dir) if resume else None
         if checkpoint is not None:
             self._restore(checkpoint, check_config=True)
@@ -288,9 +300,8 @@ class Trainer:
                                self.config.keep_checkpoints)
 
     def _restore(self, checkpoint: Path, check_config: bool) -> None:
-        state = load_state(checkpoint)
-        if check_config:
-            _check_same_run(state["run_info"], self.run_info, checkpoint)
+        check = (lambda saved: _check_same_run(saved, self.run_info, checkpoint)) if check_config else None
+        state = load_state(checkpoint, check)  # the run identity is checked before any tensor is read
         self._restore_model_and_optimizer(checkpoint, state)
         if state["data"] is not None and check_config:  # a rollback keeps reading forward
             self.train_data.load_state_dict(state["data"])
