@@ -28,12 +28,16 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 _NEG_INF = float("-inf")
+# a token id written as a string (a JSON key): ASCII digits only, since str.isdigit and int() also take "²",
+# "١٢" and "５" (the last two silently, as 12 and 5)
+_ASCII_INT = re.compile(r"-?[0-9]{1,18}")
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.logit_bias, dict):  # the API's {token id: bias}; ids may arrive as strings (JSON keys)
             object.__setattr__(self, "logit_bias", tuple(sorted(
-                (int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k, v)
+                (int(k) if isinstance(k, str) and _ASCII_INT.fullmatch(k) else k, v)
                 for k, v in self.logit_bias.items())))
         object.__setattr__(self, "logit_bias", tuple(tuple(pair) for pair in self.logit_bias))
         self.validate()
@@ -63,8 +67,8 @@ class SamplingParams:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         top_k = _integer("top_k", self.top_k)
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+        if not 0 <= top_k < 2**63:  # larger than any vocabulary keeps every token; beyond int64 it cannot be stored
+            raise ValueError(f"top_k must be in [0, 2**63) (0 = off), got {top_k}")
         top_p = _real("top_p", self.top_p)
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
