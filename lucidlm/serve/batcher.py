@@ -19,6 +19,12 @@ that forward (one step of latency), and a finished row is fed its last token onc
 unused) before its slot is freed. The slot has the cell for it: ``submit`` keeps prompt +
 max_new_tokens within max_len, and the first new token comes from the prefill without a cell of its
 own. (A row ending because its slot was full could not be fed: its last score would be None.)
+
+One request must never end another's: a failure that belongs to one row — its prefill, its sampling options
+(a BatchSampling that cannot be built or processed), logits or a probe score that are not finite (NaN weights,
+a temperature that overflows), its text — fails that row alone with an ErrorEvent, and the batch goes on
+with the others, whose tokens are what they would have been without it (sampling is row by row; a failed row
+is dropped before anything is drawn). Only a failure of the shared decode forward ends every row.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -141,6 +148,7 @@ class ContinuousBatcher:
         self.accepting = True
         self.steps = 0  # decode forwards run (for stats and tests)
         self.cancelled = 0  # sequences dropped because their client went away
+        self.failed = 0  # sequences ended by a failure of their own (the others went on)
         self.thread = threading.Thread(target=self._loop, name="lucidlm-batcher", daemon=True)
 
     # --- the outside: submit, cancel, stop ------------------------------------------------------------
@@ -149,26 +157,32 @@ class ContinuousBatcher:
         return self
 
     def submit(self, seqs: list[Sequence]) -> None:
-        """Queue a request's sequences (its ``n`` choices). Raises QueueFull or Draining at once."""
-        for s in seqs:
-            need = len(s.prompt) + s.config.max_new_tokens
-            if need > self.max_len:
-                raise ValueError(f"prompt ({len(s.prompt)} tokens) + max_new_tokens ({s.config.max_new_tokens}) "
-                                 f"exceed the context of {self.max_len} tokens")
-        if len(seqs) > self.max_batch:
-            raise ValueError(f"{len(seqs)} choices exceed the server's batch of {self.max_batch}")
+        """Queue one group of sequences that start together (a prompt's ``n`` choices)."""
+        self.submit_request([seqs])
+
+    def submit_request(self, groups: list[list[Sequence]]) -> None:
+        """Queue one request's groups (one per prompt) in order. Raises QueueFull or Draining at once, for the
+        whole request: the bound counts load (groups already waiting), not the size of the request itself."""
+        for seqs in groups:
+            for s in seqs:
+                need = len(s.prompt) + s.config.max_new_tokens
+                if need > self.max_len:
+                    raise ValueError(f"prompt ({len(s.prompt)} tokens) + max_new_tokens "
+                                     f"({s.config.max_new_tokens}) exceed the context of {self.max_len} tokens")
+            if len(seqs) > self.max_batch:
+                raise ValueError(f"{len(seqs)} choices exceed the server's batch of {self.max_batch}")
         with self._wake:
             if not self.accepting:
                 raise Draining("the server is shutting down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (the queue holds {self.max_queue})")
-            self.waiting.append(seqs)
+            self.waiting.extend(groups)
             self._wake.notify()
 
     def stats(self) -> dict[str, int]:
         return {"running": len(self.rows), "waiting": sum(len(r) for r in self.waiting),
                 "free_slots": len(self.free), "max_batch": self.max_batch, "decode_steps": self.steps,
-                "cancelled": self.cancelled}
+                "cancelled": self.cancelled, "failed": self.failed}
 
     def idle(self) -> bool:
         return not self.rows and not self.waiting
@@ -219,16 +233,18 @@ class ContinuousBatcher:
             self._prefill(admitted)
         if not self.rows:
             return
-        rows = list(self.rows.values())
-        tokens, logprobs, top = self._sample(rows)
-        events = [self._event(*a) for a in zip(rows, tokens.tolist(), logprobs.tolist(), top)]
+        rows, tokens, logprobs, top = self._sample(list(self.rows.values()))
+        events = [self._row_event(*a) for a in zip(rows, tokens.tolist(), logprobs.tolist(), top)]
+        kept = [i for i, e in enumerate(events) if e is not None]
+        if len(kept) < len(rows):
+            rows, events, tokens = [rows[i] for i in kept], [events[i] for i in kept], tokens[kept]
         # Which forward scores a token: "predictive", the one that decoded it (already run: emit now);
         # "own", the one it is fed to (the decode below: emit after it, and feed rows that just
         # finished once more so that their last token is scored too).
-        fed = [i for i, (row, e) in enumerate(zip(rows, events))
-               if e.finish_reason is None or (self.own and self.cache.lengths[row.slot] < self.cache.max_len)]
         if not self.own:
             self._emit(rows, events)
+        fed = [i for i, (row, e) in enumerate(zip(rows, events)) if self.rows.get(row.slot) is row
+               and (e.finish_reason is None or (self.own and self.cache.lengths[row.slot] < self.cache.max_len))]
         if fed:
             self._decode([rows[i] for i in fed], tokens[fed])
         if self.own:
@@ -252,22 +268,40 @@ class ContinuousBatcher:
                     if seq.cancelled:
                         continue
                     slot = heapq.heappop(self.free)
-                    row = _Row(seq, slot, self.lm, self.lm.device)
+                    try:
+                        row = _Row(seq, slot, self.lm, self.lm.device)
+                    except Exception as e:  # its options (a seed, stop strings): this sequence's problem
+                        heapq.heappush(self.free, slot)
+                        self._fail_sequence(seq, f"cannot start: {type(e).__name__}: {e}")
+                        continue
                     self.rows[slot] = row
                     admitted.append(row)
         return admitted
 
     def _prefill(self, rows: list[_Row]) -> None:
         """Run the new prompts through the model into their slots. Prompts share a left-padded forward
-        only while the padding still leaves each its token budget (padding takes cache cells)."""
+        only while the padding still leaves each its token budget (padding takes cache cells). A group
+        whose forward fails is retried row by row, so that only the rows at fault fail."""
         self.cache.reset([r.slot for r in rows])
         for group in _padding_groups(rows, self.max_len):
-            prompts, slots = [r.seq.prompt for r in group], [r.slot for r in group]
-            logits, hidden = self.engine.prefill(self.cache, prompts, slots, self.probe_layers)
-            scores = self._scores(hidden) if not self.own else None  # "own": the prompt's token, not scored
-            for i, r in enumerate(group):
-                r.logits, r.score = logits[i], None if scores is None else scores[i]
-            self._mark_prompts(group)
+            try:
+                self._prefill_group(group)
+            except Exception:
+                log.exception("prefill failed for %d sequences; retrying them one by one", len(group))
+                for r in group:
+                    self.cache.reset([r.slot])
+                    try:
+                        self._prefill_group([r])
+                    except Exception as e:
+                        self._fail(r, f"prefill failed: {type(e).__name__}: {e}")
+
+    def _prefill_group(self, group: list[_Row]) -> None:
+        prompts, slots = [r.seq.prompt for r in group], [r.slot for r in group]
+        logits, hidden = self.engine.prefill(self.cache, prompts, slots, self.probe_layers)
+        scores = self._scores(hidden) if not self.own else None  # "own": the prompt's token, not scored
+        for i, r in enumerate(group):
+            r.logits, r.score = logits[i], None if scores is None else scores[i]
+        self._mark_prompts(group)
 
     def _mark_prompts(self, rows: list[_Row]) -> None:
         if any(r.seq.config.sampling.repetition_penalty != 1.0 for r in rows):
@@ -282,22 +316,33 @@ class ContinuousBatcher:
         if self.counts is None and any(r.seq.config.sampling.counts_tokens for r in rows):
             self.counts = torch.zeros(self.max_batch, self.vocab, dtype=torch.int32, device=self.lm.device)
 
-    def _sample(self, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor, list[list[tuple[int, float]]]]:
-        """Next token for every row, its log-probability under the model, and the top alternatives."""
+    def _sample(self, rows: list[_Row]) -> tuple[list[_Row], torch.Tensor, torch.Tensor, list[list[tuple[int, float]]]]:
+        """The rows that could be sampled, each one's next token, its log-probability under the model and
+        the top alternatives. A row whose options cannot be applied, or whose distribution is not finite, is
+        failed before anything is drawn, and the others are sampled without it."""
         logits = torch.stack([r.logits for r in rows]).float()  # (rows, vocab)
-        slots = tuple(r.slot for r in rows)
-        key = tuple(r.seq.uid for r in rows)
-        if self._sampling is None or self._sampling[0] != key:
-            self._sampling = (key, BatchSampling.from_params([r.seq.config.sampling for r in rows],
-                                                               self.lm.device))
-        sampling = self._sampling[1]
-        slot_t = torch.tensor(slots, device=logits.device)
-        if all(r.seq.config.sampling.plain_greedy for r in rows):
-            tokens = logits.argmax(-1)
+        slot_t = torch.tensor([r.slot for r in rows], device=logits.device)
+        seen = self.seen[slot_t] if self.seen is not None else None
+        counts = self.counts[slot_t] if self.counts is not None else None
+        sampling, processed = None, None
+        try:
+            if not all(r.seq.config.sampling.plain_greedy for r in rows):
+                sampling = self._sampler(rows)
+                processed = sampling.process(logits, seen, counts)
+        except Exception:
+            failed = self._culprits(rows, logits, seen, counts)
+            if not failed:  # no row fails alone: not one request's fault
+                raise
         else:
-            seen = self.seen[slot_t] if self.seen is not None else None
-            counts = self.counts[slot_t] if self.counts is not None else None
-            tokens = sampling.sample(sampling.process(logits, seen, counts), [r.generator for r in rows])
+            failed = _non_finite(logits, processed)
+        if failed:
+            for i, message in failed.items():
+                self._fail(rows[i], message)
+            rest = [r for i, r in enumerate(rows) if i not in failed]
+            if not rest:
+                return [], slot_t[:0], logits.new_empty(0), []
+            return self._sample(rest)
+        tokens = logits.argmax(-1) if sampling is None else sampling.sample(processed, [r.generator for r in rows])
         logp = torch.log_softmax(logits, -1)
         logprobs = logp.gather(-1, tokens[:, None])[:, 0]
         k = max(r.seq.top_logprobs for r in rows)
@@ -311,7 +356,27 @@ class ContinuousBatcher:
             self.seen[slot_t, tokens] = True
         if self.counts is not None:
             self.counts[slot_t, tokens] += 1
-        return tokens, logprobs, top
+        return rows, tokens, logprobs, top
+
+    def _sampler(self, rows: list[_Row]) -> BatchSampling:
+        """The rows' sampling parameters as tensors, rebuilt only when the batch's sequences change."""
+        key = tuple(r.seq.uid for r in rows)
+        if self._sampling is None or self._sampling[0] != key:
+            self._sampling = (key, BatchSampling.from_params([r.seq.config.sampling for r in rows], self.lm.device))
+        return self._sampling[1]
+
+    def _culprits(self, rows: list[_Row], logits: torch.Tensor, seen: torch.Tensor | None,
+                  counts: torch.Tensor | None) -> dict[int, str]:
+        """After a batch's options failed: the rows whose options fail on their own, with why."""
+        failed = {}
+        for i, r in enumerate(rows):
+            one = slice(i, i + 1)
+            try:
+                BatchSampling.from_params([r.seq.config.sampling], self.lm.device).process(
+                    logits[one], None if seen is None else seen[one], None if counts is None else counts[one])
+            except Exception as e:
+                failed[i] = f"its sampling options cannot be applied: {type(e).__name__}: {e}"
+        return failed
 
     def _event(self, row: _Row, tok: int, logprob: float, top: list[tuple[int, float]]) -> TokenEvent:
         """The row's new token (its text and finish reason; the score is set by ``_emit``)."""
@@ -329,13 +394,34 @@ class ContinuousBatcher:
             piece += row.text.finish()
         return TokenEvent(tok, piece, logprob, top, finish_reason=reason)
 
+    def _row_event(self, row: _Row, tok: int, logprob: float, top: list[tuple[int, float]]) -> TokenEvent | None:
+        try:
+            return self._event(row, tok, logprob, top)
+        except Exception as e:  # its text (the tokenizer, its stop strings)
+            self._fail(row, f"{type(e).__name__}: {e}")
+            return None
+
     def _emit(self, rows: list[_Row], events: list[TokenEvent]) -> None:
         """Hand each row's event, with the row's score, to its sequence; finished rows free their slot."""
         for row, event in zip(rows, events):
             event.score, row.score = row.score, None
+            if event.score is not None and not math.isfinite(event.score):
+                self._fail(row, "the probe's score is not finite (NaN or inf): is the probe or the checkpoint broken?")
+                continue
             row.seq.sink(event)
             if event.finish_reason is not None:
                 self._release(row.slot)
+
+    def _fail(self, row: _Row, message: str) -> None:
+        """End one running sequence with an error; its slot is free at once."""
+        self._release(row.slot)
+        self._fail_sequence(row.seq, message)
+
+    def _fail_sequence(self, seq: Sequence, message: str) -> None:
+        log.warning("sequence %d failed alone (the batch goes on): %s", seq.uid, message)
+        self.failed += 1
+        if not seq.cancelled:
+            seq.sink(ErrorEvent(f"generation failed: {message}"))
 
     def _decode(self, rows: list[_Row], tokens: torch.Tensor) -> None:
         """One forward for every fed row: their next logits (and probe scores)."""
@@ -366,6 +452,18 @@ class ContinuousBatcher:
         for slot in list(self.rows):
             self._release(slot)
         self._sampling = None
+
+
+def _non_finite(logits: torch.Tensor, processed: torch.Tensor | None) -> dict[int, str]:
+    """Rows that cannot be sampled, with why: the model's logits must all be finite (NaN or inf ones come from a
+    broken checkpoint), and after the row's options the largest must be finite (no NaN or +inf, not all -inf)."""
+    model_ok = torch.isfinite(logits).all(-1)
+    ok = model_ok if processed is None else model_ok & torch.isfinite(processed.amax(-1))
+    if bool(ok.all()):  # the common case: one check, one sync
+        return {}
+    return {i: "the model's logits are not finite (NaN or inf): is the checkpoint broken?" if not m else
+            "its sampling options make the distribution non-finite (temperature, penalties or logit_bias)"
+            for i, (m, good) in enumerate(zip(model_ok.tolist(), ok.tolist())) if not good}
 
 
 def _padding_groups(rows: list[_Row], max_len: int) -> list[list[_Row]]:
