@@ -4,17 +4,45 @@ Names, types and ranges are OpenAI's (``/v1/completions`` and ``/v1/chat/complet
 options OpenAI lacks and vLLM accepts: ``top_k``, ``min_p``, ``repetition_penalty``. Types are strict (a
 string where a number belongs is an error, as with OpenAI) and unknown fields are errors naming the field
 (OpenAI: "Unrecognized request argument supplied"), never silently ignored.
+
+Every value is one the decode step can compute: one request's options run in the same batch as other
+clients', so a value that overflows float32 there (a temperature of 1e-39) is refused here with a 400 naming
+the field, and every string must be valid Unicode (JSON can carry a lone surrogate such as ``"\ud800"``,
+which no tokenizer and no UTF-8 response can hold).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import OpenAIError
+from .errors import OpenAIError, encodable
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}  # pydantic's union-member loc entries
+
+# vLLM raises temperatures in (0, 0.01) to 0.01 (its _MAX_TEMP) because logits / T overflows below it; a
+# silent change of what was asked is worse than an error, so here they are refused
+MIN_TEMPERATURE = 0.01
+# the repetition penalty divides (or multiplies) a seen token's logit: the same overflow as 1 / temperature
+# below 0.01, and nothing left to penalise above 100 (a positive logit is then ~0)
+REPETITION_PENALTY = (0.01, 100.0)
+MAX_LOGIT_BIAS = 1024  # entries: the batch's bias is rebuilt (in Python) whenever its rows change
+_TOKEN_ID = re.compile(r"[0-9]+")  # ASCII only: str.isdigit and int() also take "²", "١٢", "５"
+
+
+def _unicode(text: str) -> str:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"must be valid Unicode: lone surrogate U+{ord(text[e.start]):04X} at position "
+                             f"{e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # every string of a request
 
 
 class _Strict(BaseModel):
@@ -27,14 +55,14 @@ class StreamOptions(_Strict):
 
 class ContentPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-    tool_call_id: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
+    tool_call_id: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -47,23 +75,23 @@ class ChatMessage(_Strict):
 class _Sampling(_Strict):
     """Fields both endpoints share."""
 
-    model: str
+    model: Text
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, validate_default=True)
+    stop: Text | list[Text] | None = Field(None, validate_default=True)
     max_tokens: int | None = Field(None, ge=1)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
-    user: str | None = None
+    user: Text | None = None
     # beyond OpenAI, as vLLM names them
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, lt=2**63)  # above the vocabulary: every token kept (vLLM clamps)
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = None
     ignore_eos: bool = False  # vLLM's: decode past end-of-sequence (benchmarks)
 
     @field_validator("stop")
@@ -76,14 +104,34 @@ class _Sampling(_Strict):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
 
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float | None) -> float | None:
+        if v is not None and 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {v}: dividing the logits by a "
+                             "smaller temperature overflows them")
+        return v
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _repetition_penalty(cls, v: float | None) -> float | None:
+        low, high = REPETITION_PENALTY
+        if v is not None and not low <= v <= high:
+            raise ValueError(f"must be in [{low}, {high:g}] (1 = off), got {v}")
+        return v
+
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None and len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens, got {len(v)}")
         for token, bias in (v or {}).items():
-            if not token.isdigit():
-                raise ValueError(f"keys must be token ids, got {token!r}")
+            if not _TOKEN_ID.fullmatch(token):
+                raise ValueError(f"keys must be token ids in ASCII digits, got {encodable(token[:20])!r}")
+            if len(token.lstrip("0")) > 18:  # beyond any vocabulary (and int() refuses 4300 digits)
+                raise ValueError(f"token id {token[:20]}... is outside the vocabulary")
             if not -100 <= bias <= 100:
-                raise ValueError(f"values must be in [-100, 100], got {bias} for token {token}")
+                raise ValueError(f"values must be in [-100, 100], got {bias} for token {token[:20]}")
         return v
 
     @model_validator(mode="after")
@@ -130,7 +178,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
@@ -181,7 +229,10 @@ def parse(model: type[_Strict], data: object) -> _Strict:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
+        errors = e.errors()
+        # a union reports every member's error; one from a validator here says what is wrong, where "should be a
+        # valid string" (the first member's) would not
+        first = next((x for x in errors if x["type"] == "value_error"), errors[0])
         param = field_path(first["loc"])
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "missing":

@@ -36,7 +36,7 @@ BAD = [
     ("chat", {**CHAT, "stream_options": {"include_usage": True}}, 400, None, "only allowed when stream"),
     ("chat", {**CHAT, "seed": -1}, 400, "seed", "greater than or equal to 0"),
     ("chat", {**CHAT, "top_k": -1}, 400, "top_k", "greater than or equal to 0"),
-    ("chat", {**CHAT, "repetition_penalty": 0}, 400, "repetition_penalty", "greater than 0"),
+    ("chat", {**CHAT, "repetition_penalty": 0}, 400, "repetition_penalty", "must be in [0.01, 100]"),
     ("chat", {**CHAT, "frobnicate": 1}, 400, "frobnicate", "unrecognized"),
     ("chat", {**CHAT, "max_tokens": 250}, 400, "messages", "maximum context length is 256"),
     ("chat", {**CHAT, "messages": [{"role": "user", "content": "x" * 300}], "max_tokens": None}, 400, "messages",
