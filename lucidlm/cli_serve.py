@@ -25,6 +25,14 @@ def serve_command(
                                                                   "at most 4096)")] = None,
     drain_timeout: Annotated[float, typer.Option(min=0, help="on shutdown, seconds streams in flight get to "
                                                              "finish before they are ended")] = 30.0,
+    max_prompts: Annotated[int, typer.Option(min=1, help="prompts in one /v1/completions request (400 "
+                                                         "beyond)")] = 64,
+    max_connections: Annotated[int | None, typer.Option(min=1, help="open connections before 503 (default: "
+                                                                    "max-batch + max-queue + 64)")] = None,
+    header_timeout: Annotated[float, typer.Option(min=0.1, help="seconds a request's head may take to arrive "
+                                                                "before the connection is closed")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(min=0.1, help="seconds a request's body may take to arrive "
+                                                              "(408)")] = 30.0,
     device: Device = "auto",
     dtype: Dtype = "float32",
     pack_weights: PackWeights = False,
@@ -39,7 +47,8 @@ def serve_command(
 
     lm = load(model, dtype=dtype, device=device, adapter=adapter, probe=probe, pack_weights=pack_weights)
     config = ServeConfig(model_name=served_model_name or Path(model).resolve().name, max_batch=max_batch,
-                         max_queue=max_queue, max_len=max_model_len)
+                         max_queue=max_queue, max_len=max_model_len, max_prompts=max_prompts,
+                         max_connections=max_connections, header_timeout=header_timeout, body_timeout=body_timeout)
     server = build_server(lm, config, host, port, drain_timeout, log_level)
     batcher = server.config.app.state.batcher
     typer.echo(f"serving {config.model_name}: {lm.model.num_parameters() / 1e6:.1f}M params, {lm.dtype}, "

@@ -1,13 +1,16 @@
 """The HTTP side of ``lucidlm serve``: OpenAI's routes on FastAPI, fed by the continuous batcher.
 
-    POST /v1/chat/completions, /v1/completions ─parse (protocol.py)─▶ prompt ids, GenerationConfig
+    POST /v1/chat/completions, /v1/completions ─prepare.py (worker thread)─▶ prompt ids, GenerationConfig
         ─▶ Job: one Sequence per choice ─submit─▶ ContinuousBatcher (its own thread)
         ◀── TokenEvents (via the event loop) ── stream: one SSE chunk per token, then [DONE]
                                                  else: one JSON body when every choice has finished
     GET /v1/models, /v1/models/{id}, /health, / (the web page, static/)
 
 Every bad input is answered with an OpenAI error object before anything is queued; a client that
-goes away cancels its sequences, which leave the batch before the next decode step.
+goes away cancels its sequences, which leave the batch before the next decode step. The event loop does
+no CPU work of its own: parsing, chat templates and tokenization run in worker threads (prepare.py), so
+one request can never stall /health or another client's stream; a failure while decoding one sequence
+fails that sequence alone (batcher.py).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +33,7 @@ from ..api import LM
 from ..generate.generation_config import GenerationConfig
 from .batcher import ContinuousBatcher, Draining, ErrorEvent, QueueFull, Sequence, TokenEvent
 from .errors import OpenAIError
-from .protocol import ChatCompletionRequest, CompletionRequest, parse
+from .prepare import Prepared, Preparer, read_body
 from .responses import ChoiceState, ResponseBuilder, TokenTexts
 
 log = logging.getLogger("lucidlm.serve")
@@ -43,6 +47,14 @@ class ServeConfig:
     max_queue: int = 256  # requests waiting for a slot before the server answers 429
     max_len: int | None = None  # context per sequence (default: the model's, capped at 4096)
     max_body_bytes: int = 4 << 20
+    max_prompts: int = 64  # prompts in one /v1/completions request (400 beyond; the queue bound is for load)
+    max_prompt_chars: int | None = None  # default: max_len x the longest token (a longer text cannot fit)
+    body_timeout: float = 30.0  # seconds for a request body to arrive (408, connection closed)
+    header_timeout: float = 10.0  # seconds for a request head to arrive (connection closed: slowloris)
+    keep_alive_timeout: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int | None = None  # open connections before 503 (default: max_batch + max_queue + 64)
+    max_header_bytes: int = 16 << 10  # a request head larger than this is refused (h11's incomplete event size)
+    prepare_threads: int = 4  # worker threads that parse, render and tokenize requests
 
 
 class Job:
@@ -91,7 +103,10 @@ def create_app(lm: LM, config: ServeConfig) -> FastAPI:
     cfg = lm.model.config
     max_len = config.max_len or min(cfg.max_seq_len, 4096)
     batcher = ContinuousBatcher(lm, max_batch=config.max_batch, max_queue=config.max_queue, max_len=max_len)
+    preparer = Preparer(lm, config.model_name, max_len, config.max_batch, config.max_prompts,
+                        config.max_prompt_chars)
     texts = TokenTexts(lm.tokenizer)
+    workers = ThreadPoolExecutor(config.prepare_threads, thread_name_prefix="lucidlm-prepare")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -99,6 +114,7 @@ def create_app(lm: LM, config: ServeConfig) -> FastAPI:
         yield
         batcher.stop_accepting()
         batcher.abort_all()
+        workers.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(batcher.stop)
 
     app = FastAPI(title="lucidlm", lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -108,6 +124,10 @@ def create_app(lm: LM, config: ServeConfig) -> FastAPI:
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, e: OpenAIError) -> JSONResponse:
         return e.response()
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, e: Exception) -> JSONResponse:  # a bug: still an OpenAI error
+        return OpenAIError(500, f"internal error: {type(e).__name__}").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -126,7 +146,7 @@ def create_app(lm: LM, config: ServeConfig) -> FastAPI:
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict:
-        check_model(model_id)
+        preparer.check_model(model_id)
         return model_card()
 
     @app.get("/health")
@@ -141,96 +161,28 @@ def create_app(lm: LM, config: ServeConfig) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    def check_model(name: str) -> None:
-        if name != config.model_name:
-            raise OpenAIError(404, f"The model '{name}' does not exist; this server serves '{config.model_name}'",
-                              param="model", code="model_not_found")
-
     # --- generation ------------------------------------------------------------------------------------------
-    async def read_body(request: Request) -> object:
-        raw = await request.body()
-        if len(raw) > config.max_body_bytes:
-            raise OpenAIError(413, f"the request body has {len(raw)} bytes; the limit is {config.max_body_bytes}")
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise OpenAIError(400, f"the request body is not valid JSON: {e}") from None
+    async def prepared(request: Request, step: Callable[[bytes], Prepared]) -> Prepared:
+        raw = await read_body(request, config.max_body_bytes, config.body_timeout)
+        return await asyncio.get_running_loop().run_in_executor(workers, step, raw)  # CPU work: off the loop
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        body = parse(ChatCompletionRequest, await read_body(request))
-        check_model(body.model)
-        if lm.tokenizer is None:
-            raise OpenAIError(400, "this model has no tokenizer, so messages cannot be rendered")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            prompt = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except Exception as e:  # no template, or the template rejects the conversation (raise_exception)
-            raise OpenAIError(400, f"messages: the chat template cannot render them: {e}", param="messages") from None
-        return await run(request, body, [prompt], "messages", chat=True, prefixes=[""])
+        return await run(request, await prepared(request, preparer.chat))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = parse(CompletionRequest, await read_body(request))
-        check_model(body.model)
-        if body.echo and body.logprobs is not None:
-            raise OpenAIError(400, "echo with logprobs (prompt log-probabilities) is not supported", param="echo")
-        prompts = []
-        for i, p in enumerate(body.prompt):
-            if isinstance(p, str):
-                if lm.tokenizer is None:
-                    raise OpenAIError(400, "this model has no tokenizer: send prompts as token ids", param="prompt")
-                prompts.append(lm.encode(p))
-            else:
-                bad = [t for t in p if not 0 <= t < cfg.vocab_size]
-                if bad:
-                    raise OpenAIError(400, f"prompt[{i}]: token ids outside [0, {cfg.vocab_size}): {bad[:5]}",
-                                      param="prompt")
-                prompts.append(list(p))
-        echoed = [(p if isinstance(p, str) else texts_of(p)) if body.echo else "" for p in body.prompt]
-        prefixes = [e for e in echoed for _ in range(body.n)]
-        return await run(request, body, prompts, "prompt", chat=False, prefixes=prefixes)
+        return await run(request, await prepared(request, preparer.completions))
 
-    def texts_of(ids: list[int]) -> str:
-        return lm.decode(ids, skip_special_tokens=True) if lm.tokenizer is not None else ""
-
-    def generation_config(body, prompts: list[list[int]], field: str) -> GenerationConfig:
-        longest = max(len(p) for p in prompts)
-        budget = body.token_budget
-        if longest >= max_len or (budget is not None and longest + budget > max_len):
-            asked = f" + {budget} to generate" if budget is not None else ""
-            raise OpenAIError(400, f"{field}: this model's maximum context length is {max_len} tokens; the "
-                                   f"request has {longest} in the {field}{asked}", param=field,
-                              code="context_length_exceeded")
-        if body.generated_per_prompt > config.max_batch:
-            field = "best_of" if body.generated_per_prompt > body.n else "n"
-            raise OpenAIError(400, f"{field}: at most {config.max_batch} sequences per prompt (the server's batch)",
-                              param=field)
-        if getattr(body, "best_of_scorer", None) == "lowest_max_score" and lm.probe is None:
-            raise OpenAIError(400, "best_of_scorer: lowest_max_score ranks by the probe's scores; start the server "
-                                   "with --probe", param="best_of_scorer")
-        if body.logit_bias:
-            bad = [k for k in body.logit_bias if int(k) >= cfg.vocab_size]
-            if bad:
-                raise OpenAIError(400, f"logit_bias: token ids outside the vocabulary of {cfg.vocab_size}: {bad[:5]}",
-                                  param="logit_bias")
-        options = body.sampling_options()
-        try:
-            return GenerationConfig.from_kwargs(max_new_tokens=budget or max_len - longest, **options)
-        except (TypeError, ValueError) as e:
-            raise OpenAIError(400, str(e)) from None
-
-    async def run(request: Request, body, prompts: list[list[int]], field: str, chat: bool,
-                  prefixes: list[str]) -> Response:
-        gen = generation_config(body, prompts, field)
-        want_logprobs = bool(body.logprobs) if chat else body.logprobs is not None
-        builder = ResponseBuilder(chat, config.model_name, texts, want_logprobs, body.n_top_logprobs,
+    async def run(request: Request, p: Prepared) -> Response:
+        body, prompts, prefixes = p.body, p.prompts, p.prefixes
+        want_logprobs = bool(body.logprobs) if p.chat else body.logprobs is not None
+        builder = ResponseBuilder(p.chat, config.model_name, texts, want_logprobs, body.n_top_logprobs,
                                   probe=lm.probe is not None)
         per_prompt = body.generated_per_prompt
-        job = Job(prompts, gen, per_prompt, body.n_top_logprobs)
-        try:  # each prompt's sequences start together; a batch of prompts queues prompt by prompt
-            for start in range(0, len(job.seqs), per_prompt):
-                batcher.submit(job.seqs[start:start + per_prompt])
+        job = Job(prompts, p.config, per_prompt, body.n_top_logprobs)
+        try:  # each prompt's sequences start together (a group); the request's groups queue at once
+            batcher.submit_request([job.seqs[i:i + per_prompt] for i in range(0, len(job.seqs), per_prompt)])
         except QueueFull as e:
             job.cancel()
             raise OpenAIError(429, f"the server is busy: {e}; retry later", code="queue_full") from None

@@ -3,6 +3,11 @@
 On SIGINT/SIGTERM the server stops listening and answers new requests on open connections with 503;
 streams in flight keep decoding for up to ``drain_timeout`` seconds, and those still running then are
 ended cleanly (a last chunk with ``finish_reason: "abort"`` and ``[DONE]``), never cut mid-chunk.
+
+Connections are bounded so that slow or idle clients cannot hold the process's file descriptors: a request
+head must arrive within ``header_timeout`` (uvicorn has no such limit: see ``_H11HeadTimeout``) and be at most
+``max_header_bytes``, its body within ``body_timeout`` (app.py), an idle keep-alive connection closes after
+``keep_alive_timeout``, and beyond ``max_connections`` open connections requests are answered 503.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import socket
 import threading
 import time
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..api import LM
 from .app import ServeConfig, create_app
@@ -45,10 +52,47 @@ class GracefulServer(uvicorn.Server):
             self._captured_signals.clear()
 
 
+class _H11HeadTimeout(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request head (request line and headers) is not complete
+    ``head_timeout`` s after the connection opened or its previous response ended. uvicorn only times out a
+    connection idle between requests, and any byte received cancels that timer: a client trickling a header
+    byte at a time (slowloris) would hold its connection forever."""
+
+    head_timeout = 10.0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # IDLE: no complete head yet
+            self.transport.close()
+
+
 def build_server(lm: LM, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
                  drain_timeout: float = 30.0, log_level: str = "info") -> GracefulServer:
     app = create_app(lm, config)
-    uv = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+    protocol = type("H11HeadTimeout", (_H11HeadTimeout,), {"head_timeout": config.header_timeout})
+    connections = config.max_connections or config.max_batch + config.max_queue + 64
+    uv = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http=protocol,
+                        timeout_keep_alive=config.keep_alive_timeout, limit_concurrency=connections,
+                        h11_max_incomplete_event_size=config.max_header_bytes,
                         timeout_graceful_shutdown=drain_timeout + 10)  # after the abort: a backstop
     return GracefulServer(uv, drain_timeout)
 
