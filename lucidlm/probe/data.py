@@ -10,7 +10,10 @@ missing, the first occurrence is searched). Labels: "Not Supported" → 1 (hallu
 → 0, "Insufficient Information" → ignored. Response tokens outside every span are negatives (0);
 prompt tokens, role headers and padding are ignored (−100). Spans map to tokens through the
 tokenizer's character offsets: a token belongs to a span when their characters overlap. A span that
-is not in the text is counted (``missing_spans``) and reported, never silently dropped.
+is not in the text is counted (``missing_spans``) and reported, never silently dropped. With ``max_len``
+(the model's context) a longer conversation is cut to its first ``max_len`` tokens — exact for a causal
+model, whose states there do not depend on what follows — and counted (``truncated``, plus the spans left
+with no token, ``truncated_spans``), never fed whole (a 200k-token attention mask is 40 GB).
 """
 
 from __future__ import annotations
@@ -39,6 +42,24 @@ class LabelStats:
     spans: int = 0
     missing_spans: int = 0
     missing: list[str] = field(default_factory=list)  # first few, for the report
+    truncated: int = 0  # conversations cut to max_len tokens
+    truncated_spans: int = 0  # spans that lay wholly beyond the cut
+
+
+def check_row(row: dict) -> tuple[list[dict], list[dict]]:
+    """(conversation, annotations) of a row, their shapes checked (an error names the field at fault)."""
+    conversation, annotations = row.get("conversation"), row.get("annotations", [])
+    if not isinstance(conversation, list) or not isinstance(annotations, list):
+        raise ValueError("a row needs 'conversation' (a list of messages) and 'annotations' (a list)")
+    for i, m in enumerate(conversation):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"conversation[{i}] must be an object with string 'role' and 'content'")
+    for i, a in enumerate(annotations):
+        if not (isinstance(a, dict) and isinstance(a.get("span"), str)):
+            raise ValueError(f"annotations[{i}] must be an object with a string 'span', got {str(a)[:60]}")
+        if a.get("label") not in LABELS:
+            raise ValueError(f"annotation label {a.get('label')!r} is not one of {list(LABELS)}")
+    return conversation, annotations
 
 
 def render(tokenizer: Tokenizer, conversation: list[dict]) -> tuple[str, int]:
@@ -56,18 +77,16 @@ def render(tokenizer: Tokenizer, conversation: list[dict]) -> tuple[str, int]:
     return full, len(head)
 
 
-def label_row(row: dict, tokenizer: Tokenizer, stats: LabelStats | None = None) -> LabeledExample:
+def label_row(row: dict, tokenizer: Tokenizer, stats: LabelStats | None = None,
+              max_len: int | None = None) -> LabeledExample:
+    """max_len: keep the first max_len tokens (the model's context), counted in ``stats``."""
     stats = stats if stats is not None else LabelStats()
-    conversation, annotations = row.get("conversation"), row.get("annotations", [])
-    if not isinstance(conversation, list) or not isinstance(annotations, list):
-        raise ValueError("a row needs 'conversation' (a list of messages) and 'annotations' (a list)")
+    conversation, annotations = check_row(row)
     full, start = render(tokenizer, conversation)
     content = conversation[-1]["content"]
     spans: list[tuple[int, int]] = []  # character ranges in the full text
     span_labels: list[int] = []
     for a in annotations:
-        if a.get("label") not in LABELS:
-            raise ValueError(f"annotation label {a.get('label')!r} is not one of {list(LABELS)}")
         at = a.get("index")
         if not (isinstance(at, int) and content[at:at + len(a["span"])] == a["span"]):
             at = content.find(a["span"])
@@ -81,8 +100,14 @@ def label_row(row: dict, tokenizer: Tokenizer, stats: LabelStats | None = None) 
         span_labels.append(LABELS[a["label"]])
     stats.rows += 1
     enc = tokenizer.backend.encode(full, add_special_tokens=False)
+    ids, offsets = list(enc.ids), list(enc.offsets)
+    if max_len is not None and len(ids) > max_len:
+        ids, offsets = ids[:max_len], offsets[:max_len]
+        end = offsets[-1][1] if offsets else 0
+        stats.truncated += 1
+        stats.truncated_spans += sum(s >= end for s, _ in spans)
     labels, span_ids = [], []
-    for a, b in enc.offsets:
+    for a, b in offsets:
         inside = [i for i, (s, e) in enumerate(spans) if a < e and s < b]  # character overlap
         if inside:
             span_ids.append(inside[0])
@@ -90,7 +115,7 @@ def label_row(row: dict, tokenizer: Tokenizer, stats: LabelStats | None = None) 
         else:
             span_ids.append(-1)
             labels.append(0 if a >= start else IGNORE)
-    return LabeledExample(list(enc.ids), labels, span_ids, span_labels)
+    return LabeledExample(ids, labels, span_ids, span_labels)
 
 
 def collate(examples: list[LabeledExample], pad_id: int) -> dict[str, torch.Tensor]:

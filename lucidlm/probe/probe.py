@@ -15,11 +15,19 @@ Alignment (``ProbeConfig.alignment``): which position's hidden state scores toke
 The hook works on lucidlm models (``model.blocks``) and on any transformers causal LM whose decoder
 blocks are at ``model.model.layers``. A probe is saved as a directory: probe_config.json +
 probe_head.safetensors (+ a PEFT-format adapter when the probe trained LoRA on layers ≤ L).
+
+probe_config.json records the identity of the model the probe was made for (``model_identity``): a hash
+of its lucidlm config and a fingerprint of its embedding matrix, so that a probe is refused on another
+model of the same shape, where it would score silently and meaninglessly. Probes written before the field
+existed load with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,6 +41,13 @@ from ..checkpoint.safetensors_io import atomic_write, write_json
 CONFIG_FILE, HEAD_FILE = "probe_config.json", "probe_head.safetensors"
 Alignment = Literal["own", "predictive"]
 ALIGNMENTS = ("own", "predictive")
+FINGERPRINT_ROWS = 16
+FINGERPRINT_TOLERANCE = 0.02  # of a row's norm: bf16/fp16 casts move it < 0.3%, another model's rows far more
+BOOKKEEPING = ("dtype", "init_std", "bos_token_id", "eos_token_id", "pad_token_id")  # change nothing computed
+
+
+class ProbeError(ValueError):
+    """A probe directory that cannot be used (as asked, or with this model); the message names the file."""
 
 
 @dataclass
@@ -42,8 +57,19 @@ class ProbeConfig:
     n_layers: int  # blocks of the model it was made for (a probe only fits models of that shape)
     has_adapter: bool = False  # a LoRA adapter (PEFT format) in the probe directory
     alignment: Alignment = "predictive"  # token t scored from h[t] ("own") or h[t − 1] ("predictive")
+    model_identity: dict | None = None  # model_identity() of the model it was made for (None: not recorded)
 
     def __post_init__(self) -> None:
+        for name in ("layer", "hidden_size", "n_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"probe {name} must be an integer, got {value!r}")
+        if self.hidden_size < 1 or self.n_layers < 1:
+            raise ValueError(f"probe hidden_size and n_layers must be >= 1, got {self.hidden_size}, {self.n_layers}")
+        if not 0 <= self.layer < self.n_layers:
+            raise ValueError(f"probe layer {self.layer} out of range for a model of {self.n_layers} blocks")
+        if not isinstance(self.has_adapter, bool) or not isinstance(self.model_identity, dict | None):
+            raise ValueError("probe has_adapter must be true/false and model_identity an object or null")
         check_alignment(self.alignment)
 
     def check_model(self, hidden_size: int, n_layers: int) -> None:
@@ -71,6 +97,60 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
 def hidden_size_of(model: nn.Module) -> int:
     cfg = model.config
     return cfg.dim if hasattr(cfg, "dim") else cfg.hidden_size
+
+
+def model_identity(model: nn.Module) -> dict:
+    """What tells two models of one shape apart, cheaply: the sha256 of the lucidlm config (without its
+    bookkeeping fields; None for a transformers model) and, for rows spread over the input embedding matrix,
+    each row's norm and its projection on a fixed ±1 vector — a bf16/fp16 cast moves these well under the
+    tolerance."""
+    from ..config import ModelConfig
+
+    config = None
+    if isinstance(model.config, ModelConfig):
+        fields = {k: v for k, v in model.config.to_dict().items() if k not in BOOKKEEPING}
+        config = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+    weight = _input_embedding(model).detach()
+    idx = torch.linspace(0, weight.shape[0] - 1, FINGERPRINT_ROWS).round().long().unique()
+    rows = weight[idx.to(weight.device)].double().cpu()
+    signs = 1.0 - 2.0 * ((torch.arange(rows.shape[1]) * 2654435761 >> 16) & 1).double()  # fixed, no RNG
+    stats = torch.stack([rows.norm(dim=1), rows @ signs / math.sqrt(rows.shape[1])], 1)
+    return {"config_sha256": config, "embedding_rows": idx.tolist(),
+            "embedding_fingerprint": [[float(f"{x:.6g}") for x in row] for row in stats.tolist()]}
+
+
+def _input_embedding(model: nn.Module) -> torch.Tensor:
+    embed = getattr(model, "embed", None)  # lucidlm; transformers models: get_input_embeddings()
+    return embed.weight if isinstance(embed, nn.Embedding) else model.get_input_embeddings().weight
+
+
+def check_identity(saved: dict | None, model: nn.Module, where: Path) -> None:
+    """Refuse a probe made for another model; a probe without a recorded identity only warns."""
+    if saved is None:
+        warnings.warn(f"{where}: no model_identity recorded (an older lucidlm, or save_probe without the model): "
+                      "cannot check that this probe was made for this model", stacklevel=3)
+        return
+    mine = model_identity(model)
+    theirs_config, my_config = saved.get("config_sha256"), mine["config_sha256"]
+    if theirs_config and my_config and theirs_config != my_config:
+        raise ProbeError(f"{where}: this probe was made for another model (its config hash {theirs_config[:12]}… "
+                         f"differs from this model's {my_config[:12]}…)")
+    if not _same_fingerprint(saved, mine):
+        raise ProbeError(f"{where}: this probe was made for another model of the same shape (the embedding "
+                         "matrix differs); load the model it was trained on, or train a probe for this one")
+
+
+def _same_fingerprint(saved: dict, mine: dict) -> bool:
+    theirs = saved.get("embedding_fingerprint")
+    if saved.get("embedding_rows") != mine["embedding_rows"] or not isinstance(theirs, list) \
+            or len(theirs) != len(mine["embedding_fingerprint"]):
+        return False
+    try:
+        return all(abs(a - b) <= FINGERPRINT_TOLERANCE * max(norm, 1e-12)
+                   for (norm, proj), row in zip(mine["embedding_fingerprint"], theirs)
+                   for a, b in zip((norm, proj), row, strict=True))
+    except (TypeError, ValueError):  # a malformed fingerprint never matches
+        return False
 
 
 class ProbeHead(nn.Module):
@@ -112,6 +192,7 @@ def attach_probe(model: nn.Module, directory: str | Path, family=None) -> Loaded
     applied to the model, and the head moved to the model's device."""
     head, config = load_probe(directory)
     config.check_model(hidden_size_of(model), len(decoder_blocks(model)))
+    check_identity(config.model_identity, model, Path(directory) / CONFIG_FILE)
     if config.has_adapter:
         from ..checkpoint.peft_adapter import load_adapter
 
@@ -154,9 +235,13 @@ class ProbedModel(nn.Module):
 
 def save_probe(directory: str | Path, head: ProbeHead, config: ProbeConfig, model: nn.Module | None = None,
                family=None) -> Path:
-    """The head and config; with ``model`` carrying LoRA layers (a LoRA probe), also its PEFT adapter."""
+    """The head and config; with ``model``, its identity (checked at load), and when it carries LoRA layers
+    (a LoRA probe) its PEFT adapter."""
     directory = Path(directory)
+    _check_finite(head.state_dict(), directory / HEAD_FILE)  # a diverged head is an error now, not a silent NaN later
     directory.mkdir(parents=True, exist_ok=True)
+    if model is not None:
+        config = ProbeConfig(**{**asdict(config), "model_identity": model_identity(model)})
     if model is not None and getattr(model, "lora_config", None) is not None:
         from ..checkpoint.peft_adapter import save_adapter
 
@@ -169,16 +254,45 @@ def save_probe(directory: str | Path, head: ProbeHead, config: ProbeConfig, mode
 
 
 def load_probe(directory: str | Path) -> tuple[ProbeHead, ProbeConfig]:
+    """Head and config of a probe directory; every failure names the directory or file at fault."""
     directory = Path(directory)
-    if not (directory / CONFIG_FILE).exists():
+    path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such probe directory")
+    if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (not a probe directory)")
+    from ..train.jsonl import read_json
+
+    data = read_json(path)  # malformed or deeply nested JSON: an error naming the file
+    if not isinstance(data, dict):
+        raise ProbeError(f"{path}: expected a JSON object, got {type(data).__name__}")
     try:
-        config = ProbeConfig(**json.loads((directory / CONFIG_FILE).read_text()))
-    except TypeError as e:
-        raise ValueError(f"{directory / CONFIG_FILE}: {e}") from None
-    state = load_file(str(directory / HEAD_FILE))
-    head = ProbeHead(config.hidden_size)
-    if state.get("linear.weight", torch.empty(0)).shape != (1, config.hidden_size):
-        raise ValueError(f"{directory / HEAD_FILE}: head weight does not match hidden size {config.hidden_size}")
+        config = ProbeConfig(**data)
+    except (TypeError, ValueError) as e:
+        raise ProbeError(f"{path}: {e}") from None
+    return _read_head(directory / HEAD_FILE, config.hidden_size), config
+
+
+def _read_head(path: Path, hidden_size: int) -> ProbeHead:
+    from safetensors import SafetensorError
+
+    if not path.is_file():
+        raise ProbeError(f"{path}: missing (a probe directory holds {CONFIG_FILE} and {HEAD_FILE})")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ProbeError(f"{path}: not a readable safetensors file ({e})") from None
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    if shapes != {"linear.weight": (1, hidden_size), "linear.bias": (1,)}:
+        raise ProbeError(f"{path}: expected linear.weight (1, {hidden_size}) and linear.bias (1,), got {shapes}")
+    _check_finite(state, path)
+    head = ProbeHead(hidden_size)
     head.load_state_dict(state)
-    return head.eval(), config
+    return head.eval()
+
+
+def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    bad = [k for k, v in state.items() if not torch.isfinite(v.float()).all()]
+    if bad:
+        raise ProbeError(f"{path}: probe head has non-finite weights ({', '.join(bad)} hold NaN or inf), so it "
+                         "cannot score anything; retrain it (a lower learning rate, or a larger l2)")

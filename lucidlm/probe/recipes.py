@@ -9,6 +9,7 @@ from pathlib import Path
 from ..checkpoint.loader import load_model
 from ..model.lora import TARGETS, LoRAConfig
 from ..tokenizer import Tokenizer
+from ..train.checkpointing import ensure_writable_dir
 from ..train.config_file import opt
 from ..train.jsonl import DataError, read_rows
 from .data import LabeledExample, LabelStats, label_row
@@ -47,37 +48,46 @@ class ProbeRun:
     seed: int = opt(0, "seed")
 
 
-def read_examples(files: list[str], tokenizer: Tokenizer) -> tuple[list[LabeledExample], LabelStats]:
+def read_examples(files: list[str], tokenizer: Tokenizer, max_len: int | None = None
+                  ) -> tuple[list[LabeledExample], LabelStats]:
+    """max_len: the model's context; longer conversations are cut to it and counted (``stats.truncated``)."""
     stats = LabelStats()
     rows: list[LabeledExample] = []
     for f in files:
         path = Path(f)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
-        rows += [ex for _, ex in read_rows(path, 0, lambda r: _label(r, tokenizer, stats), False, print)]
+        rows += [ex for _, ex in read_rows(path, 0, lambda r: _label(r, tokenizer, stats, max_len), False, print)]
     if not rows:
         raise ValueError(f"no annotated conversations in {files}")
     return rows, stats
 
 
-def _label(row: dict, tokenizer: Tokenizer, stats: LabelStats) -> LabeledExample:
+def _label(row: dict, tokenizer: Tokenizer, stats: LabelStats, max_len: int | None) -> LabeledExample:
     try:
-        return label_row(row, tokenizer, stats)
+        return label_row(row, tokenizer, stats, max_len)
     except (ValueError, KeyError, TypeError) as e:  # reported with the file and line by read_rows
         raise DataError(str(e)) from None
+
+
+def _block(layer: int, n: int, what: str = "layer") -> int:
+    """A block index (negative: from the end) checked against the model's ``n`` blocks."""
+    if not -n <= layer < n:
+        raise ValueError(f"{what} {layer} out of range for a model of {n} blocks")
+    return layer % n
 
 
 def _setup(run: ProbeRun):
     if run.model is None:
         raise ValueError("give the model to probe: --model DIR")
+    ensure_writable_dir(run.out, "probe directory")  # before the model is loaded and features extracted
     loaded = load_model(run.model)
     tokenizer = Tokenizer.from_dir(run.model)
     if tokenizer is None:
         raise ValueError(f"{run.model}: no tokenizer.json")
     n = loaded.config.n_layers
-    layer = run.layer % n if -n <= run.layer < n else None
-    if layer is None:
-        raise IndexError(f"layer {run.layer} out of range for a model of {n} blocks")
+    layer = _block(run.layer, n)
+    run.layers = [_block(x, n, "sweep layer") for x in run.layers]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return loaded, tokenizer, layer, pad
 
@@ -96,13 +106,14 @@ def _train_config(run: ProbeRun, layer: int) -> ProbeTrainConfig:
 
 def run_probe_train(run: ProbeRun) -> dict:
     loaded, tokenizer, layer, pad = _setup(run)
-    train, stats = read_examples(run.data, tokenizer)
+    context = loaded.config.max_seq_len
+    train, stats = read_examples(run.data, tokenizer, context)
     head = train_probe(loaded.model, train, _train_config(run, layer), pad)
     config = ProbeConfig(layer, loaded.config.dim, loaded.config.n_layers, alignment=run.alignment)
     save_probe(run.out, head, config, loaded.model, loaded.family)
     report = {"probe": run.out, "layer": layer, "train": asdict(stats)}
     if run.val_data:
-        val, val_stats = read_examples(run.val_data, tokenizer)
+        val, val_stats = read_examples(run.val_data, tokenizer, context)
         report["eval"] = evaluate_probe(loaded.model, head, layer, val, pad, run.alignment)
         report["eval_data"] = asdict(val_stats)
     return report
@@ -112,7 +123,7 @@ def run_probe_eval(model: str, probe: str, data: list[str]) -> dict:
     import lucidlm
 
     lm = lucidlm.load(model, probe=probe, device="cpu")
-    examples, stats = read_examples(data, lm.tokenizer)
+    examples, stats = read_examples(data, lm.tokenizer, lm.config.max_seq_len)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     report = evaluate_probe(lm.model, lm.probe.head, lm.probe.config.layer, examples, pad, lm.probe.config.alignment)
     report["data"] = asdict(stats)
@@ -123,8 +134,8 @@ def run_probe_sweep(run: ProbeRun) -> dict:
     """A head per layer on --data, each measured on --val-data (span-max AUROC): one forward per conversation."""
     loaded, tokenizer, _, pad = _setup(run)
     layers = run.layers or list(range(loaded.config.n_layers))
-    train, _ = read_examples(run.data, tokenizer)
-    val, _ = read_examples(run.val_data or run.data, tokenizer)
+    train, _ = read_examples(run.data, tokenizer, loaded.config.max_seq_len)
+    val, _ = read_examples(run.val_data or run.data, tokenizer, loaded.config.max_seq_len)
     config = _train_config(run, layers[0])
     heads = sweep(loaded.model, train, layers, config, pad)
     val_feats = extract(loaded.model, val, layers, pad, (run.alignment,), progress=None)

@@ -17,6 +17,7 @@ from lucidlm.probe.probe import (
     ProbedModel,
     ProbeHead,
     load_probe,
+    model_identity,
     save_probe,
     score_tokens,
 )
@@ -57,6 +58,8 @@ def test_probe_on_a_transformers_model():
         ref = hf(IDS, output_hidden_states=True)
     torch.testing.assert_close(out.hidden, ref.hidden_states[1])  # hidden_states[0] is the embedding
     torch.testing.assert_close(out.logits, ref.logits)
+    identity = model_identity(hf)  # no lucidlm config to hash; the embedding fingerprint still tells models apart
+    assert identity["config_sha256"] is None and identity != model_identity(random_hf_model("llama", seed=1))
 
 
 PROMPTS = ["hello there", "a much longer prompt than that"]
@@ -125,7 +128,8 @@ def test_save_and_load_round_trip(tmp_path):
     base = build_random_checkpoint(tmp_path / "model")
     lm = lucidlm.load(base, device="cpu")
     head = random_head(lm.config.dim, seed=3)
-    save_probe(tmp_path / "probe", head, ProbeConfig(layer=2, hidden_size=lm.config.dim, n_layers=lm.config.n_layers))
+    save_probe(tmp_path / "probe", head, ProbeConfig(layer=2, hidden_size=lm.config.dim, n_layers=lm.config.n_layers),
+               lm.model)  # with the model: its identity is recorded, and checked at load
     probed = lucidlm.load(base, probe=tmp_path / "probe", device="cpu")
     text = "The capital of France is"
     with torch.no_grad():
@@ -135,6 +139,7 @@ def test_save_and_load_round_trip(tmp_path):
     loaded, config = load_probe(tmp_path / "probe")
     assert config.alignment == "predictive"  # the default of probe directories written before alignments
     assert config.layer == 2 and torch.equal(loaded.linear.weight, head.linear.weight)
+    assert config.model_identity == model_identity(lm.model) and not config.has_adapter
 
 
 def test_mismatched_or_missing_probes_are_refused(tmp_path):

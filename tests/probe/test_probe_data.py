@@ -66,3 +66,26 @@ def test_index_is_used_when_the_span_occurs_twice():
     positives = [i for i, y in enumerate(ex.labels) if y == 1]
     first_response = next(i for i, y in enumerate(ex.labels) if y != IGNORE)
     assert tok.decode(torch.tensor(ex.input_ids)[first_response:positives[0]].tolist()).endswith("born in ")
+
+
+def test_a_conversation_longer_than_max_len_is_cut_and_counted():
+    tok = tokenizer(True)
+    stats = LabelStats()
+    full = label_row(ROW, tok)
+    cut_at = full.labels.index(1) + 4  # through the 4 byte tokens of the hallucinated "1961"
+    cut = label_row(ROW, tok, stats, max_len=cut_at)  # "1961" kept, "Oslo" and "physics" beyond the cut
+    assert cut.input_ids == full.input_ids[:cut_at] and cut.labels == full.labels[:cut_at]
+    assert (stats.truncated, stats.truncated_spans) == (1, 2) and cut.span_labels == full.span_labels
+    label_row(ROW, tok, stats, max_len=len(full.input_ids))
+    assert stats.truncated == 1  # a conversation that fits is not counted
+
+
+@pytest.mark.parametrize("annotations, message", [
+    (["x"], r"annotations\[0\] must be an object with a string 'span'"),
+    ([{"span": None, "label": "Supported"}], r"annotations\[0\] must be an object"),
+    ([{"span": "1961"}], "annotation label None is not one of")])
+def test_malformed_annotations_are_refused_by_field(annotations, message):
+    with pytest.raises(ValueError, match=message):
+        label_row({**ROW, "annotations": annotations}, tokenizer(True))
+    with pytest.raises(ValueError, match=r"conversation\[1\] must be an object with string 'role' and 'content'"):
+        label_row({**ROW, "conversation": [ROW["conversation"][0], "hi"]}, tokenizer(True))
