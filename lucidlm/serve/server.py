@@ -54,9 +54,10 @@ class GracefulServer(uvicorn.Server):
 
 class _H11HeadTimeout(H11Protocol):
     """uvicorn's h11 protocol, closing a connection whose request head (request line and headers) is not complete
-    ``head_timeout`` s after the connection opened or its previous response ended. uvicorn only times out a
-    connection idle between requests, and any byte received cancels that timer: a client trickling a header
-    byte at a time (slowloris) would hold its connection forever."""
+    ``head_timeout`` s after the connection opened or its previous response ended — or whose body is still
+    arriving then, though it was answered without being read (a 404). uvicorn only times out a connection idle
+    between requests, and any byte received cancels that timer: a client trickling a byte at a time
+    (slowloris) would hold its connection forever. A body being read is the app's to time out (408)."""
 
     head_timeout = 10.0
     _head_timer: asyncio.TimerHandle | None = None
@@ -81,7 +82,9 @@ class _H11HeadTimeout(H11Protocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # IDLE: no complete head yet
+        no_head = self.conn.their_state is h11.IDLE
+        unread_body = self.conn.their_state is h11.SEND_BODY and self.cycle is not None and self.cycle.response_complete
+        if (no_head or unread_body) and not self.transport.is_closing():
             self.transport.close()
 
 

@@ -377,12 +377,12 @@ def strict_server(lm):
     s.close()
 
 
-def test_half_sent_request_heads_are_closed(strict_server):
-    socks = [connect(strict_server.url) for _ in range(5)]
+def test_silent_and_half_sent_request_heads_are_closed(strict_server):
+    socks = [connect(strict_server.url) for _ in range(6)]
     try:
         for i, sock in enumerate(socks):
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" if i % 2 else b"POST /v1/comp")
-        assert [read_until_closed(sock) for sock in socks] == [b""] * 5  # closed without an answer
+            sock.sendall([b"", b"POST /v1/comp", b"GET /health HTTP/1.1\r\nHost: x\r\n"][i % 3])
+        assert [read_until_closed(sock) for sock in socks] == [b""] * 6  # closed without an answer
     finally:
         for sock in socks:
             sock.close()
@@ -405,6 +405,25 @@ def test_a_head_trickled_byte_by_byte_is_closed(strict_server):
             except OSError:  # reset or broken pipe: closed
                 closed = True
     assert closed
+
+
+def test_a_body_trickled_after_its_answer_is_closed(strict_server):
+    """A route that answers without reading the body (404) leaves the body to arrive: not forever."""
+    with connect(strict_server.url) as sock:
+        sock.sendall(b"POST /v1/nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+        sock.settimeout(0.05)
+        deadline = time.monotonic() + 30  # a hang guard
+        reply, closed = b"", False
+        while not closed and time.monotonic() < deadline:
+            try:
+                sock.sendall(b"a")
+                chunk = sock.recv(65536)
+                reply, closed = reply + chunk, chunk == b""
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+    assert closed and reply.startswith(b"HTTP/1.1 404")
 
 
 def test_a_body_that_stops_arriving_is_answered_408_and_closed(strict_server):
