@@ -20,7 +20,8 @@ class MetricsLog:
         if resume_step is None:
             path.write_text("")
         elif path.exists():
-            kept = [line for line in read_metrics(path) if line.get("step", 0) <= resume_step]
+            # a line torn by a kill mid-write (or planted) is dropped, not a failed resume
+            kept = [r for r in read_metrics(path, strict=False) if _step(r) <= resume_step]
             with atomic_write(path) as tmp:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
@@ -31,8 +32,16 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_metrics(path: Path, strict: bool = True) -> list[dict]:
+    """The records of a metrics.jsonl; a bad line raises DataError naming it, or (strict=False) is left out."""
+    from .jsonl import read_rows
+
+    return [r for _, r in read_rows(path, 0, lambda row: row, skip_bad_lines=not strict, on_skip=lambda _: None)]
+
+
+def _step(record: dict) -> float:
+    step = record.get("step", 0)
+    return step if isinstance(step, int | float) else float("inf")  # a record without a usable step: dropped
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "training loss") -> Path:
@@ -42,7 +51,7 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "training l
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    records = read_metrics(metrics_path)
+    records = read_metrics(metrics_path, strict=False)  # a torn or planted line does not fail a finished run
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     skipped = [(r["step"], r["skipped_loss"]) for r in records if "skipped_loss" in r]

@@ -128,6 +128,16 @@ def test_resume_from_the_stored_state_is_exact(tmp_path):
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 
 
+def test_a_torn_or_hostile_metrics_log_does_not_stop_a_resume(tmp_path):
+    from lucidlm.train.metrics import read_metrics
+
+    run = _trained(tmp_path)
+    with (run / "metrics.jsonl").open("ab") as f:  # what a kill mid-write, or a planted file, leaves
+        f.write(b"[" * 5000 + b"\n" + b'{"step": 2, "loss": \xff}\n' + b'["not a record"]\n' + b'{"step": 5, "lo')
+    _resume(run)
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
 def _read_only(path: Path):
     """Make ``path`` unwritable for this process: permissions, or (root ignores them) the immutable flag."""
     path.chmod(0o555)
