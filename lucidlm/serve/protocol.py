@@ -29,6 +29,7 @@ MIN_TEMPERATURE = 0.01
 # below 0.01, and nothing left to penalise above 100 (a positive logit is then ~0)
 REPETITION_PENALTY = (0.01, 100.0)
 MAX_LOGIT_BIAS = 1024  # entries: the batch's bias is rebuilt (in Python) whenever its rows change
+MAX_STOP_CHARS = 256  # the text that may start a stop string is looked for at every token, in the batcher's thread
 _TOKEN_ID = re.compile(r"[0-9]+")  # ASCII only: str.isdigit and int() also take "²", "١٢", "５"
 
 
@@ -102,6 +103,8 @@ class _Sampling(_Strict):
             raise ValueError(f"at most 4 stop sequences, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences have at most {MAX_STOP_CHARS} characters")
         return stops
 
     @field_validator("temperature")

@@ -55,6 +55,7 @@ POISON = [  # (body, field, words): values that pass a plain range check but can
     ({**COMPLETION, "top_k": 9223372036854775808}, "top_k", "less than 9223372036854775808"),
     ({**COMPLETION, "top_k": 10**30}, "top_k", "less than"),
     ({**COMPLETION, "logit_bias": {str(i): 1 for i in range(2000)}}, "logit_bias", "at most 1024"),
+    ({**COMPLETION, "stop": ["x" * 100_000]}, "stop", "at most 256 characters"),
     ({**CHAT, "temperature": 1e-39}, "temperature", "at least 0.01"),
 ]
 
