@@ -49,6 +49,7 @@ class BenchmarkConfig:
     lora: LoRAConfig | None = None  # also a LoRA probe (blocks 0..layer adapted), None: frozen probes only
     lora_steps: int = 200
     lora_lr: float = 1e-4
+    lora_head_lr: float = 1e-3  # the head starts trained (the frozen winner's), so a smaller step than from scratch
     kl_weight: float = 0.5
 
 
@@ -93,9 +94,10 @@ def _lora_probe(model: nn.Module, tokenizer: Tokenizer, split_rows: dict, select
     frozen and unadapted); features of val and test from the adapted copy (their lora_kl: the KL cost)."""
     chosen = selection.config
     train_cfg = replace(chosen, steps=config.lora_steps, lora=config.lora, lora_lr=config.lora_lr,
-                        kl_weight=config.kl_weight, progress=config.progress)
+                        lr=config.lora_head_lr, kl_weight=config.kl_weight, progress=config.progress)
     adapted = copy.deepcopy(model)
-    head = train_probe(adapted, _examples(split_rows["train"], tokenizer), train_cfg, pad_id)
+    # from the frozen winner's head: the adapters then only have to add what the frozen layer lacks
+    head = train_probe(adapted, _examples(split_rows["train"], tokenizer), train_cfg, pad_id, selection.head)
     feats = {name: extract(adapted, _examples(split_rows[name], tokenizer), [chosen.layer], pad_id,
                            (chosen.alignment,), progress=config.progress) for name in ("val", "test")}
     return adapted, head, feats

@@ -144,10 +144,13 @@ def _batches(examples: list[LabeledExample], batch_size: int, pad_id: int, rng: 
 
 
 def train_probe(model: nn.Module, examples: list[LabeledExample], config: ProbeTrainConfig,
-                pad_id: int) -> ProbeHead:
-    """Train a head on block ``config.layer`` (and LoRA on blocks ≤ layer when ``config.lora`` is set)."""
+                pad_id: int, initial_head: ProbeHead | None = None) -> ProbeHead:
+    """Train a head on block ``config.layer`` (and LoRA on blocks ≤ layer when ``config.lora`` is set).
+    ``initial_head`` (LoRA only): start from this head — e.g. the frozen model's best — instead of a random one."""
     if config.lora is not None:
-        return _train_lora_probe(model, examples, config, pad_id)
+        return _train_lora_probe(model, examples, config, pad_id, initial_head)
+    if initial_head is not None:
+        raise ValueError("initial_head is for LoRA probes (a frozen probe's head is fit from scratch)")
     return sweep(model, examples, [config.layer], config, pad_id)[config.layer]
 
 
@@ -179,7 +182,7 @@ def sweep(model: nn.Module, examples: list[LabeledExample], layers: list[int], c
 
 
 def _train_lora_probe(model: nn.Module, examples: list[LabeledExample], config: ProbeTrainConfig,
-                      pad_id: int) -> ProbeHead:
+                      pad_id: int, initial_head: ProbeHead | None = None) -> ProbeHead:
     _check_layers(model, [config.layer])
     if not examples:
         raise ValueError("no training examples")
@@ -188,8 +191,11 @@ def _train_lora_probe(model: nn.Module, examples: list[LabeledExample], config: 
     device = next(model.parameters()).device
     head = ProbeHead(hidden_size_of(model)).to(device)
     with torch.no_grad():
-        head.linear.weight.normal_(0, 0.01)
-        head.linear.bias.zero_()
+        if initial_head is not None:
+            head.load_state_dict(initial_head.state_dict())
+        else:
+            head.linear.weight.normal_(0, 0.01)  # the reference initialisation
+            head.linear.bias.zero_()
     lora = LoRAConfig(**{**config.lora.__dict__, "layers": list(range(config.layer + 1))})
     apply_lora(model, lora)
     groups = [{"params": list(head.parameters()), "lr": config.lr},

@@ -76,6 +76,23 @@ def test_lora_probe_trains_adapters_only_up_to_the_probed_layer():
     assert any(m.lora_B.weight.abs().sum() > 0 for _, m in lora_layers(model))
 
 
+def test_lora_probe_starts_from_the_given_head():
+    from lucidlm.probe.probe import ProbeHead
+
+    torch.manual_seed(3)
+    start = ProbeHead(tiny_model(vocab_size=64).config.dim)
+    frozen_lr = ProbeTrainConfig(layer=0, steps=3, lr=0.0, lora_lr=1e-2, lora=LoRAConfig(r=2, dropout=0.0),
+                                 progress=False)
+    head = train_probe(tiny_model(vocab_size=64), examples(8, 0), frozen_lr, 0, initial_head=start)
+    assert torch.equal(head.linear.weight, start.linear.weight) and torch.equal(head.linear.bias, start.linear.bias)
+    moving = train_probe(tiny_model(vocab_size=64), examples(8, 0), ProbeTrainConfig(
+        layer=0, steps=3, lr=1e-2, lora=LoRAConfig(r=2, dropout=0.0), progress=False), 0, initial_head=start)
+    assert not torch.equal(moving.linear.weight, start.linear.weight)
+    assert (moving.linear.weight - start.linear.weight).abs().max() < 0.1  # a few steps from the start, not a reset
+    with pytest.raises(ValueError, match="initial_head is for LoRA"):
+        train_probe(tiny_model(vocab_size=64), examples(8, 0), ProbeTrainConfig(layer=0, steps=1), 0, start)
+
+
 def test_lora_probe_directory_round_trip(tmp_path):
     import lucidlm
     from lucidlm.checkpoint.loader import load_model
