@@ -1,6 +1,6 @@
-"""The trainer against planted and hostile run directories (issue 14): resuming never runs code from a file,
-never reads outside ``checkpoints/``, checks the run before any tensor, and a read-only output directory fails
-before training starts."""
+"""The trainer against planted run directories and hostile data (issue 14): resuming never runs code from a
+file, never reads outside ``checkpoints/``, checks the run before any tensor; every hostile SFT line is one bad
+line; a read-only output directory fails before training starts."""
 
 from __future__ import annotations
 
