@@ -124,7 +124,7 @@ def probe_stage(cache: Cache, config: DemoConfig, lm, rows: list[dict]) -> tuple
         result = run_benchmark(lm.model, lm.tokenizer, split_rows, _pad(lm), bench)
         chosen = result.selection.config
         probe_config = ProbeConfig(chosen.layer, lm.config.dim, lm.config.n_layers, alignment=chosen.alignment)
-        save_probe(out / "probe", result.head, probe_config)
+        save_probe(out / "probe", result.head, probe_config, lm.model, lm.family)
         if result.lora_head is not None:
             save_probe(out / "probe_lora", result.lora_head, probe_config, result.lora_model, lm.family)
         write_jsonl(out / "test_questions.jsonl", _held_out_examples(split_rows["test"]))
