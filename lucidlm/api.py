@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 
 from .checkpoint import load_model, save_model
 from .checkpoint.family import Family
-from .checkpoint.gguf import find_gguf, gguf_tokenizer_and_defaults
+from .checkpoint.loader import load_tokenizer
 from .checkpoint.local_models import resolve_model_path
 from .config import ModelConfig
 from .device import resolve_device
@@ -58,15 +57,13 @@ class LM:
     def eos_token_ids(self) -> list[int]:
         """Tokens that end a sequence: the tokenizer's EOS plus those of config.json and
         generation_config.json (chat models often end turns with a second one, e.g. <|eot_id|>)."""
-        ids: list[int] = []
+        ids: dict[int, None] = {}  # ordered and deduplicated in linear time
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            ids.append(self.tokenizer.eos_token_id)
+            ids[self.tokenizer.eos_token_id] = None
         for source in (self.hf_config or {}, self.generation_defaults):
             value = source.get("eos_token_id")
-            for i in value if isinstance(value, list) else [value]:
-                if isinstance(i, int) and i not in ids:
-                    ids.append(i)
-        return ids
+            ids.update((i, None) for i in (value if isinstance(value, list) else [value]) if isinstance(i, int))
+        return list(ids)
 
     @torch.no_grad()
     def token_scores(self, text: str | Sequence[int]) -> list[float]:
@@ -159,10 +156,6 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: 
         attached = attach_probe(loaded.model, probe, loaded.family)
     if pack_weights:
         pack_linears(loaded.model)
-    if (gguf_file := find_gguf(path)) is not None:  # tokenizer and generation ids live in the file's metadata
-        tokenizer, defaults = gguf_tokenizer_and_defaults(gguf_file)
-    else:
-        gen_path = path / "generation_config.json"
-        tokenizer, defaults = Tokenizer.from_dir(path), json.loads(gen_path.read_text()) if gen_path.exists() else {}
+    tokenizer, defaults = load_tokenizer(path, loaded.config)  # files read and token ids checked in checkpoint/
     return LM(loaded.model, tokenizer, loaded.config, path, loaded.family, loaded.hf_config, defaults,
               compile_decode=compile, probe=attached)

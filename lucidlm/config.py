@@ -11,6 +11,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+# Sizes far beyond any real model (the largest have ~128 layers, dim 16384, a 256k vocabulary, 384 experts):
+# a config past them is damaged or hostile, and building it would take minutes before anything failed.
+MAX_SIZES = {"vocab_size": 1 << 22, "dim": 1 << 17, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024,
+             "head_dim": 1 << 13, "ffn_dim": 1 << 20, "max_seq_len": 1 << 24, "sliding_window": 1 << 24}
+MAX_NESTED_SIZES = {"n_experts": 1 << 12, "expert_ffn_dim": 1 << 20, "shared_ffn_dim": 1 << 20,
+                    "n_shared_experts": 64, "kv_lora_rank": 1 << 16, "q_lora_rank": 1 << 16,
+                    "qk_nope_head_dim": 1 << 13, "qk_rope_head_dim": 1 << 13, "v_head_dim": 1 << 13}
+MAX_EXPERT_MODULES = 1 << 16  # layers x experts: each expert is a module to build
+MAX_EOS_IDS = 1024  # real checkpoints list a handful
+
 PositionKind = Literal["rope", "alibi", "sinusoidal", "learned", "none"]
 NormKind = Literal["rmsnorm", "layernorm"]
 NormPlacement = Literal["pre", "post", "sandwich"]
@@ -167,6 +177,8 @@ class ModelConfig:
             _check_int(name, getattr(self, name))
         if self.sliding_window is not None:
             _check_int("sliding_window", self.sliding_window)
+        self._check_sizes()
+        self._check_token_ids()
         for name, kind in (("positions", PositionKind), ("norm", NormKind), ("norm_placement", NormPlacement),
                            ("activation", Activation)):
             value = getattr(self, name)
@@ -189,6 +201,35 @@ class ModelConfig:
         rope_dim = self.mla.qk_rope_head_dim if self.mla else self.head_dim
         if self.positions == "rope" and rope_dim % 2:
             raise ValueError(f"{rope_field} must be even for RoPE (it is the rotary dimension), got {rope_dim}")
+
+    def _check_sizes(self) -> None:
+        """Refuse sizes no real model has, before anything is built from them."""
+        fields = {name: getattr(self, name) for name in MAX_SIZES}
+        for prefix, nested in (("MoEConfig", self.moe), ("MLAConfig", self.mla)):
+            fields.update({f"{prefix}.{k}": getattr(nested, k) for k in MAX_NESTED_SIZES if hasattr(nested, k)})
+        for name, value in fields.items():
+            limit = MAX_SIZES.get(name) or MAX_NESTED_SIZES[name.split(".")[-1]]
+            if isinstance(value, int | float) and value > limit:
+                where = name if "." in name else f"ModelConfig.{name}"
+                raise ValueError(f"{where} = {value} is beyond any real model (at most {limit}): "
+                                 "the config is damaged")
+        if self.moe is not None and self.n_layers * self.moe.n_experts > MAX_EXPERT_MODULES:
+            raise ValueError(f"ModelConfig.n_layers x MoEConfig.n_experts = {self.n_layers} x {self.moe.n_experts} "
+                             f"experts is beyond any real model (at most {MAX_EXPERT_MODULES})")
+
+    def _check_token_ids(self) -> None:
+        """bos/eos/pad ids must be rows of the embedding (an id past it fails inside a forward)."""
+        for name in ("bos_token_id", "pad_token_id"):
+            if getattr(self, name) is not None:
+                _check_id(name, getattr(self, name), self.vocab_size)
+        eos = self.eos_token_id
+        if isinstance(eos, list | tuple):
+            if len(eos) > MAX_EOS_IDS:
+                raise ValueError(f"ModelConfig.eos_token_id lists {len(eos)} ids (at most {MAX_EOS_IDS})")
+            for i in eos:
+                _check_id("eos_token_id", i, self.vocab_size)
+        elif eos is not None:
+            _check_id("eos_token_id", eos, self.vocab_size)
 
     # --- derived facts -------------------------------------------------------------------
     def is_sliding(self, layer: int) -> bool:
@@ -220,6 +261,11 @@ class ModelConfig:
 def _check_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"ModelConfig.{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_id(name: str, value: Any, vocab_size: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab_size:
+        raise ValueError(f"ModelConfig.{name} must be a token id in [0, vocab_size={vocab_size}), got {value!r}")
 
 
 def _nested(cls: type, d: dict[str, Any], name: str) -> Any:

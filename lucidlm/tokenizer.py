@@ -15,30 +15,41 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from lucidlm.chat_template import SPECIAL_TOKEN_KEYS, render_chat_template
 
+TOKENIZER_FILE, CONFIG_FILE, TEMPLATE_FILE = "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"
+
 
 class Tokenizer:
-    def __init__(self, tokenizer: HFTokenizer, config: dict | None = None) -> None:
+    """``template_file``: where the chat template came from, named by its errors."""
+
+    def __init__(self, tokenizer: HFTokenizer, config: dict | None = None, template_file: str | None = None) -> None:
         self.backend = tokenizer
         self.config = config or {}
         self.chat_template: str | None = self.config.get("chat_template")
+        self.template_file = template_file
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> Tokenizer | None:
-        """The tokenizer of a checkpoint directory, or None when it ships no tokenizer.json."""
+        """The tokenizer of a checkpoint directory, or None when it ships no tokenizer.json. Every file is
+        read through checkpoint/files.py (inside the directory, regular files, bounded JSON)."""
+        from lucidlm.checkpoint.errors import CheckpointError
+        from lucidlm.checkpoint.files import MAX_TEMPLATE_BYTES, MAX_TOKENIZER_BYTES, has_file, read_json, read_text
+
         directory = Path(directory)
-        path = directory / "tokenizer.json"
-        if not path.exists():
+        if not has_file(directory, TOKENIZER_FILE):
             return None
         try:
-            backend = HFTokenizer.from_file(str(path))
+            backend = HFTokenizer.from_str(read_text(directory, TOKENIZER_FILE, MAX_TOKENIZER_BYTES))
+        except CheckpointError:
+            raise
         except Exception as e:  # the tokenizers library raises a generic Exception on bad files
-            raise ValueError(f"{path}: cannot read tokenizer ({e})") from e
-        config_path = directory / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.exists() else {}
-        template_path = directory / "chat_template.jinja"  # transformers 5 may store it separately
-        if "chat_template" not in config and template_path.exists():
-            config["chat_template"] = template_path.read_text()
-        return cls(backend, config)
+            raise CheckpointError(f"{directory / TOKENIZER_FILE}: cannot read tokenizer ({e})") from e
+        config = read_json(directory, CONFIG_FILE) if has_file(directory, CONFIG_FILE) else {}
+        _check_config(config, directory / CONFIG_FILE)
+        template_file = directory / CONFIG_FILE if "chat_template" in config else None
+        if "chat_template" not in config and has_file(directory, TEMPLATE_FILE):  # transformers 5 stores it apart
+            config["chat_template"] = read_text(directory, TEMPLATE_FILE, MAX_TEMPLATE_BYTES)
+            template_file = directory / TEMPLATE_FILE
+        return cls(backend, config, str(template_file) if template_file else None)
 
     # --- special tokens -------------------------------------------------------------------
     def _special(self, key: str) -> str | None:
@@ -67,6 +78,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size()
 
+    def max_token_id(self) -> int:
+        """The largest id ``encode`` can produce, added tokens included (ids need not be dense)."""
+        return max(self.backend.get_vocab(with_added_tokens=True).values(), default=-1)
+
     # --- text <-> ids ---------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -82,7 +97,7 @@ class Tokenizer:
         With ``tokenize=True``, its token ids, encoded without adding special tokens: the template writes BOS."""
         special = {key: token for key in SPECIAL_TOKEN_KEYS if (token := self._special(key)) is not None}
         text = render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                                    special_tokens=special, **kwargs)
+                                    special_tokens=special, template_file=self.template_file, **kwargs)
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def save(self, directory: str | Path) -> None:
@@ -95,6 +110,25 @@ class Tokenizer:
             self.backend.save(str(tmp))
         with atomic_write(directory / "tokenizer_config.json") as tmp:
             tmp.write_text(json.dumps(self.config, indent=2) + "\n")
+
+
+def _check_config(config: dict, path: Path) -> None:
+    """The fields of tokenizer_config.json that are read: special tokens and the chat template."""
+    from lucidlm.checkpoint.errors import CheckpointError
+
+    for key in SPECIAL_TOKEN_KEYS:
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if value is not None and not isinstance(value, str):
+            raise CheckpointError(f"{path}: {key} must be a token string (or {{'content': token}}), "
+                                  f"got {type(value).__name__}")
+    template = config.get("chat_template")
+    named = isinstance(template, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                               and isinstance(t.get("template"), str) for t in template)
+    if template is not None and not isinstance(template, str) and not named:
+        raise CheckpointError(f"{path}: chat_template must be a string or a list of {{'name', 'template'}} "
+                              f"entries, got {type(template).__name__}")
 
 
 def byte_tokenizer(special_tokens: tuple[str, ...] = ("<|bos|>", "<|eos|>", "<|pad|>")) -> Tokenizer:

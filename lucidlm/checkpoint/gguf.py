@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import mmap
+import os
 import re
 import struct
 from collections.abc import Callable
@@ -34,6 +35,7 @@ import torch
 
 from ..tokenizer import Tokenizer
 from .errors import CheckpointError
+from .files import checkpoint_file, regular_file
 from .safetensors_io import TensorInfo
 
 MAGIC = b"GGUF"
@@ -277,25 +279,26 @@ def _open_cached(path: Path, mtime_ns: int, size: int) -> GGUFFile:
 
 
 def open_gguf(path: str | Path) -> GGUFFile:
-    """The parsed file, cached per (path, mtime, size): loading reads it for the model and the tokenizer."""
-    path = Path(path).resolve()
-    try:
-        st = path.stat()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read GGUF file ({e})") from e
-    return _open_cached(path, st.st_mtime_ns, st.st_size)
+    """The parsed file, cached per (path, mtime, size): loading reads it for the model and the tokenizer.
+    ``path`` is the file itself: named by the user, or found by ``find_gguf`` (which keeps it inside its directory)."""
+    real = regular_file(path)  # a FIFO would block the mmap's open forever
+    st = real.stat()
+    return _open_cached(real, st.st_mtime_ns, st.st_size)
 
 
 def find_gguf(path: str | Path) -> Path | None:
-    """The GGUF file ``path`` names: a ``.gguf`` file, or a directory with exactly one and no config.json."""
+    """The GGUF file ``path`` names: a ``.gguf`` file, or a directory with exactly one and no config.json
+    (which must be a regular file inside the directory: a link out of it is refused)."""
     path = Path(path)
     if path.is_file():
         return path if path.suffix.lower() == ".gguf" else None
-    if not path.is_dir() or (path / "config.json").exists():
+    if not path.is_dir() or os.path.lexists(path / "config.json"):
         return None
     files = sorted(path.glob("*.gguf"))
     if len(files) > 1:
         raise CheckpointError(f"{path}: holds several GGUF files ({[f.name for f in files]}); pass one of them")
+    if files:
+        checkpoint_file(path, files[0].name)
     return files[0] if files else None
 
 

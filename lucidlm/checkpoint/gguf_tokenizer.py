@@ -157,6 +157,8 @@ def gguf_tokenizer(meta: dict, source: str = "GGUF file") -> Tokenizer | None:
     for key, field in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
         if (token := _token(meta, field)) is not None:
             config[key] = token
+    template_file = None
     if isinstance(meta.get("tokenizer.chat_template"), str):
         config["chat_template"] = meta["tokenizer.chat_template"]
-    return Tokenizer(backend, config)
+        template_file = f"{source} (tokenizer.chat_template)"
+    return Tokenizer(backend, config, template_file)

@@ -7,22 +7,23 @@ is read), then tensors are read one by one from the memory-mapped files, cast, a
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..config import MAX_EOS_IDS, ModelConfig
 from ..model.transformer import Transformer
 from ..progress import progress_bar
+from ..tokenizer import Tokenizer
 from . import bloom, deepseek, gemma3, gpt2, llama_family, native
 from .errors import CheckpointError
 from .family import Family, Rule
-from .gguf import GGUFTensors, find_gguf, gguf_hf_config, open_gguf
+from .files import checkpoint_file, has_file, read_json
+from .gguf import GGUFTensors, find_gguf, gguf_hf_config, gguf_tokenizer_and_defaults, open_gguf
 from .local_models import resolve_model_path
-from .safetensors_io import SafetensorsReader, write_json, write_safetensors
+from .safetensors_io import SafetensorsReader, require_float, write_json, write_safetensors
 
 FAMILIES: dict[str, Family] = {
     kind: fam
@@ -62,16 +63,9 @@ def read_hf_config(directory: str | Path) -> tuple[dict, Family, ModelConfig]:
         return _family_config(gguf_hf_config(open_gguf(file)), file)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
-    path = directory / "config.json"
-    if not path.exists():
+    if not has_file(directory, "config.json"):
         raise CheckpointError(f"{directory}: no config.json (is this a Hugging Face checkpoint directory?)")
-    try:
-        hf = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(hf).__name__}")
-    return _family_config(hf, path)
+    return _family_config(read_json(directory, "config.json"), directory / "config.json")
 
 
 def _family_config(hf: dict, path: Path) -> tuple[dict, Family, ModelConfig]:
@@ -87,6 +81,7 @@ def _family_config(hf: dict, path: Path) -> tuple[dict, Family, ModelConfig]:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{path}: cannot read a {kind} config ({type(e).__name__}: {e})") from e
+    check_token_ids(hf, cfg.vocab_size, path)  # the raw ids too: LM.eos_token_ids reads them
     return hf, family, cfg
 
 
@@ -115,6 +110,7 @@ def _check(reader: SafetensorsReader, rules: list[Rule], ours: dict[str, torch.T
     if extra:
         raise CheckpointError(f"{reader.directory}: unexpected tensors {extra[:10]}"
                               + (f" and {len(extra) - 10} more" if len(extra) > 10 else ""))
+    require_float(found, list(expected))
     for name, shape in expected.items():
         if found[name].shape != shape:
             raise CheckpointError(
@@ -159,6 +155,42 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = "float32
     return Loaded(model, cfg, family, hf)
 
 
+def load_tokenizer(directory: str | Path, cfg: ModelConfig) -> tuple[Tokenizer | None, dict]:
+    """The checkpoint's tokenizer (None without tokenizer.json) and generation_config.json (or a GGUF file's
+    equivalents), their token ids checked against the model's ``vocab_size``: an id past the embedding
+    would fail inside a forward, for every sequence batched with it."""
+    directory = resolve_model_path(directory)
+    if (file := find_gguf(directory)) is not None:
+        tokenizer, defaults = gguf_tokenizer_and_defaults(file)
+        source, gen_source = file, file
+    else:
+        tokenizer, defaults = Tokenizer.from_dir(directory), read_generation_config(directory)
+        source, gen_source = directory / "tokenizer.json", directory / "generation_config.json"
+    check_token_ids(defaults, cfg.vocab_size, gen_source)
+    if tokenizer is not None and (largest := tokenizer.max_token_id()) >= cfg.vocab_size:
+        raise CheckpointError(f"{source}: the tokenizer has token ids up to {largest}, but the model's embedding "
+                              f"has {cfg.vocab_size} rows (vocab_size); those tokens cannot be looked up")
+    return tokenizer, defaults
+
+
+def read_generation_config(directory: str | Path) -> dict:
+    """generation_config.json ({} when there is none)."""
+    return read_json(directory, "generation_config.json") if has_file(directory, "generation_config.json") else {}
+
+
+def check_token_ids(config: dict, vocab_size: int, path: Path) -> None:
+    """bos/eos/pad ids of a config dict: token ids of the model, and not thousands of them."""
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+        value = config.get(key)
+        ids = value if isinstance(value, list) else [value]
+        if len(ids) > MAX_EOS_IDS:
+            raise CheckpointError(f"{path}: {key} lists {len(ids)} ids (at most {MAX_EOS_IDS})")
+        bad = [i for i in ids if i is not None and not (type(i) is int and 0 <= i < vocab_size)]
+        if bad:
+            raise CheckpointError(f"{path}: {key} {bad[0]!r} is not a token id of this model "
+                                  f"(0 <= id < vocab_size={vocab_size})")
+
+
 def save_model(model: Transformer, directory: str | Path, family: Family | None = None,
                hf_config: dict | None = None, source: str | Path | None = None,
                max_shard_bytes: int = 5 * 2**30) -> Path:
@@ -184,7 +216,7 @@ def save_model(model: Transformer, directory: str | Path, family: Family | None 
             out_cfg["lucidlm_config"] = {**out_cfg["lucidlm_config"], "dtype": name}
     write_json(directory / "config.json", out_cfg)
     if source is not None and Path(source).resolve() != directory.resolve():
-        for fname in TOKENIZER_FILES:
-            if (Path(source) / fname).exists():
-                shutil.copyfile(Path(source) / fname, directory / fname)
+        for fname in TOKENIZER_FILES:  # the source is a checkpoint like any other: its links stay inside it
+            if has_file(source, fname):
+                shutil.copyfile(checkpoint_file(source, fname), directory / fname)
     return directory

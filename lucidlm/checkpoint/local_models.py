@@ -10,10 +10,12 @@ a partial copy is refused without hashing 100 MB on every load.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointError
+from .files import checkpoint_file
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,10 @@ def local_model_file(name: str) -> Path:
         raise CheckpointError(f"{name}: the model's package {model.requirement} is not installed; {install}")
     for location in spec.submodule_search_locations:
         path = Path(location) / model.filename
-        if path.is_file():
-            if path.stat().st_size != model.size:
-                raise CheckpointError(f"{path}: {path.stat().st_size} bytes, expected {model.size} "
+        if os.path.lexists(path):
+            size = checkpoint_file(location, model.filename).stat().st_size  # inside the package, a regular file
+            if size != model.size:
+                raise CheckpointError(f"{path}: {size} bytes, expected {model.size} "
                                       f"(a damaged install); reinstall it: {install}")
             return path
     raise CheckpointError(f"{name}: {model.filename} is not in the installed package {model.package}; {install}")

@@ -10,11 +10,9 @@ cannot carry a PEFT adapter and are refused by name.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..model.linear import Linear
@@ -22,8 +20,9 @@ from ..model.lora import TARGETS, LoRAConfig, apply_lora, lora_layers, lora_targ
 from ..model.transformer import Transformer
 from .errors import CheckpointError
 from .family import Family, same
+from .files import has_file, read_json
 from .loader import FAMILIES
-from .safetensors_io import atomic_write, write_json
+from .safetensors_io import SafetensorsReader, atomic_write, require_float, write_json
 
 CONFIG_FILE, WEIGHTS_FILE, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 
@@ -107,12 +106,9 @@ def save_adapter(model: Transformer, family: Family | None, directory: str | Pat
 def read_adapter_config(directory: str | Path) -> LoRAConfig:
     """adapter_config.json as a LoRAConfig; anything lucidlm would compute differently is refused by name."""
     path = Path(directory) / CONFIG_FILE
-    if not path.exists():
+    if not has_file(directory, CONFIG_FILE):
         raise CheckpointError(f"{directory}: no {CONFIG_FILE} (not a PEFT adapter directory)")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    cfg = read_json(directory, CONFIG_FILE)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters are supported")
     for key, plain in PLAIN_LORA.items():
@@ -185,19 +181,20 @@ def _adapter_tensors(model: Transformer, family: Family, directory: Path, config
     """({PEFT key: (our layer, "lora_A" | "lora_B")}, {PEFT key: tensor}) for the layers ``targets``
     (already wrapped in LoRALinear when ``wrapped``), every key and shape checked."""
     weights = directory / WEIGHTS_FILE
-    if not weights.exists():
+    if not has_file(directory, WEIGHTS_FILE):
         found = " (found adapter_model.bin: only safetensors adapters are read)" \
             if (directory / "adapter_model.bin").exists() else ""
         raise CheckpointError(f"{directory}: no {WEIGHTS_FILE}{found}")
     expected = {f"{PREFIX}{_their_module(model, family, ours)}.{ab}.weight": (ours, ab)
                 for ours in targets for ab in ("lora_A", "lora_B")}
-    with safe_open(str(weights), framework="pt") as f:
-        stored = {k.replace(".default.", "."): k for k in f.keys()}  # some PEFT versions keep the adapter name
-        missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
-        if missing or unexpected:
-            raise CheckpointError(f"{weights}: adapter tensors do not match the model: missing {missing[:4]}, "
-                                  f"unexpected {unexpected[:4]}")
-        tensors = {key: f.get_tensor(stored[key]) for key in expected}
+    reader = SafetensorsReader(directory, single=WEIGHTS_FILE, index=None)
+    stored = {k.replace(".default.", "."): k for k in reader.tensors}  # some PEFT versions keep the adapter name
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: adapter tensors do not match the model: missing {missing[:4]}, "
+                              f"unexpected {unexpected[:4]}")
+    require_float(reader.tensors, [stored[key] for key in expected])
+    tensors = {key: reader.get(stored[key]) for key in expected}
     for key, (ours, ab) in expected.items():
         base = model.get_submodule(ours)
         base = base.base_layer if wrapped else base

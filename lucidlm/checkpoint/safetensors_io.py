@@ -23,9 +23,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError
+from .files import checkpoint_file, has_file, read_json
 
 DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1}
+# integer and boolean tensors are masks or indices, never weights: casting one to float would hide the damage
+NOT_FLOAT = ("I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -38,13 +41,14 @@ class TensorInfo:
 
 
 class SafetensorsReader:
-    """All tensors of a checkpoint directory (one file or a sharded index), read on demand."""
+    """All tensors of a checkpoint directory (one file or a sharded index), read on demand.
+    ``single`` / ``index``: the file names to look for (a PEFT adapter has its own single file)."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, single: str = SINGLE_FILE, index: str | None = INDEX_FILE) -> None:
         self.directory = Path(directory)
         self.tensors: dict[str, TensorInfo] = {}
         self._handles: dict[Path, object] = {}
-        for file in self._files():
+        for file in self._files(single, index):
             handle = self._open(file)
             for name in handle.keys():
                 if name in self.tensors:  # two shards with one name: which one is meant is anyone's guess
@@ -52,30 +56,37 @@ class SafetensorsReader:
                 sl = handle.get_slice(name)
                 self.tensors[name] = TensorInfo(file, tuple(sl.get_shape()), sl.get_dtype())
 
-    def _files(self) -> list[Path]:
-        index = self.directory / INDEX_FILE
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from e
-            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
-            files = sorted({self.directory / f for f in weight_map.values()})
-            missing = [str(f) for f in files if not f.exists()]
-            if missing:
-                raise CheckpointError(f"{index} names shard files that do not exist: {missing}")
-            return files
-        single = self.directory / SINGLE_FILE
-        if single.exists():
-            return [single]
+    def _files(self, single: str, index: str | None) -> list[Path]:
+        """The shard files (as named in the directory; each checked to be a regular file inside it)."""
+        if index is not None and has_file(self.directory, index):
+            return self._shards(index)
+        if has_file(self.directory, single):
+            checkpoint_file(self.directory, single)
+            return [self.directory / single]
         pickles = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in self.directory.glob(pattern))
         hint = f" (found {pickles}: pickle files are never loaded; convert them to safetensors)" if pickles else ""
-        raise CheckpointError(f"{self.directory}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+        names = f"{single} or {index}" if index is not None else single
+        raise CheckpointError(f"{self.directory}: no {names}{hint}")
+
+    def _shards(self, index: str) -> list[Path]:
+        weight_map = read_json(self.directory, index, what="safetensors index").get("weight_map")
+        path = self.directory / index
+        if weight_map is None:
+            raise CheckpointError(f"{path}: not a valid safetensors index (it has no 'weight_map')")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{path}: 'weight_map' must map tensor names to shard file names")
+        names = sorted(set(weight_map.values()))
+        missing = [str(self.directory / f) for f in names if not has_file(self.directory, f)]
+        if missing:
+            raise CheckpointError(f"{path} names shard files that do not exist: {missing}")
+        for name in names:  # a name with .. or an absolute path leaves the directory: refused here
+            checkpoint_file(self.directory, name)
+        return [self.directory / f for f in names]
 
     def _open(self, file: Path):
+        real = checkpoint_file(self.directory, file.relative_to(self.directory))  # again, right before opening
         try:
-            handle = safe_open(str(file), framework="pt")
+            handle = safe_open(str(real), framework="pt")
         except Exception as e:  # safetensors raises its own error types for bad headers/truncation
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from e
         self._handles[file] = handle
@@ -91,6 +102,15 @@ class SafetensorsReader:
             return self._handles[info.file].get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({e})") from e
+
+
+def require_float(tensors: dict[str, TensorInfo], names: list[str]) -> None:
+    """Refuse integer or boolean tensors among ``names`` (loading would cast them to float silently)."""
+    for name in names:
+        info = tensors[name]
+        if info.dtype in NOT_FLOAT:
+            raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}; a weight must be a "
+                                  "floating-point tensor (F32, F16, BF16, ...)")
 
 
 def _atomic_path(path: Path) -> Path:
