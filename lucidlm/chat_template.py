@@ -5,7 +5,8 @@ Rendering follows transformers' ``apply_chat_template`` so prompts match it char
 sandboxed Jinja environment (``trim_blocks``, ``lstrip_blocks``, ``loopcontrols``, a ``{% generation %}`` block),
 the same helpers (``raise_exception``, ``strftime_now``, a ``tojson`` that does not HTML-escape) and the same
 variables (``messages``, ``add_generation_prompt``, ``tools``, ``documents``, the special tokens, extra kwargs).
-Templates come from the Hub and are untrusted; the sandbox and plain-data copies of the inputs keep them contained.
+Templates come from the Hub and are untrusted; the sandbox and plain-data copies of the inputs keep them contained,
+and every render runs on a budget of steps, sizes and time (see ``chat_sandbox.py``). Errors name the template's file.
 """
 
 from __future__ import annotations
@@ -21,12 +22,17 @@ import numpy as np
 from jinja2 import nodes
 from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
 from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .chat_sandbox import BoundedSandbox, RenderLimits, TemplateLimitError, render
 
 # The special tokens transformers passes to every template (its SPECIAL_TOKENS_ATTRIBUTES)
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _NO_TEMPLATE = ("this checkpoint has no chat template: its tokenizer_config.json has no chat_template "
                 "(and there is no chat_template.jinja); pass a template explicitly or format the prompt yourself")
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that cannot render these messages: its own ``raise_exception``, a bug, or a limit."""
 
 
 class _TemplateRaised(TemplateError):
@@ -39,10 +45,14 @@ def _raise_exception(message: str):
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
     # transformers' override: Jinja's own tojson HTML-escapes <, >, & and ' and sorts keys
+    if len(str(indent)) > 16 or (isinstance(indent, int) and indent > 16):  # repeated on every line, at every depth
+        raise SecurityError(f"tojson indent {indent!r} is too large (16 at most)")
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _strftime_now(fmt: str) -> str:
+    if len(fmt) > 1000:  # %c expands twelvefold
+        raise SecurityError(f"strftime_now format of {len(fmt)} characters (1000 at most)")
     return datetime.now().strftime(fmt)
 
 
@@ -90,9 +100,10 @@ class _Generation(Extension):
 
 
 @lru_cache(maxsize=1)
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
+def _environment() -> BoundedSandbox:
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
     env.filters["tojson"] = _tojson
+    env.guard_filters()
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
                        namespace=_Namespace)
     return env
@@ -101,9 +112,11 @@ def _environment() -> ImmutableSandboxedEnvironment:
 @lru_cache(maxsize=64)
 def _compile(template: str) -> jinja2.Template:
     try:
-        return _environment().from_string(template)
+        return _environment().compile_template(template, RenderLimits())
     except TemplateSyntaxError as e:
-        raise ValueError(f"invalid chat template (line {e.lineno}): {e.message}") from e
+        raise ChatTemplateError(f"invalid chat template (line {e.lineno}): {e.message}") from e
+    except TemplateLimitError as e:
+        raise ChatTemplateError(f"chat template too large: {e}") from e
 
 
 def _plain(value: Any) -> Any:
@@ -175,11 +188,14 @@ def select_template(template: str | list | dict | None, tools: list | None = Non
 
 def render_chat_template(template: str | list | dict | None, messages: list[dict], *,
                          add_generation_prompt: bool = True, tools: list[dict] | None = None, documents=None,
-                         special_tokens: dict[str, str] | None = None, **extra) -> str:
+                         special_tokens: dict[str, str] | None = None, template_file: str | None = None,
+                         limits: RenderLimits | None = None, **extra) -> str:
     """Render ``messages`` with a chat template, as transformers' ``apply_chat_template(tokenize=False)`` does.
 
     ``special_tokens`` ({"bos_token": "<s>", ...}) and ``extra`` (e.g. ``enable_thinking=False``) become template
-    variables, ``extra`` winning. A template's ``raise_exception(msg)`` becomes ``ValueError(msg)``.
+    variables, ``extra`` winning. A template's ``raise_exception(msg)`` becomes ``ChatTemplateError(msg)`` (a
+    ValueError); any other failure, or going past ``limits``, a ChatTemplateError that starts with
+    ``template_file`` (where the template came from).
     """
     source = select_template(template, tools)
     validate_messages(messages)
@@ -197,10 +213,23 @@ def render_chat_template(template: str | list | dict | None, messages: list[dict
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         chat.append(message)
     variables = _plain({**(special_tokens or {}), **extra})
+    variables.update(messages=chat, tools=_plain(tools), documents=_plain(documents),
+                     add_generation_prompt=add_generation_prompt)
+    where = f"{template_file}: " if template_file else ""
+    limits = limits or RenderLimits()
     try:
-        return _compile(source).render(messages=chat, tools=_plain(tools), documents=_plain(documents),
-                                       add_generation_prompt=add_generation_prompt, **variables)
+        if len(source) > limits.max_source:
+            raise TemplateLimitError(f"the template has {len(source)} characters (the limit is {limits.max_source})")
+        return render(_compile(source), limits, variables)
     except _TemplateRaised as e:
-        raise ValueError(e.message) from None
+        raise ChatTemplateError(e.message) from None
+    except ChatTemplateError as e:  # from compiling it
+        raise ChatTemplateError(f"{where}{e}") from None
+    except TemplateLimitError as e:
+        raise ChatTemplateError(f"{where}chat template stopped: {e}") from None
+    except RecursionError:
+        raise ChatTemplateError(f"{where}chat template failed: it recursed too deeply") from None
     except TemplateError as e:  # undefined names, sandbox violations, ...
-        raise ValueError(f"chat template failed: {type(e).__name__}: {e.message}") from e
+        raise ChatTemplateError(f"{where}chat template failed: {type(e).__name__}: {e.message}") from e
+    except Exception as e:  # the template's own errors: 1 / 0, 'a' + 1, int('x'), a 5000-digit number printed
+        raise ChatTemplateError(f"{where}chat template failed: {type(e).__name__}: {e}") from e
