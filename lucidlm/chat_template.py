@@ -172,6 +172,8 @@ def select_template(template: str | list | dict | None, tools: list | None = Non
     a string, or several named templates (a list of {"name", "template"} or a dict): ``name`` if given, else
     "tool_use" when tools are passed and it exists, else "default"."""
     if isinstance(template, list | tuple):
+        if not all(isinstance(t, Mapping) and "name" in t and "template" in t for t in template):
+            raise ChatTemplateError("a list of chat templates must hold {'name': ..., 'template': ...} entries")
         template = {t["name"]: t["template"] for t in template}
     if isinstance(template, dict):
         if name is None:
@@ -203,20 +205,30 @@ def render_chat_template(template: str | list | dict | None, messages: list[dict
         raise ValueError("tools must be JSON schemas (dicts)")
     if documents is not None and not all(isinstance(d, Mapping) for d in documents):
         raise ValueError("documents must be dicts with 'title' and 'text' keys")
+    try:
+        variables = _plain({**(special_tokens or {}), **extra})
+        variables.update(messages=_chat(messages), tools=_plain(tools), documents=_plain(documents),
+                         add_generation_prompt=add_generation_prompt)
+    except RecursionError:
+        raise ValueError("messages, tools or documents are nested too deeply") from None
+    return _render(source, variables, limits or RenderLimits(), f"{template_file}: " if template_file else "")
+
+
+def _chat(messages: list) -> list[dict]:
+    """The messages as the template sees them: transformers drops None-valued keys (APIs send content=None,
+    tool_calls=None) and copies a message's reasoning under the names templates read it by."""
     chat = []
     for message in messages:
-        # transformers drops None-valued keys (APIs send content=None, tool_calls=None) and copies a message's
-        # reasoning under the names templates read it by
         message = {k: v for k, v in _plain(message).items() if v is not None}
         reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if k in message), None)
         if reasoning is not None:
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         chat.append(message)
-    variables = _plain({**(special_tokens or {}), **extra})
-    variables.update(messages=chat, tools=_plain(tools), documents=_plain(documents),
-                     add_generation_prompt=add_generation_prompt)
-    where = f"{template_file}: " if template_file else ""
-    limits = limits or RenderLimits()
+    return chat
+
+
+def _render(source: str, variables: dict, limits: RenderLimits, where: str) -> str:
+    """Compile (cached) and render on a budget; every failure a ChatTemplateError starting with ``where``."""
     try:
         if len(source) > limits.max_source:
             raise TemplateLimitError(f"the template has {len(source)} characters (the limit is {limits.max_source})")

@@ -158,3 +158,16 @@ def test_bounded_rendering_still_matches_transformers(tmp_path):
     chat = [{"role": ("user", "assistant")[i % 2], "content": f"{i} ~ {{x}} %s"} for i in range(9)]
     assert ours.apply_chat_template(chat, tools=TOOLS) == hf.apply_chat_template(chat, tools=TOOLS, tokenize=False,
                                                                                  add_generation_prompt=True)
+
+
+def test_a_malformed_list_of_templates_is_a_clear_error():
+    with pytest.raises(ChatTemplateError, match="'name': ..., 'template': ..."):
+        render_chat_template([{"template": "x"}], USER)
+
+
+def test_messages_nested_past_the_recursion_limit_are_a_clear_error():
+    deep: object = "x"
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nested too deeply"):
+        render_chat_template("{{ messages | length }}", [{"role": "user", "content": [{"type": "text", "x": deep}]}])

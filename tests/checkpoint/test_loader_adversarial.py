@@ -81,6 +81,7 @@ def edit_json(path, **changes):
 
 
 def _child(fn, args, conn) -> None:
+    torch.set_num_threads(1)  # no OpenMP region in a forked child (the parent's thread pool is not inherited)
     try:
         fn(*args)
         conn.send(("returned", ""))
