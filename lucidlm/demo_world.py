@@ -158,7 +158,7 @@ def probe_stage(cache: Cache, config: DemoConfig, lm, train_rows: list[dict]) ->
         out = cache.start("probe")
         n = lm.config.n_layers
         layer = config.probe_layer % n
-        examples = [label_row(r, lm.tokenizer) for r in train_rows]
+        examples = [label_row(r, lm.tokenizer, max_len=lm.config.max_seq_len) for r in train_rows]
         train = ProbeTrainConfig(layer=layer, alignment=ALIGNMENT, steps=config.probe_steps, seed=config.seed,
                                  progress=True)
         head = train_probe(lm.model, examples, train, _pad(lm))
@@ -189,7 +189,7 @@ def evaluation(lm, eval_rows: list[dict], out: Path) -> tuple[dict, dict]:
     from .probe.plots import plot_reliability, plot_roc
     from .world.abstention import abstention_scores
 
-    examples = [label_row(r, lm.tokenizer) for r in eval_rows]
+    examples = [label_row(r, lm.tokenizer, max_len=lm.config.max_seq_len) for r in eval_rows]
     layer, alignment = lm.probe.config.layer, lm.probe.config.alignment
     feats = extract(lm.model, examples, [layer], _pad(lm), (alignment,))
     scores = method_scores(feats, lm.probe.head, layer, alignment)

@@ -62,8 +62,10 @@ class BenchmarkResult:
     lora_head: ProbeHead | None = None
 
 
-def _examples(rows: list[dict], tokenizer: Tokenizer):
-    return [label_row(r, tokenizer) for r in rows]
+def _examples(rows: list[dict], tokenizer: Tokenizer, model: nn.Module):
+    """Labelled examples, each cut to the model's context (a causal model's states for the kept tokens do not
+    depend on what follows)."""
+    return [label_row(r, tokenizer, max_len=model.config.max_seq_len) for r in rows]
 
 
 def run_benchmark(model: nn.Module, tokenizer: Tokenizer, split_rows: dict[str, list[dict]], pad_id: int,
@@ -73,14 +75,14 @@ def run_benchmark(model: nn.Module, tokenizer: Tokenizer, split_rows: dict[str, 
     feats = {}
     with progress_bar(3, "probe benchmark", config.progress) as advance:
         for name, rows in (("train", train_rows), ("val", val_rows)):
-            feats[name] = extract(model, _examples(rows, tokenizer), list(config.layers), pad_id, config.alignments,
-                                  dtype=config.feature_dtype, progress=config.progress)
+            feats[name] = extract(model, _examples(rows, tokenizer, model), list(config.layers), pad_id,
+                                  config.alignments, dtype=config.feature_dtype, progress=config.progress)
             advance(1)
         base = ProbeTrainConfig(layer=config.layers[0], steps=config.steps, seed=config.seed)
         selection = select_probe(feats["train"], feats["val"], config.layers, config.alignments, base)
         other = _best_other_alignment(selection, feats, config)
         layers = sorted({selection.config.layer} | ({other[1].layer} if other else set()))
-        feats["test"] = extract(model, _examples(test_rows, tokenizer), layers, pad_id, config.alignments,
+        feats["test"] = extract(model, _examples(test_rows, tokenizer, model), layers, pad_id, config.alignments,
                                 progress=config.progress)
         advance(1)
     lora = _lora_probe(model, tokenizer, split_rows, selection, pad_id, config) if config.lora else None
@@ -97,8 +99,8 @@ def _lora_probe(model: nn.Module, tokenizer: Tokenizer, split_rows: dict, select
                         lr=config.lora_head_lr, kl_weight=config.kl_weight, progress=config.progress)
     adapted = copy.deepcopy(model)
     # from the frozen winner's head: the adapters then only have to add what the frozen layer lacks
-    head = train_probe(adapted, _examples(split_rows["train"], tokenizer), train_cfg, pad_id, selection.head)
-    feats = {name: extract(adapted, _examples(split_rows[name], tokenizer), [chosen.layer], pad_id,
+    head = train_probe(adapted, _examples(split_rows["train"], tokenizer, model), train_cfg, pad_id, selection.head)
+    feats = {name: extract(adapted, _examples(split_rows[name], tokenizer, model), [chosen.layer], pad_id,
                            (chosen.alignment,), progress=config.progress) for name in ("val", "test")}
     return adapted, head, feats
 
