@@ -90,8 +90,10 @@ async def _run_level(url: str, clients: int, requests_per_client: int, prompt_le
 
 
 def run_serve_bench(model: Path | None = None, clients: tuple[int, ...] = (1, 8, 32), requests_per_client: int = 2,
-                    prompt: int = 64, new: int = 64, dtype: str = "float32", print_fn=print) -> list[Level]:
-    """Serve ``model`` (default: a random Llama-shaped 125M) and measure every concurrency level."""
+                    prompt: int = 64, new: int = 64, dtype: str = "float32", print_fn=print,
+                    start_timeout: float = 120.0) -> list[Level]:
+    """Serve ``model`` (default: a random Llama-shaped 125M) and measure every concurrency level; the server
+    process must answer /health within ``start_timeout`` seconds."""
     from ..api import load
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +109,7 @@ def run_serve_bench(model: Path | None = None, clients: tuple[int, ...] = (1, 8,
         bytes_per_step = {c: decode_bytes(lm.model, c, prompt + new // 2) for c in clients}
         vocab = lm.config.vocab_size
         del lm  # the server process loads its own copy
-        with _server_process(model, max(clients), prompt + new + 8, dtype) as url:
+        with _server_process(model, max(clients), prompt + new + 8, dtype, start_timeout) as url:
             asyncio.run(_run_level(url, 1, 1, prompt, new, vocab))  # warm-up: first-call costs
             levels = []
             for c in clients:
@@ -119,7 +121,7 @@ def run_serve_bench(model: Path | None = None, clients: tuple[int, ...] = (1, 8,
 
 
 @contextlib.contextmanager
-def _server_process(model: Path, max_batch: int, max_len: int, dtype: str):
+def _server_process(model: Path, max_batch: int, max_len: int, dtype: str, start_timeout: float):
     """``lucidlm serve`` on a free local port, stopped (SIGINT, drained) on exit."""
     from .server import free_port, wait_until_healthy
 
@@ -131,7 +133,7 @@ def _server_process(model: Path, max_batch: int, max_len: int, dtype: str):
     url = f"http://127.0.0.1:{port}"
     try:
         try:
-            wait_until_healthy(url, proc)
+            wait_until_healthy(url, proc, start_timeout)
         except RuntimeError as e:
             said = proc.stderr.read() if proc.poll() is not None else ""
             raise RuntimeError(f"lucidlm serve did not start: {e}\n{said}") from None

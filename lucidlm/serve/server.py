@@ -136,14 +136,15 @@ def wait_until_healthy(url: str, process=None, timeout: float = 120.0) -> None:
     """Poll ``url``/health until the server answers 200; fail early if ``process`` (a Popen) has exited."""
     import httpx
 
-    deadline = time.time() + timeout
+    deadline = time.monotonic() + timeout
     while True:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"the server exited with status {process.returncode}")
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
                 return
-        except httpx.TransportError:  # not listening yet
-            if time.time() > deadline:
-                raise RuntimeError(f"no server answered at {url} within {timeout:.0f} s") from None
+        except httpx.TransportError:  # not listening yet, or too busy to answer within 5 s: ask again
+            pass
+        if time.monotonic() > deadline:  # also when it answers, but never 200
+            raise RuntimeError(f"no server answered 200 at {url}/health within {timeout:.0f} s")
         time.sleep(0.2)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from gguf_models import CHAT_TEMPLATE, write_gguf
 from typer.testing import CliRunner
+from waiting import HANG_GUARD
 
 import lucidlm
 from lucidlm.checkpoint import CheckpointError, read_hf_config
@@ -183,7 +184,7 @@ def test_lazy_dequantization_loads_in_little_more_than_the_model(tmp_path):
     model_bytes = 4 * sum(p.numel() for n, p in m.source.named_parameters() if n != "lm_head.weight")
     env = {**os.environ, "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", CAPPED, str(m.path), str(int(1.25 * model_bytes))],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=HANG_GUARD)
     assert proc.returncode == 0, proc.stderr[-2000:]
     eager, lazy = proc.stdout.strip().splitlines()[-2:]
     assert eager.startswith("eager out of memory"), eager  # the cap is tight enough to matter

@@ -14,6 +14,7 @@ import textwrap
 
 import pytest
 import torch
+from waiting import HANG_GUARD
 
 import lucidlm
 from lucidlm.checkpoint import save_model
@@ -67,7 +68,7 @@ def big_checkpoint(tmp_path_factory):
 def _load_capped(path, how: str, factor: float) -> str:
     env = {**os.environ, "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", CAPPED, str(path), how, str(factor)], env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG_GUARD)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout.strip().splitlines()[-1]
 

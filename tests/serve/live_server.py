@@ -4,6 +4,7 @@ random probe head ("own" alignment unless asked), served by uvicorn in a backgro
 from __future__ import annotations
 
 from tiny_lm import random_probe, tiny_lm
+from waiting import HANG_GUARD
 
 from lucidlm.random_checkpoint import CHAT_TEMPLATE
 from lucidlm.serve.app import ServeConfig
@@ -20,5 +21,6 @@ def probed_tiny_lm(alignment: str = "own"):
 
 
 def LiveServer(lm, **config) -> ServerThread:
+    """Started and listening when it returns (however long a loaded machine takes to start it)."""
     return ServerThread(build_server(lm, ServeConfig(model_name=MODEL, **config), port=0, log_level="warning",
-                                     drain_timeout=5))
+                                     drain_timeout=5), timeout=HANG_GUARD)

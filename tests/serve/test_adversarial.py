@@ -16,6 +16,7 @@ import pytest
 import torch
 from live_server import MODEL, LiveServer
 from tiny_lm import tiny_lm
+from waiting import HANG_GUARD, async_wait_for, wait_for
 
 from lucidlm.generate.generation_config import GenerationConfig
 from lucidlm.generate.sampling import SamplingParams
@@ -34,7 +35,7 @@ def server(lm):
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
+    with httpx.Client(base_url=server.url, timeout=HANG_GUARD) as client:
         yield client
 
 
@@ -127,7 +128,7 @@ def test_one_poisoned_sequence_fails_alone_while_8_clients_stream(server, lm, mo
         iteration()
 
     def held_decode(rows, tokens):  # ... and their first decode waits for it
-        queued.wait(60)
+        queued.wait(HANG_GUARD)
         decode(rows, tokens)
         for r in rows:
             if r.seq is nan_score:
@@ -150,12 +151,9 @@ def test_one_poisoned_sequence_fails_alone_while_8_clients_stream(server, lm, mo
     prompts = [f"client {i} keeps streaming" + "!" * i for i in range(8)]
 
     async def main():
-        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=server.url, timeout=HANG_GUARD) as client:
             streams = [asyncio.create_task(stream_tokens(client, p, 40)) for p in prompts]
-            for _ in range(24000):  # a hang guard
-                if len(batcher.rows) >= 8:  # every stream holds its slot
-                    break
-                await asyncio.sleep(0.005)
+            await async_wait_for(lambda: len(batcher.rows) >= 8, "every stream to hold its slot", interval=0.005)
             refused = await asyncio.gather(*(client.post("/v1/completions", json=body) for body, *_ in POISON[:6]))
             batcher.submit_request([[seq] for seq, _ in cases.values()])
             queued.set()
@@ -183,7 +181,7 @@ def test_a_checkpoint_with_nan_weights_fails_each_request_and_the_server_stays_u
         lm.model.norm.weight.fill_(float("nan"))  # NaN weights: every logit is NaN
     s = LiveServer(lm, max_len=64)
     try:
-        with httpx.Client(base_url=s.url, timeout=60) as http:
+        with httpx.Client(base_url=s.url, timeout=HANG_GUARD) as http:
             for temperature in (0, 1):  # greedy (an argmax of NaN) and sampled (a multinomial of NaN)
                 r = http.post("/v1/completions", json={**COMPLETION, "temperature": temperature})
                 error_of(r, 500, None, "logits are not finite")
@@ -200,7 +198,7 @@ def test_a_checkpoint_with_nan_weights_fails_each_request_and_the_server_stays_u
 # --- item 3: the body's size is checked before it is buffered ---------------------------------------------------
 def connect(url: str) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
-    return socket.create_connection((host, int(port)), timeout=30)  # 30 s: a hang guard, not a measurement
+    return socket.create_connection((host, int(port)), timeout=HANG_GUARD)  # a hang guard, not a measurement
 
 
 def read_until_closed(sock: socket.socket) -> bytes:
@@ -260,7 +258,7 @@ class Stall:
     def __call__(self, first, *args, **kwargs):
         if self.mark in str(first):
             self.entered.set()
-            self.release.wait(60)  # longer than the /health call's timeout: a stalled loop fails the test
+            self.release.wait(2 * HANG_GUARD)  # longer than the /health call's timeout: a stalled loop fails the test
         return self.fn(first, *args, **kwargs)
 
 
@@ -275,17 +273,18 @@ def test_health_and_other_requests_are_served_while_one_request_is_prepared(serv
         monkeypatch.setattr(lm.tokenizer, "apply_chat_template", stall)
         route, body = "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "SLOW"}]}
     slow: dict = {}
-    thread = threading.Thread(target=lambda: slow.update(r=httpx.post(server.url + route, json=body, timeout=90)))
+    post = lambda: slow.update(r=httpx.post(server.url + route, json=body, timeout=3 * HANG_GUARD))  # outlasts it
+    thread = threading.Thread(target=post)
     thread.start()
     try:
-        assert stall.entered.wait(30)
-        with httpx.Client(base_url=server.url, timeout=20) as http:
+        assert stall.entered.wait(HANG_GUARD)
+        with httpx.Client(base_url=server.url, timeout=HANG_GUARD) as http:
             assert http.get("/health").status_code == 200
             other = http.post("/v1/completions", json={**COMPLETION, "stream": True, "max_tokens": 8})
             assert other.status_code == 200 and other.text.endswith("data: [DONE]\n\n")
     finally:
         stall.release.set()
-        thread.join(90)
+        thread.join(HANG_GUARD)
     assert slow["r"].status_code == 200
 
 
@@ -392,7 +391,7 @@ def test_silent_and_half_sent_request_heads_are_closed(strict_server):
     finally:
         for sock in socks:
             sock.close()
-    assert httpx.get(strict_server.url + "/health", timeout=30).status_code == 200
+    assert httpx.get(strict_server.url + "/health", timeout=HANG_GUARD).status_code == 200
 
 
 def test_a_head_trickled_byte_by_byte_is_closed(strict_server):
@@ -400,7 +399,7 @@ def test_a_head_trickled_byte_by_byte_is_closed(strict_server):
     with connect(strict_server.url) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         sock.settimeout(0.05)
-        deadline = time.monotonic() + 30  # a hang guard
+        deadline = time.monotonic() + HANG_GUARD
         closed = False
         while not closed and time.monotonic() < deadline:
             try:
@@ -418,7 +417,7 @@ def test_a_body_trickled_after_its_answer_is_closed(strict_server):
     with connect(strict_server.url) as sock:
         sock.sendall(b"POST /v1/nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
         sock.settimeout(0.05)
-        deadline = time.monotonic() + 30  # a hang guard
+        deadline = time.monotonic() + HANG_GUARD
         reply, closed = b"", False
         while not closed and time.monotonic() < deadline:
             try:
@@ -440,21 +439,19 @@ def test_a_body_that_stops_arriving_is_answered_408_and_closed(strict_server):
 
 
 def test_connections_beyond_the_limit_are_answered_503(lm):
-    s = LiveServer(lm, max_len=64, max_connections=4, header_timeout=60)
+    s = LiveServer(lm, max_len=64, max_connections=4, header_timeout=HANG_GUARD)
     held = []
     try:
         connections = s.server.server_state.connections
         for _ in range(3):
             held.append(connect(s.url))
             held[-1].sendall(b"GET /health HTTP/1.1\r\n")
-        while len(connections) < 3:  # the server has accepted them
-            time.sleep(0.01)
-        assert httpx.get(s.url + "/health", timeout=30).status_code == 503
+        wait_for(lambda: len(connections) == 3, "the server to accept the 3 connections")
+        assert httpx.get(s.url + "/health", timeout=HANG_GUARD).status_code == 503
         for sock in held:
             sock.close()
-        while len(connections) > 0:
-            time.sleep(0.01)
-        assert httpx.get(s.url + "/health", timeout=30).status_code == 200
+        wait_for(lambda: not connections, "the server to see the 3 connections closed")
+        assert httpx.get(s.url + "/health", timeout=HANG_GUARD).status_code == 200
     finally:
         for sock in held:
             sock.close()

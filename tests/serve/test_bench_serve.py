@@ -3,13 +3,16 @@ for, with one time-to-first-token per request and one inter-token gap per later 
 
 from __future__ import annotations
 
+from waiting import HANG_GUARD
+
 from lucidlm.random_checkpoint import build_random_checkpoint
 from lucidlm.serve.bench_serve import run_serve_bench, serve_table
 
 
 def test_levels_count_every_request_and_token(tmp_path):
     model = build_random_checkpoint(tmp_path / "ck")
-    levels = run_serve_bench(model, clients=(1, 3), requests_per_client=2, prompt=16, new=5, print_fn=lambda s: None)
+    levels = run_serve_bench(model, clients=(1, 3), requests_per_client=2, prompt=16, new=5, print_fn=lambda s: None,
+                             start_timeout=HANG_GUARD)
     assert [lv.clients for lv in levels] == [1, 3]
     for lv in levels:
         assert lv.requests == 2 * lv.clients and lv.tokens == 5 * lv.requests

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from live_server import MODEL, LiveServer
+from waiting import HANG_GUARD
 
 FUZZ = settings(max_examples=200, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -99,7 +100,7 @@ def check(http: httpx.Client, route: str, raw: bytes) -> None:
 
 
 def test_the_api_never_answers_5xx_or_hangs_and_serves_the_same_afterwards(fuzzed):
-    with httpx.Client(base_url=fuzzed.url, timeout=60) as http:  # 60 s: a hang fails the test
+    with httpx.Client(base_url=fuzzed.url, timeout=HANG_GUARD) as http:  # a hang fails the test
         before = http.post("/v1/completions", json=GREEDY).json()["choices"][0]["text"]
 
         @FUZZ

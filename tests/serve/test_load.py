@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
 from live_server import MODEL, LiveServer
+from waiting import HANG_GUARD, async_wait_for, wait_for
 
 CLIENTS, REQUESTS, TOKENS = 32, 3, 12
 
@@ -56,7 +58,7 @@ def test_32_concurrent_streaming_clients_get_their_own_tokens(server, lm):
         return [await stream_chat(http, prompt_of(i, k), TOKENS) for k in range(REQUESTS)]
 
     async def main():
-        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+        async with httpx.AsyncClient(base_url=server.url, timeout=HANG_GUARD) as http:
             return await asyncio.gather(*(client(http, i) for i in range(CLIENTS)))
 
     steps_before = server.batcher.steps
@@ -78,24 +80,23 @@ def test_a_disconnecting_client_frees_its_slot_and_disturbs_no_one(server, lm, m
     batcher = server.batcher
     decode = batcher._decode
 
-    def slow_decode(rows, tokens):  # a larger model's step time, so the long request is still running
-        import time
-
+    def slow_decode(rows, tokens):  # a larger model's step time, so the long request is still running ...
         time.sleep(0.005)
+        for r in rows:  # ... however slowly its client (on a loaded machine) gets to hang up: it never finishes
+            if r.seq.config.max_new_tokens == 200 and len(r.seq.generated) >= 100:
+                wait_for(lambda seq=r.seq: seq.cancelled, "the server to notice that the client hung up")
         return decode(rows, tokens)
 
     monkeypatch.setattr(batcher, "_decode", slow_decode)
     cancelled_before = batcher.cancelled
 
     async def main():
-        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+        async with httpx.AsyncClient(base_url=server.url, timeout=HANG_GUARD) as http:
             leaver = asyncio.create_task(stream_chat(http, "I will hang up", 200, stop_after=3))
             stayers = [asyncio.create_task(stream_chat(http, prompt_of(i, 9), 40)) for i in range(8)]
             await leaver
-            for _ in range(200):  # the next scheduling step drops it
-                if batcher.cancelled > cancelled_before:
-                    break
-                await asyncio.sleep(0.01)
+            # the next scheduling step drops it
+            await async_wait_for(lambda: batcher.cancelled > cancelled_before, "the hung-up row to be dropped")
             freed = batcher.cancelled - cancelled_before
             return freed, await asyncio.gather(*stayers)
 

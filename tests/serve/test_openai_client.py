@@ -7,13 +7,14 @@ from __future__ import annotations
 import openai
 import pytest
 from live_server import MODEL, LiveServer, probed_tiny_lm
+from waiting import HANG_GUARD
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about Ada."}]
 
 
 @pytest.fixture(scope="module")
 def client(live):
-    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=HANG_GUARD)
 
 
 def chat_ids(lm):
@@ -87,7 +88,7 @@ def eos_server(request):
     lm = probed_tiny_lm(request.param)
     lm.hf_config = {"eos_token_id": lm.generate(PROMPT, max_new_tokens=12, ignore_eos=True)[0].token_ids[5]}
     server = LiveServer(lm, max_batch=8, max_queue=8, max_len=MAX_LEN)
-    yield lm, openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    yield lm, openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=HANG_GUARD)
     server.close()
 
 

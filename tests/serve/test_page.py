@@ -8,10 +8,12 @@ import shutil
 
 import pytest
 from playwright import sync_api
+from waiting import HANG_GUARD
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+WAIT_MS = HANG_GUARD * 1000  # Playwright's waits (5 s for an expect, 30 s for the rest) are hang guards here too
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +21,15 @@ def browser():
     if not os.path.exists(CHROMIUM):
         pytest.fail("no Chromium: scripts/setup.sh installs Debian's chromium (apt-get install chromium)")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        sync_api.expect.set_options(timeout=WAIT_MS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=WAIT_MS)
         yield browser
         browser.close()
 
 
 def test_tokens_stream_in_coloured_and_hover_shows_the_score(browser, live, lm):
     page = browser.new_page()
+    page.set_default_timeout(WAIT_MS)
     requests = []
     page.on("request", lambda r: requests.append(r.url))
     page.goto(live.url + "/")
@@ -35,7 +39,7 @@ def test_tokens_stream_in_coloured_and_hover_shows_the_score(browser, live, lm):
     page.fill("#prompt", "Tell me about Ada.")
     page.click("#send")
     tokens = page.locator(".message.assistant .token")
-    sync_api.expect(page.locator(".message.assistant .finish")).to_contain_text("finish: length", timeout=30_000)
+    sync_api.expect(page.locator(".message.assistant .finish")).to_contain_text("finish: length")
     n = tokens.count()
     assert n >= 8  # tokens whose text is a partial character arrive with the next one
 
@@ -55,9 +59,9 @@ def test_tokens_stream_in_coloured_and_hover_shows_the_score(browser, live, lm):
 
     # the threshold slider decides which tokens are flagged and which spans are listed
     page.locator("#threshold").fill("0")
-    assert page.locator(".message.assistant .token.flagged").count() == n
+    sync_api.expect(page.locator(".message.assistant .token.flagged")).to_have_count(n)
     assert page.locator("#flagged li").count() >= 1
     page.locator("#threshold").fill("1")
-    assert page.locator(".message.assistant .token.flagged").count() == sum(s >= 1 for s in shown)
+    sync_api.expect(page.locator(".message.assistant .token.flagged")).to_have_count(sum(s >= 1 for s in shown))
     assert all(url.startswith(live.url) for url in requests)  # every asset is served locally
     page.close()

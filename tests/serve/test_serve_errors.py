@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from live_server import MODEL, LiveServer
+from waiting import HANG_GUARD
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 COMPLETION = {"model": MODEL, "prompt": "hi", "max_tokens": 4}
@@ -59,7 +60,7 @@ BAD = [
 
 @pytest.fixture(scope="module")
 def http(live):
-    with httpx.Client(base_url=live.url, timeout=30) as client:
+    with httpx.Client(base_url=live.url, timeout=HANG_GUARD) as client:
         yield client
 
 
@@ -101,10 +102,10 @@ def test_ranking_by_the_probe_needs_a_probe():
     server = LiveServer(tiny_lm(), max_len=128)
     try:
         body = {**COMPLETION, "best_of": 2, "best_of_scorer": "lowest_max_score"}
-        r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=HANG_GUARD)
         assert r.status_code == 400 and r.json()["error"]["param"] == "best_of_scorer"
         assert "--probe" in r.json()["error"]["message"]
-        ok = httpx.post(server.url + "/v1/completions", json=COMPLETION, timeout=30).json()
+        ok = httpx.post(server.url + "/v1/completions", json=COMPLETION, timeout=HANG_GUARD).json()
         assert "token_scores" not in ok["choices"][0]  # no probe, no extension field
     finally:
         server.close()
@@ -113,7 +114,7 @@ def test_ranking_by_the_probe_needs_a_probe():
 def test_a_full_queue_answers_429_at_once(lm):
     server = LiveServer(lm, max_batch=1, max_queue=0, max_len=256)
     try:
-        with httpx.Client(base_url=server.url, timeout=30) as http:
+        with httpx.Client(base_url=server.url, timeout=HANG_GUARD) as http:
             body = {**CHAT, "max_tokens": 200, "stream": True}
             with http.stream("POST", "/v1/chat/completions", json=body) as running:
                 next(running.iter_lines())  # the first chunk: the slot is taken

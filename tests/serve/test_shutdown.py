@@ -11,24 +11,30 @@ import threading
 
 import httpx
 import pytest
+from waiting import HANG_GUARD
 
 from lucidlm.random_checkpoint import build_random_checkpoint
 from lucidlm.serve.server import free_port, wait_until_healthy
 
 
-def read_stream(url: str, max_tokens: int, started: threading.Event, out: dict) -> None:
+def read_stream(url: str, max_tokens: int, started: threading.Event, out: dict, started_at: int = 1) -> None:
+    """Stream a completion into ``out``; ``started`` is set once ``started_at`` tokens have arrived (or it ended)."""
     body = {"model": "ck", "prompt": "Hello there", "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-        for line in r.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
-                out["done"] = True
-                break
-            choice = json.loads(line[6:])["choices"][0]
-            out["tokens"] = out.get("tokens", 0) + (choice["finish_reason"] is None)
-            out["finish"] = choice["finish_reason"] or out.get("finish")
-            started.set()
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=HANG_GUARD) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    out["done"] = True
+                    break
+                choice = json.loads(line[6:])["choices"][0]
+                out["tokens"] = out.get("tokens", 0) + (choice["finish_reason"] is None)
+                out["finish"] = choice["finish_reason"] or out.get("finish")
+                if out["tokens"] >= started_at:
+                    started.set()
+    finally:
+        started.set()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -40,20 +46,22 @@ def test_a_signal_finishes_short_streams_and_cleanly_ends_long_ones(tmp_path, si
                              str(port), "--drain-timeout", "1.5", "--log-level", "warning", "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_until_healthy(url, proc, timeout=60)
+        wait_until_healthy(url, proc, timeout=HANG_GUARD)
         short, long = {}, {}
         events = [threading.Event(), threading.Event()]
-        threads = [threading.Thread(target=read_stream, args=(url, 6, events[0], short)),
+        # the short stream is one token from its end when the signal comes, however slow the machine: it finishes
+        # within the 1.5 s of draining
+        threads = [threading.Thread(target=read_stream, args=(url, 6, events[0], short, 5)),
                    threading.Thread(target=read_stream, args=(url, 480, events[1], long))]
         for t in threads:
             t.start()
-        assert all(e.wait(30) for e in events)
+        assert all(e.wait(HANG_GUARD) for e in events)
         proc.send_signal(sig)
         for t in threads:
-            t.join(60)
+            t.join(HANG_GUARD)
         assert short == {"tokens": 6, "finish": "length", "done": True}
         assert long["finish"] == "abort" and long["done"] and long["tokens"] < 480
-        assert proc.wait(60) == 0
+        assert proc.wait(HANG_GUARD) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -62,8 +70,8 @@ def test_a_signal_finishes_short_streams_and_cleanly_ends_long_ones(tmp_path, si
 
 def test_serve_refuses_a_bad_model_directory_or_port_before_listening(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lucidlm.cli", "serve", "-m", str(tmp_path / "missing")],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=HANG_GUARD)
     assert bad.returncode != 0 and "missing" in bad.stderr and "Uvicorn running" not in bad.stderr
     port = subprocess.run([sys.executable, "-m", "lucidlm.cli", "serve", "-m", str(tmp_path), "--port", "70000"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=HANG_GUARD)
     assert port.returncode == 2 and "port" in port.stderr

@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from waiting import HANG_GUARD
 
 HERE = Path(__file__).parent
 
 
 def _losses(args: list[str]) -> list[float]:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent.parent), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=HANG_GUARD)
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(x for x in out.stdout.splitlines() if x.startswith("LOSSES "))
     return json.loads(line.removeprefix("LOSSES "))

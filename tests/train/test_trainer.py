@@ -9,12 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from synthetic_data import FixedValData, ProgressionData
+from waiting import HANG_GUARD, wait_for
 
 from lucidlm.config import from_preset
 from lucidlm.model.transformer import Transformer
@@ -124,27 +124,26 @@ def test_spikes_are_skipped_and_repeated_ones_roll_back(tmp_path):
     assert after[0]["lr"] == pytest.approx(0.5 * base)
 
 
-def _run(out: Path, steps: int, slow: float = 0.0) -> subprocess.Popen:
+def _run(out: Path, steps: int, pause: int = 0) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent.parent)}
-    return subprocess.Popen([sys.executable, str(HERE / "resume_run.py"), str(out), str(steps), str(slow)],
+    return subprocess.Popen([sys.executable, str(HERE / "resume_run.py"), str(out), str(steps), str(pause)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def test_sigkill_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     straight = _run(tmp_path / "straight", 14)
-    killed = _run(tmp_path / "killed", 14, slow=0.3)
-    latest = tmp_path / "killed" / "checkpoints" / "latest.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (latest.exists() and json.loads(latest.read_text())["step"] >= 8):
-        time.sleep(0.05)
+    killed = _run(tmp_path / "killed", 14, pause=10)  # checkpoints at 4, 8, 12: waits after step 10 to be killed
+    wait_for((tmp_path / "killed.paused").exists, "the run to pause after step 10", process=killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert killed.returncode == -signal.SIGKILL
+    latest = tmp_path / "killed" / "checkpoints" / "latest.json"
     assert json.loads(latest.read_text())["step"] == 8  # killed between the step-8 and step-12 checkpoints
+    assert read_metrics(tmp_path / "killed" / "metrics.jsonl")[-1]["step"] == 10  # logged past the checkpoint
     resumed = _run(tmp_path / "killed", 14)
-    out_straight, err = straight.communicate(timeout=300)
+    out_straight, err = straight.communicate(timeout=HANG_GUARD)
     assert straight.returncode == 0, err
-    out_resumed, err = resumed.communicate(timeout=300)
+    out_resumed, err = resumed.communicate(timeout=HANG_GUARD)
     assert resumed.returncode == 0, err
     final = [line for line in out_straight.splitlines() if line.startswith("FINAL")]
     assert final and final == [line for line in out_resumed.splitlines() if line.startswith("FINAL")]
