@@ -201,7 +201,7 @@ class Engine:
             slots = slots + spare
             tokens = torch.cat([tokens, tokens.new_full((len(spare), 1), self.pad_token_id)])
         plan = cache.begin(slots, 1)  # host-side bookkeeping stays out of the compiled graph
-        out = compiled_forward(self.model)(tokens, plan, cache, tuple(hidden_layers), False, True)
+        out = compiled_forward(self.model)(tokens, plan, cache, hidden_layers=tuple(hidden_layers), last_only=True)
         if width == rows:
             return out
         if isinstance(out, ModelOutput):

@@ -188,17 +188,21 @@ class Transformer(nn.Module):
         if len(slots) != b:
             raise ValueError(f"{len(slots)} slots given for a batch of {b} rows")
         plan = cache.begin(slots, s, attention_mask, position_ids)
-        return self.forward_planned(input_ids, plan, cache, hidden_layers, return_aux_loss, last_only)
-
-    def forward_planned(self, input_ids: torch.Tensor, plan: StepPlan, cache: KVCache,
-                        hidden_layers: Sequence[int] = (), return_aux_loss: bool = False,
-                        last_only: bool = False) -> torch.Tensor | ModelOutput:
-        """The cached forward after ``cache.begin`` placed the tokens: pure tensor work, so that a
-        decode step can be compiled (``torch.compile``) separately from the cache's host-side bookkeeping."""
         x = self._embed(input_ids, plan.position_ids)
+        return self._planned_blocks(x, plan, cache, self._wanted(hidden_layers), return_aux_loss, last_only)
+
+    def forward_planned(self, input_ids: torch.Tensor, plan: StepPlan, cache: KVCache, *,
+                        hidden_layers: tuple[int, ...] = (), last_only: bool = True) -> ModelOutput:
+        """The engine's step: the cached forward after ``cache.begin`` placed the tokens. Pure tensor work, so
+        that a decode step can be compiled (``torch.compile``) apart from the cache's host-side bookkeeping.
+        Always a ``ModelOutput`` (its ``hidden_states`` hold the ``hidden_layers`` asked for)."""
+        x = self._embed(input_ids, plan.position_ids)
+        out = self._planned_blocks(x, plan, cache, self._wanted(hidden_layers), False, last_only)
+        return out if isinstance(out, ModelOutput) else ModelOutput(out)
+
+    def _planned_blocks(self, x, plan: StepPlan, cache: KVCache, wanted, return_aux_loss, last_only):
         rope = self._rope(plan.position_ids, x.dtype)
         bias = alibi_bias(self.alibi, plan.position_ids, plan.key_positions) if self.alibi is not None else None
-        wanted = self._wanted(hidden_layers)
         return self._run_blocks(x, rope, plan.masks, bias, cache, wanted, return_aux_loss, last_only)
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[bool, tuple | None]:
