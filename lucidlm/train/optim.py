@@ -2,8 +2,9 @@
 
 Weight decay pulls weights toward zero; on gains and biases (1-D: norms, biases) it only fights
 the parameterisation, so — as GPT-2/3, LLaMA and nanoGPT do — only tensors with >= 2 dims decay
-(notes 002 on AdamW). The schedule warms up linearly (Adam's early second-moment estimates are
-noisy), then follows a half cosine down to ``min_lr_ratio`` of the peak.
+(AdamW: Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization"). The schedule warms up
+linearly (Adam's early second-moment estimates are noisy), then follows a half cosine down to
+``min_lr_ratio`` of the peak.
 """
 
 from __future__ import annotations
