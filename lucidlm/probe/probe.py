@@ -1,7 +1,13 @@
-"""The probe: a hook on decoder block L and a linear head that scores every token in the same forward pass.
+"""The probe: a linear head on the residual stream after decoder block L, scoring every token from the forward
+pass that gives the logits.
 
-    input ids ─▶ blocks 0..L ─(hook: residual stream h after block L)─▶ ... ─▶ LM logits
+    input ids ─▶ blocks 0..L ─(residual stream h after block L: hidden_layers=[L])─▶ ... ─▶ LM logits
                                    └─▶ Linear(hidden, 1) ─▶ sigmoid ─▶ score per token
+
+One pass, never a second: the model's forward hands out h_L with the logits (``hidden_layers``,
+model/transformer.py) and ``score_tokens`` scores it. That is how a text is scored (api.LM.token_scores,
+probe/features.extract, probe/train.py) and how generation scores each token as it goes
+(generate/text_generation.probe_scorer, serve/batcher.py).
 
 Alignment (``ProbeConfig.alignment``): which position's hidden state scores token t.
 - "own": h[t], the state computed when token t is fed in — what the reference code of Obeso et al.
@@ -12,8 +18,8 @@ Alignment (``ProbeConfig.alignment``): which position's hidden state scores toke
   Position 0 (nothing predicted it) gets no score (NaN). Probe directories written before the field
   existed are predictive.
 
-The hook works on lucidlm models (``model.blocks``) and on any transformers causal LM whose decoder
-blocks are at ``model.model.layers``. A probe is saved as a directory: probe_config.json +
+A probe's shape and identity are checked on lucidlm models (``model.blocks``) and on transformers causal
+LMs (decoder blocks at ``model.model.layers``). A probe is saved as a directory: probe_config.json +
 probe_head.safetensors (+ a PEFT-format adapter when the probe trained LoRA on layers ≤ L).
 
 probe_config.json records the identity of the model the probe was made for (``model_identity``): a hash
@@ -199,38 +205,6 @@ def attach_probe(model: nn.Module, directory: str | Path, family=None) -> Loaded
         load_adapter(model, family, directory)
         model.eval()
     return LoadedProbe(head.to(next(model.parameters()).device), config)
-
-
-@dataclass
-class ProbedOutput:
-    logits: torch.Tensor  # (batch, seq, vocab)
-    scores: torch.Tensor  # (batch, seq): score of each token (NaN at position 0)
-    hidden: torch.Tensor  # (batch, seq, hidden) after block L
-
-
-class ProbedModel(nn.Module):
-    """A causal LM with a probe hooked on block ``layer``: one forward gives logits and scores."""
-
-    def __init__(self, model: nn.Module, head: ProbeHead, layer: int, alignment: Alignment = "own") -> None:
-        super().__init__()
-        blocks = decoder_blocks(model)
-        if not 0 <= layer < len(blocks):
-            raise IndexError(f"probe layer {layer} out of range for a model of {len(blocks)} blocks")
-        check_alignment(alignment)
-        self.model, self.head, self.layer, self.alignment = model, head, layer, alignment
-        self._captured: torch.Tensor | None = None
-        blocks[layer].register_forward_hook(self._capture)
-
-    def _capture(self, module: nn.Module, args, output) -> None:
-        # lucidlm blocks return (x, aux_loss); transformers decoder layers a tensor or a tuple led by it
-        self._captured = output[0] if isinstance(output, tuple) else output
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> ProbedOutput:
-        self._captured = None
-        out = self.model(input_ids, attention_mask=attention_mask, **kwargs)
-        logits = out if isinstance(out, torch.Tensor) else out.logits
-        hidden = self._captured
-        return ProbedOutput(logits, score_tokens(self.head, hidden, self.alignment), hidden)
 
 
 def save_probe(directory: str | Path, head: ProbeHead, config: ProbeConfig, model: nn.Module | None = None,
