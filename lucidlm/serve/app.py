@@ -13,7 +13,7 @@ one request can never stall /health or another client's stream; a failure while 
 fails that sequence alone (batcher.py).
 
 The pieces, each readable alone:
-    ServeConfig          the server's limits (cli_serve.py fills it)
+    ServeConfig          the server's limits (the `lucidlm serve` command fills it)
     ServeState           what every route shares: batcher, preparer, token texts, worker threads, config;
                          routes receive it as a FastAPI dependency (``Served``)
     Job                  one request's sequences and the queue their events arrive on
