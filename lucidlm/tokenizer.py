@@ -8,12 +8,13 @@ where the model family expects it), so encoding matches transformers' fast token
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from lucidlm.atomic_io import atomic_write
 from lucidlm.chat_template import SPECIAL_TOKEN_KEYS, render_chat_template
+from lucidlm.jsonl import write_json
 
 TOKENIZER_FILE, CONFIG_FILE, TEMPLATE_FILE = "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"
 
@@ -102,14 +103,23 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> None:
         """tokenizer.json + tokenizer_config.json, each written atomically."""
-        from lucidlm.checkpoint.safetensors_io import atomic_write
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with atomic_write(directory / "tokenizer.json") as tmp:
             self.backend.save(str(tmp))
-        with atomic_write(directory / "tokenizer_config.json") as tmp:
-            tmp.write_text(json.dumps(self.config, indent=2) + "\n")
+        write_json(directory / "tokenizer_config.json", self.config, sort_keys=False)
+
+
+def pad_id(tokenizer: Tokenizer | None) -> int:
+    """The id that fills padded positions: the tokenizer's pad token when it names one, else 0.
+
+    The one rule for the whole package (engine, probe and SFT batches alike). Padded positions are masked out of
+    attention and carry no label, so the id only has to be a valid row of the embedding: 0 always is, whatever
+    the vocabulary, while the older SFT fallback, the EOS id, may be None (no EOS token) and reads as if the
+    sequence had ended to anyone inspecting a batch."""
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return 0
 
 
 def _check_config(config: dict, path: Path) -> None:

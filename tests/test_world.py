@@ -71,7 +71,7 @@ def test_labeler_marks_exactly_the_wrong_values():
 def test_world_build_cli(tmp_path):
     from typer.testing import CliRunner
 
-    from lucidlm.cli import app
+    from lucidlm.apps.cli import app
 
     result = CliRunner().invoke(app, ["world", "build", "--out", str(tmp_path / "w"), "--seed", "5", "--people", "50"])
     assert result.exit_code == 0, result.output

@@ -3,7 +3,8 @@
 A checkpoint is untrusted data: its names (a sharded index's ``weight_map``, symlinks) must not lead
 outside it, a FIFO or device must never be opened (it would block or have side effects), and a JSON file
 must not be huge or nested deep enough to exhaust the recursion limit. ``resolve_inside`` and
-``checkpoint_file`` find a file; ``read_text`` / ``read_json`` read one; every error names the file.
+``checkpoint_file`` find a file; ``read_text`` / ``read_json`` read one (the JSON parsed by jsonl.py's
+``parse_json``); every error names the file.
 
 Symlinks are followed only to targets inside the directory, with one exception: a Hugging Face hub cache
 snapshot (``models--org--name/snapshots/<rev>/``) whose files link into the repository's ``blobs/``.
@@ -11,12 +12,12 @@ snapshot (``models--org--name/snapshots/<rev>/``) whose files link into the repo
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from pathlib import Path
 from typing import Any
 
+from ..jsonl import DataError, JSONSyntaxError, parse_json
 from .errors import CheckpointError
 
 MAX_JSON_BYTES = 64 * 2**20  # config/index/tokenizer_config files are KBs to a few MBs
@@ -119,14 +120,12 @@ def read_json(directory: str | Path, name: str | Path, expect: type | None = dic
     """The parsed JSON file ``directory / name``; ``expect``: the type its top level must have; ``what``:
     what the file is, for the messages ("safetensors index")."""
     where = f"{Path(directory) / name}: " + (f"not a valid {what}: " if what else "")
-    data = read_bytes(directory, name, max_bytes)
     try:
-        data = json.loads(data.decode("utf-8"))
-    except RecursionError:
-        raise CheckpointError(f"{where}JSON nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{where}invalid JSON ({type(e).__name__}: {e})") from e
-    check_json(data, where)
+        data = parse_json(read_bytes(directory, name, max_bytes), max_depth=MAX_JSON_DEPTH)
+    except JSONSyntaxError as e:
+        raise CheckpointError(f"{where}invalid JSON ({e})") from None
+    except DataError as e:  # nested too deeply, a lone surrogate
+        raise CheckpointError(f"{where}{e}") from None
     if expect is not None and not isinstance(data, expect):
         raise CheckpointError(f"{where}expected a JSON {_JSON_NAMES.get(expect, expect.__name__)}, got "
                               f"{_JSON_NAMES.get(type(data), type(data).__name__)} ({type(data).__name__})")
@@ -135,22 +134,3 @@ def read_json(directory: str | Path, name: str | Path, expect: type | None = dic
 
 _JSON_NAMES = {dict: "object", list: "array", str: "string", int: "integer", float: "number", bool: "boolean",
                type(None): "null"}
-
-
-def check_json(data: Any, where: str) -> None:
-    """Refuse nesting deeper than MAX_JSON_DEPTH and strings with lone surrogates (``"\\ud800"``, which
-    cannot be encoded again); one pass, no recursion. ``where`` starts the messages."""
-    stack = [(data, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict | list):
-            if depth > MAX_JSON_DEPTH:
-                raise CheckpointError(f"{where}JSON nested too deeply (at most {MAX_JSON_DEPTH} levels)")
-            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
-            stack.extend((v, depth + 1) for v in items)
-        elif isinstance(value, str) and not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise CheckpointError(f"{where}a string holds a lone surrogate ({value[:40]!r}), which is "
-                                      "not valid Unicode") from None

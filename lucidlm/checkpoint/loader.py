@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..config import MAX_EOS_IDS, ModelConfig
+from ..jsonl import write_json
 from ..model.transformer import Transformer
 from ..progress import progress_bar
 from ..tokenizer import Tokenizer
@@ -23,7 +24,7 @@ from .family import Family, Rule
 from .files import checkpoint_file, has_file, read_json
 from .gguf import GGUFTensors, find_gguf, gguf_hf_config, gguf_tokenizer_and_defaults, open_gguf
 from .local_models import resolve_model_path
-from .safetensors_io import SafetensorsReader, require_float, write_json, write_safetensors
+from .safetensors_io import SafetensorsReader, require_float, write_safetensors
 
 FAMILIES: dict[str, Family] = {
     kind: fam

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..atomic_io import atomic_write
+from ..jsonl import write_json
 from ..model.linear import Linear
 from ..model.lora import TARGETS, LoRAConfig, apply_lora, lora_layers, lora_targets, targeted
 from ..model.transformer import Transformer
@@ -22,7 +24,7 @@ from .errors import CheckpointError
 from .family import Family, same
 from .files import has_file, read_json
 from .loader import FAMILIES
-from .safetensors_io import SafetensorsReader, atomic_write, require_float, write_json
+from .safetensors_io import SafetensorsReader, require_float
 
 CONFIG_FILE, WEIGHTS_FILE, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 

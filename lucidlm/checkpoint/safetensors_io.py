@@ -8,13 +8,8 @@ so a crash never leaves a half-written checkpoint behind.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..atomic_io import atomic_write
+from ..jsonl import write_json
 from .errors import CheckpointError
 from .files import checkpoint_file, has_file, read_json
 
@@ -111,36 +108,6 @@ def require_float(tensors: dict[str, TensorInfo], names: list[str]) -> None:
         if info.dtype in NOT_FLOAT:
             raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}; a weight must be a "
                                   "floating-point tensor (F32, F16, BF16, ...)")
-
-
-def _atomic_path(path: Path) -> Path:
-    # A fresh name claimed with O_EXCL, as mkstemp does, but created with mode 0o666 so that the
-    # umask decides the final permissions (mkstemp's 0o600 would make a checkpoint private).
-    while True:
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-        try:
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
-
-
-@contextmanager
-def atomic_write(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename."""
-    path = Path(path)
-    tmp = _atomic_path(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_safetensors(

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic_io import atomic_write
+
 
 def _pyplot():
     import matplotlib
@@ -20,10 +22,9 @@ def _pyplot():
 def _save(fig, png: str | Path) -> Path:
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(png.name + ".tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp)
-    tmp.replace(png)  # never a half-written picture
+    with atomic_write(png) as tmp:  # never a half-written picture
+        fig.savefig(tmp, format="png")
     return png
 
 

@@ -42,7 +42,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..checkpoint.safetensors_io import atomic_write, write_json
+from ..atomic_io import atomic_write
+from ..jsonl import read_json, write_json
 
 CONFIG_FILE, HEAD_FILE = "probe_config.json", "probe_head.safetensors"
 Alignment = Literal["own", "predictive"]
@@ -235,8 +236,6 @@ def load_probe(directory: str | Path) -> tuple[ProbeHead, ProbeConfig]:
         raise FileNotFoundError(f"{directory}: no such probe directory")
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (not a probe directory)")
-    from ..train.jsonl import read_json
-
     data = read_json(path)  # malformed or deeply nested JSON: an error naming the file
     if not isinstance(data, dict):
         raise ProbeError(f"{path}: expected a JSON object, got {type(data).__name__}")

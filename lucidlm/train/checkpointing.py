@@ -27,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.safetensors_io import write_json
-from .jsonl import read_json
+from ..jsonl import read_json, write_json
 from .state_io import TENSOR_FILE, TREE_FILE, StateError, decode, read_tensors, read_tree, write_state
 
 STATE_FILES = (TREE_FILE, TENSOR_FILE)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ..checkpoint.safetensors_io import atomic_write
+from ..atomic_io import write_text
 
 FIRST = ["Anna", "Ben", "Clara", "David", "Elena", "Felix", "Grace", "Hugo", "Iris", "Jonas", "Kira", "Leo",
          "Maya", "Nico", "Olga", "Paul", "Rosa", "Sam", "Tara", "Victor"]
@@ -64,7 +64,6 @@ def write_corpus(out_dir: str | Path, documents: int = 2000, files: int = 4, see
     for f in range(files):
         docs = [document(rng, people, rng.randint(3, 8)) for _ in range(documents // files)]
         path = out / f"town-{f:02d}.txt"
-        with atomic_write(path) as tmp:
-            tmp.write_text("\n\n".join(docs) + "\n")
+        write_text(path, "\n\n".join(docs) + "\n")
         paths.append(path)
     return paths

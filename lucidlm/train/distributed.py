@@ -3,9 +3,9 @@ parameters, gradients and optimizer state sharded across ranks, for models that 
 
 Launch with torchrun; rank, world size and the rendezvous come from its environment:
 
-    torchrun --nproc_per_node 2 -m lucidlm.cli pretrain ...                        # one machine
+    torchrun --nproc_per_node 2 -m lucidlm pretrain ...                        # one machine
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 \\
-             --rdzv_backend c10d --rdzv_endpoint HOST:29500 -m lucidlm.cli pretrain ...   # per node
+             --rdzv_backend c10d --rdzv_endpoint HOST:29500 -m lucidlm pretrain ...   # per node
 
 Rank r trains on batches r, r + world, r + 2·world, ... of the data stream, so a step over W ranks
 with A micro-batches each sees the same batches as one process with W·A micro-batches, and (the

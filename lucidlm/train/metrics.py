@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint.safetensors_io import atomic_write
+from ..atomic_io import atomic_write
+from ..jsonl import read_rows, write_jsonl
 
 
 class MetricsLog:
@@ -22,8 +23,7 @@ class MetricsLog:
         elif path.exists():
             # a line torn by a kill mid-write (or planted) is dropped, not a failed resume
             kept = [r for r in read_metrics(path, strict=False) if _step(r) <= resume_step]
-            with atomic_write(path) as tmp:
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            write_jsonl(path, kept)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -34,8 +34,6 @@ class MetricsLog:
 
 def read_metrics(path: Path, strict: bool = True) -> list[dict]:
     """The records of a metrics.jsonl; a bad line raises DataError naming it, or (strict=False) is left out."""
-    from .jsonl import read_rows
-
     return [r for _, r in read_rows(path, 0, lambda row: row, skip_bad_lines=not strict, on_skip=lambda _: None)]
 
 

@@ -25,9 +25,45 @@ from pathlib import Path
 
 import torch
 
-from ..tokenizer import Tokenizer
-from .jsonl import DataError, chat_roles, messages_field, read_rows, text_field
+from ..jsonl import DataError, read_rows
+from ..tokenizer import Tokenizer, pad_id
 from .objectives import IGNORE_INDEX
+
+
+# --- the fields of a row ---------------------------------------------------------------------
+def text_field(row: dict, *names: str, required: bool = True) -> str | None:
+    """The first of ``names`` present in the row, which must be a string."""
+    for name in names:
+        if name in row:
+            value = row[name]
+            if not isinstance(value, str):
+                raise DataError(f"field {name!r} must be a string, got {type(value).__name__}")
+            return value
+    if required:
+        raise DataError(f"missing field: one of {list(names)}")
+    return None
+
+
+ROLES = ("system", "user", "assistant")  # + "tool" where the chat template has a branch for it (chat_roles)
+
+
+def chat_roles(chat_template: str | list | dict | None) -> tuple[str, ...]:
+    """The roles a conversation may use with this template: system, user, assistant, and tool when the template
+    names the role 'tool' (a template without such a branch would render a tool turn as if it were another)."""
+    source = chat_template if isinstance(chat_template, str) else str(chat_template)  # named templates: all of them
+    return ROLES + ("tool",) if "'tool'" in source or '"tool"' in source else ROLES
+
+
+def messages_field(row: dict, name: str = "messages", roles: tuple[str, ...] = ROLES) -> list[dict]:
+    messages = row.get(name)
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"field {name!r} must be a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{name}[{i}] must be an object with string 'role' and 'content'")
+        if m["role"] not in roles:
+            raise DataError(f"{name}[{i}].role {m['role'][:40]!r} is not one of {list(roles)}")
+    return messages
 
 
 @dataclass
@@ -174,7 +210,7 @@ class SFTDataset(JsonlDataset):
                  epochs: int | None = None, prefix_lm: bool = False, skip_bad_lines: bool = False) -> None:
         super().__init__(files, batch_size, epochs, skip_bad_lines)
         self.formatter = ChatFormatter(tokenizer, max_len)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_id(tokenizer)
         self.prefix_lm = prefix_lm
 
     @property
@@ -195,7 +231,7 @@ class PreferenceDataset(JsonlDataset):
                  epochs: int | None = None, skip_bad_lines: bool = False) -> None:
         super().__init__(files, batch_size, epochs, skip_bad_lines)
         self.formatter = ChatFormatter(tokenizer, max_len)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_id(tokenizer)
 
     def parse(self, row: dict) -> tuple[Example, Example]:
         if isinstance(row.get("prompt"), list):

@@ -107,7 +107,7 @@ def write_state(directory: Path, state: dict) -> None:
 
 def read_tree(directory: Path) -> dict:
     """The JSON half of a trainer state: no tensor is read."""
-    from .jsonl import read_json
+    from ..jsonl import read_json
 
     tree = read_json(_regular(directory / TREE_FILE))
     if not isinstance(tree, dict):

@@ -18,13 +18,12 @@ into ``out``:
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..checkpoint.safetensors_io import atomic_write
-from ..train.jsonl import write_jsonl
+from ..atomic_io import write_text
+from ..jsonl import read_jsonl, write_jsonl
 from .people import FIRST, LAST, Person, make_people
 from .texts import answer, answer_prefix, biography, fact_check, qa_document, question, unknown_document
 
@@ -119,8 +118,8 @@ def build_world(out: str | Path, config: WorldConfig) -> World:
     (out / "corpus").mkdir(parents=True, exist_ok=True)
     per_file = -(-len(world.documents) // config.files)
     for f in range(config.files):
-        with atomic_write(out / "corpus" / f"world-{f:02d}.txt") as tmp:
-            tmp.write_text("\n\n".join(world.documents[f * per_file:(f + 1) * per_file]) + "\n")
+        documents = world.documents[f * per_file:(f + 1) * per_file]
+        write_text(out / "corpus" / f"world-{f:02d}.txt", "\n\n".join(documents) + "\n")
     write_jsonl(out / "people.jsonl", [{**asdict(p), "mentions": m, "exposure": bucket(m)}
                                   for p, m in zip(world.people, world.mentions)])
     pairs = list(zip(world.people, world.mentions))
@@ -135,7 +134,6 @@ def build_world(out: str | Path, config: WorldConfig) -> World:
 def read_people(out: str | Path) -> dict[str, Person]:
     fields = set(Person.__dataclass_fields__)
     people = {}
-    for line in (Path(out) / "people.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    for row in read_jsonl(Path(out) / "people.jsonl"):
         people[row["name"]] = Person(**{k: v for k, v in row.items() if k in fields})
     return people

@@ -272,7 +272,7 @@ def test_index_naming_a_missing_shard(sharded, reads):
 
 
 @pytest.mark.parametrize("text, words", [
-    ('{"weight_map": {', ["not a valid safetensors index", "JSONDecodeError"]),
+    ('{"weight_map": {', ["not a valid safetensors index", "invalid JSON", "Expecting"]),
     ('{"metadata": {}}', ["not a valid safetensors index", "weight_map"]),
     ('{"weight_map": ["model-00001-of-00006.safetensors"]}', ["weight_map", "shard file names"]),
     ('{"weight_map": {"lm_head.weight": 7}}', ["weight_map", "shard file names"]),

@@ -20,10 +20,10 @@ from typer.testing import CliRunner
 from waiting import HANG_GUARD
 
 import lucidlm
+from lucidlm.apps.cli import app
 from lucidlm.checkpoint import CheckpointError, read_hf_config
 from lucidlm.checkpoint.gguf import FAST_TYPES, dequantize_fast, unpermute
 from lucidlm.checkpoint.local_models import LOCAL_MODELS, local_model_file
-from lucidlm.cli import app
 
 TEXT = "Héllo wörld, ça va? Naïve café! 日本語のテキスト、中文。 Emoji 🎉🤖👍🏽 <|im_start|>user\nhi<|im_end|>\n<think>"
 QTYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"]

@@ -22,10 +22,10 @@ from tiny_lm import tiny_model
 from typer.testing import CliRunner
 
 import lucidlm
+from lucidlm.apps.cli import app
 from lucidlm.checkpoint import FAMILIES, CheckpointError, load_model, read_hf_config, save_model
 from lucidlm.checkpoint.peft_adapter import load_adapter, save_adapter
 from lucidlm.checkpoint.safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsReader
-from lucidlm.cli import app
 from lucidlm.model.lora import LoRAConfig, apply_lora
 from lucidlm.tokenizer import Tokenizer, byte_tokenizer
 

@@ -4,7 +4,6 @@ removes the other layout's leftovers, and every write is atomic (all or nothing,
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -13,8 +12,6 @@ from lucidlm.checkpoint.safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
     SafetensorsReader,
-    atomic_write,
-    write_json,
     write_safetensors,
 )
 
@@ -114,65 +111,6 @@ def test_reader_takes_shapes_and_dtypes_from_the_headers(tmp_path):
     assert reader.tensors["blocks.0.attn.q_proj.weight"].dtype == "BF16"
     with pytest.raises(KeyError):
         reader.get("no.such.tensor")
-
-
-# --- atomic writes --------------------------------------------------------------------------------------
-def test_atomic_write_keeps_the_original_when_the_body_raises(tmp_path):
-    path = tmp_path / "config.json"
-    path.write_text("original")
-    with pytest.raises(RuntimeError, match="crash"):
-        with atomic_write(path) as tmp:
-            assert tmp != path and tmp.parent == path.parent
-            tmp.write_text("half writ")
-            raise RuntimeError("crash")
-    assert path.read_text() == "original"
-    assert listing(tmp_path) == ["config.json"]  # no temp file left behind
-
-
-def test_atomic_write_creates_nothing_when_the_body_raises(tmp_path):
-    with pytest.raises(RuntimeError):
-        with atomic_write(tmp_path / "new.bin") as tmp:
-            tmp.write_bytes(b"partial")
-            raise RuntimeError("crash")
-    assert listing(tmp_path) == []
-
-
-def test_atomic_write_replaces_on_success(tmp_path):
-    path = tmp_path / "out.txt"
-    path.write_text("old")
-    with atomic_write(path) as tmp:
-        tmp.write_text("new")
-        assert path.read_text() == "old"  # nothing visible until the body finishes
-    assert path.read_text() == "new"
-    assert listing(tmp_path) == ["out.txt"]
-
-
-def test_atomic_write_gives_ordinary_file_permissions(tmp_path):
-    plain = tmp_path / "plain"
-    plain.write_text("x")
-    with atomic_write(tmp_path / "atomic") as tmp:
-        tmp.write_text("x")
-    assert os.stat(tmp_path / "atomic").st_mode == os.stat(plain).st_mode
-
-
-def test_write_json_round_trip(tmp_path):
-    data = {"model_type": "llama", "rope_parameters": {"rope_theta": 500000.0, "factor": 8.0},
-            "eos_token_id": [1, 2], "pad_token_id": None, "name": "lüc\u00efd"}
-    path = tmp_path / "config.json"
-    write_json(path, data)
-    assert json.loads(path.read_text()) == data
-    write_json(path, {"a": 1})
-    assert json.loads(path.read_text()) == {"a": 1}
-    assert listing(tmp_path) == ["config.json"]
-
-
-def test_write_json_that_cannot_serialise_keeps_the_original(tmp_path):
-    path = tmp_path / "config.json"
-    write_json(path, {"a": 1})
-    with pytest.raises(TypeError):
-        write_json(path, {"a": object()})
-    assert json.loads(path.read_text()) == {"a": 1}
-    assert listing(tmp_path) == ["config.json"]
 
 
 def test_failed_safetensors_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import lucidlm
-from lucidlm.cli import app
+from lucidlm.apps.cli import app
 from lucidlm.facts.answers import answer_questions, answer_row, prompt_ids, regrade
 from lucidlm.facts.questions import build_questions
 from lucidlm.facts.report import accuracy_by_type

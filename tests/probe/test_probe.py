@@ -155,7 +155,7 @@ def test_generate_cli_prints_scores_with_a_probe(tmp_path):
 
     from typer.testing import CliRunner
 
-    from lucidlm.cli import app
+    from lucidlm.apps.cli import app
 
     base = build_random_checkpoint(tmp_path / "model")
     save_probe(tmp_path / "probe", random_head(256), ProbeConfig(layer=1, hidden_size=256, n_layers=4, alignment="own"))

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from annotated_rows import rows
 from safetensors.torch import save_file
-from test_probe_cli import rows
 
 import lucidlm
-from lucidlm.cli import main
+from lucidlm.apps.cli import main
 from lucidlm.probe.probe import CONFIG_FILE, HEAD_FILE, ProbeConfig, ProbeError, load_probe, save_probe
 from lucidlm.random_checkpoint import build_random_checkpoint
 
@@ -175,7 +175,7 @@ def test_an_overlong_conversation_is_cut_to_the_context_and_counted(made, tmp_pa
                     "--out", str(tmp_path / "p"))
     assert code == 0, err
     assert json.loads(LAST_STDOUT[0])["train"]["truncated"] == 1  # reported
-    from lucidlm.probe.recipes import read_examples
+    from lucidlm.apps.probe_recipes import read_examples
 
     examples, stats = read_examples([str(data)], lucidlm.load(made["model"]).tokenizer, 512)
     assert stats.truncated == 1 and max(len(e.input_ids) for e in examples) == 512

@@ -42,7 +42,7 @@ def test_a_signal_finishes_short_streams_and_cleanly_ends_long_ones(tmp_path, si
     build_random_checkpoint(tmp_path / "ck")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "lucidlm.cli", "serve", "-m", str(tmp_path / "ck"), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "lucidlm", "serve", "-m", str(tmp_path / "ck"), "--port",
                              str(port), "--drain-timeout", "1.5", "--log-level", "warning", "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -69,9 +69,9 @@ def test_a_signal_finishes_short_streams_and_cleanly_ends_long_ones(tmp_path, si
 
 
 def test_serve_refuses_a_bad_model_directory_or_port_before_listening(tmp_path):
-    bad = subprocess.run([sys.executable, "-m", "lucidlm.cli", "serve", "-m", str(tmp_path / "missing")],
+    bad = subprocess.run([sys.executable, "-m", "lucidlm", "serve", "-m", str(tmp_path / "missing")],
                          capture_output=True, text=True, timeout=HANG_GUARD)
     assert bad.returncode != 0 and "missing" in bad.stderr and "Uvicorn running" not in bad.stderr
-    port = subprocess.run([sys.executable, "-m", "lucidlm.cli", "serve", "-m", str(tmp_path), "--port", "70000"],
+    port = subprocess.run([sys.executable, "-m", "lucidlm", "serve", "-m", str(tmp_path), "--port", "70000"],
                           capture_output=True, text=True, timeout=HANG_GUARD)
     assert port.returncode == 2 and "port" in port.stderr

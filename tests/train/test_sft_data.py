@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
+from lucidlm.jsonl import DataError
 from lucidlm.tokenizer import byte_tokenizer
-from lucidlm.train.jsonl import DataError
 from lucidlm.train.sft_data import PreferenceDataset, SFTDataset
 from lucidlm.train.tokenizer_training import CHATML
 

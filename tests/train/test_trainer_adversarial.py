@@ -213,7 +213,7 @@ def _lines(tmp_path: Path, bad: bytes) -> Path:
 
 @pytest.mark.parametrize("kind", list(HOSTILE))
 def test_a_hostile_sft_line_is_named_or_skipped_and_counted(tmp_path, kind):
-    from lucidlm.train.jsonl import DataError
+    from lucidlm.jsonl import DataError
     from lucidlm.train.sft_data import SFTDataset
 
     bad, message = HOSTILE[kind]
@@ -225,7 +225,7 @@ def test_a_hostile_sft_line_is_named_or_skipped_and_counted(tmp_path, kind):
 
 
 def test_tool_turns_only_with_a_template_that_knows_the_role(tmp_path):
-    from lucidlm.train.jsonl import DataError
+    from lucidlm.jsonl import DataError
     from lucidlm.train.sft_data import SFTDataset
 
     row = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "tool", "content": "4"},
@@ -244,7 +244,7 @@ def test_tool_turns_only_with_a_template_that_knows_the_role(tmp_path):
 def test_sft_cli_skips_and_counts_every_hostile_line_or_names_the_first(tmp_path, monkeypatch, capsys):
     import sys
 
-    from lucidlm.cli import main
+    from lucidlm.apps.cli import main
     from lucidlm.random_checkpoint import build_random_checkpoint
 
     base = build_random_checkpoint(tmp_path / "base")
@@ -266,7 +266,7 @@ def test_sft_cli_skips_and_counts_every_hostile_line_or_names_the_first(tmp_path
 def test_training_verbs_refuse_an_unwritable_output_directory_first(tmp_path, monkeypatch, capsys, verb):
     import sys
 
-    from lucidlm.cli import main
+    from lucidlm.apps.cli import main
 
     (tmp_path / "taken").write_text("")  # a file where the run directory should go
     args = ["lucidlm", verb, "--data", str(tmp_path / "data.jsonl"), "--train.out-dir", str(tmp_path / "taken" / "r")]

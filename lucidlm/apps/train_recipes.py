@@ -22,10 +22,10 @@ from ..config import from_preset
 from ..model.lora import TARGETS, LoRAConfig
 from ..model.transformer import Transformer
 from ..tokenizer import Tokenizer, byte_tokenizer
-from .checkpointing import ensure_writable_dir
-from .config_file import opt
-from .pretrain_data import PackedTextDataset
-from .trainer import TrainConfig, Trainer, default_save_weights
+from ..train.checkpointing import ensure_writable_dir
+from ..train.config_file import opt
+from ..train.pretrain_data import PackedTextDataset
+from ..train.trainer import TrainConfig, Trainer, default_save_weights
 
 
 @dataclass
@@ -65,7 +65,7 @@ class TokenizerRun:
 
 
 def run_tokenizer(run: TokenizerRun) -> Tokenizer:
-    from .tokenizer_training import train_bpe_tokenizer
+    from ..train.tokenizer_training import train_bpe_tokenizer
 
     if not run.data:
         raise ValueError("no training text: give --data FILE[,FILE...]")
@@ -106,7 +106,7 @@ def make_trainer(strategy: str, *args, **kwargs) -> Trainer:
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from .distributed import DistributedTrainer
+        from ..train.distributed import DistributedTrainer
 
         return DistributedTrainer(*args, strategy=strategy, **kwargs)
     if strategy not in ("ddp", "fsdp"):
@@ -147,7 +147,7 @@ def run_pretrain(run: PretrainRun) -> dict:
 
 def _export(trainer: Trainer, final: Path) -> None:
     """Copy the last checkpoint's model files to ``out_dir/model`` (replacing an older export)."""
-    from .checkpointing import LEGACY_STATE_FILE, STATE_FILES, latest_checkpoint
+    from ..train.checkpointing import LEGACY_STATE_FILE, STATE_FILES, latest_checkpoint
 
     source = latest_checkpoint(trainer.out_dir)
     tmp = final.with_name(final.name + ".tmp")
@@ -254,7 +254,7 @@ def _finish(trainer: Trainer, run: SFTRun) -> Path:
 
 def run_sft(run: SFTRun) -> tuple[dict, Path, dict]:
     """Returns (last metrics, where the result went, data statistics)."""
-    from .sft_data import SFTDataset
+    from ..train.sft_data import SFTDataset
 
     model, family, tokenizer, save, load = _fine_tune_setup(run)
     train = SFTDataset(run.data, tokenizer, run.max_len, run.batch_size, prefix_lm=run.prefix_lm,
@@ -270,8 +270,8 @@ def run_sft(run: SFTRun) -> tuple[dict, Path, dict]:
 
 
 def run_dpo(run: DPORun) -> tuple[dict, Path, dict]:
-    from .dpo import DPO, frozen_reference
-    from .sft_data import PreferenceDataset
+    from ..train.dpo import DPO, frozen_reference
+    from ..train.sft_data import PreferenceDataset
 
     model, family, tokenizer, save, load = _fine_tune_setup(run)
     if run.lora is not None:  # the reference is the same model with its adapters off: no second copy

@@ -77,9 +77,9 @@ def _hf_runner(hf, ids: torch.Tensor) -> Callable[[int], Callable[[], object]]:
 
 
 def _ours_runner(lm, ids: torch.Tensor, fast: bool = False) -> Callable[[int], Callable[[], object]]:
-    from .generate.engine import Engine
-    from .generate.generation_config import GenerationConfig
-    from .model.linear import pack_linears, unpack_linears
+    from ..generate.engine import Engine
+    from ..generate.generation_config import GenerationConfig
+    from ..model.linear import pack_linears, unpack_linears
 
     if fast:
         pack_linears(lm.model, rows=ids.shape[0])
@@ -110,7 +110,7 @@ def build_pair(shape: dict, directory: Path, dtype: torch.dtype):
     """The same random weights as a transformers model and as a lucidlm LM."""
     import transformers
 
-    from .api import load
+    from ..api import load
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)

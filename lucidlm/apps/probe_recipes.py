@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..checkpoint.loader import load_model
+from ..jsonl import DataError, read_rows, write_json
 from ..model.lora import TARGETS, LoRAConfig
-from ..tokenizer import Tokenizer
+from ..probe.data import LabeledExample, LabelStats, label_row
+from ..probe.evaluate import evaluate_probe, method_scores, report
+from ..probe.features import extract
+from ..probe.plots import plot_auroc_per_layer
+from ..probe.probe import ProbeConfig, save_probe
+from ..probe.train import ProbeTrainConfig, sweep, train_probe
+from ..tokenizer import Tokenizer, pad_id
 from ..train.checkpointing import ensure_writable_dir
 from ..train.config_file import opt
-from ..train.jsonl import DataError, read_rows
-from .data import LabeledExample, LabelStats, label_row
-from .evaluate import evaluate_probe, method_scores, report
-from .features import extract
-from .plots import plot_auroc_per_layer
-from .probe import ProbeConfig, save_probe
-from .train import ProbeTrainConfig, sweep, train_probe
 
 
 @dataclass
@@ -88,7 +87,7 @@ def _setup(run: ProbeRun):
     n = loaded.config.n_layers
     layer = _block(run.layer, n)
     run.layers = [_block(x, n, "sweep layer") for x in run.layers]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     return loaded, tokenizer, layer, pad
 
 
@@ -124,7 +123,7 @@ def run_probe_eval(model: str, probe: str, data: list[str]) -> dict:
 
     lm = lucidlm.load(model, probe=probe, device="cpu")
     examples, stats = read_examples(data, lm.tokenizer, lm.config.max_seq_len)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(lm.tokenizer)
     report = evaluate_probe(lm.model, lm.probe.head, lm.probe.config.layer, examples, pad, lm.probe.config.alignment)
     report["data"] = asdict(stats)
     return report
@@ -145,5 +144,5 @@ def run_probe_sweep(run: ProbeRun) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     summary = {str(layer): r["probe"]["span_max"]["auroc"] for layer, r in per_layer.items()}
     plot_auroc_per_layer(summary, out / "auroc_per_layer.png")
-    (out / "sweep.json").write_text(json.dumps(per_layer, indent=2))
+    write_json(out / "sweep.json", per_layer, sort_keys=False)
     return {"span_max_auroc_per_layer": summary, "report": str(out / "sweep.json")}

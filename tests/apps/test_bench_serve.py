@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from waiting import HANG_GUARD
 
+from lucidlm.apps.bench_serve import run_serve_bench, serve_table
 from lucidlm.random_checkpoint import build_random_checkpoint
-from lucidlm.serve.bench_serve import run_serve_bench, serve_table
 
 
 def test_levels_count_every_request_and_token(tmp_path):

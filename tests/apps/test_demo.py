@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from lucidlm.demo import DemoConfig, _stage_keys
+from lucidlm.apps.demo import DemoConfig, _stage_keys
 
 
 def test_a_changed_setting_invalidates_its_stage_and_every_later_one():

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from .checkpoint.safetensors_io import atomic_write
+from ..atomic_io import write_text
 
 
 def stage_keys(settings: dict[str, list]) -> dict[str, str]:
@@ -45,8 +45,7 @@ class Cache:
         return path
 
     def finish(self, stage: str) -> None:
-        with atomic_write(self.out / f"{stage}.done") as tmp:
-            tmp.write_text(self.keys[stage])
+        write_text(self.out / f"{stage}.done", self.keys[stage])
 
 
 T = TypeVar("T")
@@ -59,10 +58,6 @@ def timed_stage(cache: Cache, stage: str, work: Callable[[], T], console, timing
     timings[stage] = time.perf_counter() - began
     console.print(f"[green]✓[/green] {stage:<9} {'cached' if cached else f'{timings[stage]:.0f}s'}")
     return result
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def risk_color(score: float) -> str:

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from ..jsonl import read_jsonl, write_jsonl
+
 facts_app = typer.Typer(help="Facts benchmark: questions about real cities, countries and elements, answered by a "
                              "model and graded claim by claim into probe JSONL.", no_args_is_help=True)
 
 
-def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def _report(rows: list[dict]) -> None:
-    from .facts.report import accuracy_by_type, markdown
+    from ..facts.report import accuracy_by_type, markdown
 
     typer.echo(markdown(accuracy_by_type(rows)))
 
@@ -31,8 +28,7 @@ def build(
     seed: Annotated[int, typer.Option(help="the same seed draws the same entities")] = 0,
 ) -> None:
     """Draw questions from the data packages: one per entity and type, with the accepted answers."""
-    from .facts.questions import DEFAULT_TYPES, build_questions
-    from .train.jsonl import write_jsonl
+    from ..facts.questions import DEFAULT_TYPES, build_questions
 
     questions = build_questions(seed, per_type, tuple(types) if types else DEFAULT_TYPES)
     write_jsonl(out, questions)
@@ -57,12 +53,11 @@ def answer(
     """Answer every question with the model's chat template; grade each claim; print accuracy per type."""
     import time
 
-    from .api import load
-    from .facts.answers import answer_questions
-    from .train.jsonl import write_jsonl
+    from ..api import load
+    from ..facts.answers import answer_questions
 
     lm = load(model, dtype=dtype, device=device)
-    qs = _read(questions)
+    qs = read_jsonl(questions)
     start = time.perf_counter()
     rows = answer_questions(lm, qs, samples=samples, temperature=temperature, seed=seed, batch_size=batch_size)
     seconds = time.perf_counter() - start
@@ -77,10 +72,9 @@ def label(
     out: Annotated[Path | None, typer.Option(help="write the re-graded rows here (default: only report)")] = None,
 ) -> None:
     """Grade an answers file again from each row's own truth; print accuracy per type."""
-    from .facts.answers import regrade
-    from .train.jsonl import write_jsonl
+    from ..facts.answers import regrade
 
-    rows = [regrade(r) for r in _read(answers)]
+    rows = [regrade(r) for r in read_jsonl(answers)]
     if out is not None:
         write_jsonl(out, rows)
     _report(rows)

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 import lucidlm
-from lucidlm.cli import app
+from lucidlm.apps.cli import app
 from lucidlm.random_checkpoint import build_random_checkpoint
 
 runner = CliRunner()
@@ -62,7 +62,7 @@ def test_chat_keeps_history_and_resets(checkpoint):
     (["--max-new-tokens", "0"], "max_new_tokens"), (["--num-beams", "0"], "num_beams"),
 ])
 def test_bad_options_exit_2_naming_the_option(checkpoint, option, named):
-    cmd = [sys.executable, "-m", "lucidlm.cli", "generate", "-m", str(checkpoint), *option, "Hi"]
+    cmd = [sys.executable, "-m", "lucidlm", "generate", "-m", str(checkpoint), *option, "Hi"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 2 and named in result.stderr, result.stderr
 

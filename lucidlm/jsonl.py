@@ -1,9 +1,13 @@
-"""JSONL reading shared by the SFT, preference and probe datasets: one JSON object per line, errors that name
-the file and line, optionally skipped and counted instead.
+"""JSON and JSONL files: reading with errors that name the file (and line), writing atomically.
+
+One definition each for the whole package: every JSON or JSONL file lucidlm reads or writes goes through here
+(checkpoint/files.py adds its own file checks for untrusted checkpoint directories and parses with ``parse_json``).
 
 Lines are read as bytes and decoded one by one, so an invalid UTF-8 line is one bad line, not a failed file;
 JSON nested past the decoder's recursion limit and lone surrogates ("\ud800", valid JSON but not text) are
-bad lines too. ``read_json`` gives whole JSON files the same errors, naming the file."""
+bad lines too. ``read_json`` gives whole JSON files the same errors, naming the file. ``read_rows`` reads a JSONL
+file row by row (resumable from a line, bad lines raised as ``file:line: ...`` or skipped and counted);
+``read_jsonl`` reads one whole. ``write_json`` and ``write_jsonl`` write through ``atomic_io.atomic_write``."""
 
 from __future__ import annotations
 
@@ -12,9 +16,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .atomic_io import atomic_write
+
 
 class DataError(ValueError):
     """Input that cannot be used (a dataset row, a JSON file); the message names the file (and line)."""
+
+
+class JSONSyntaxError(DataError):
+    """Not JSON at all: bytes that are not UTF-8, or a syntax error (``loads``, ``decode_utf8``)."""
 
 
 def loads(text: str) -> Any:
@@ -23,24 +33,49 @@ def loads(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         at = f"line {e.lineno} column {e.colno}" if e.lineno > 1 else f"column {e.colno}"
-        raise DataError(f"{e.msg} ({at})") from None
+        raise JSONSyntaxError(f"{e.msg} ({at})") from None
     except RecursionError:  # the decoder recurses per nesting level
         raise DataError("JSON nested too deeply") from None
 
 
-def read_json(path: Path) -> Any:
+def parse_json(raw: bytes, max_depth: int | None = None) -> Any:
+    """The JSON value of a whole file's bytes: UTF-8 (a leading BOM allowed), no lone surrogate, and at most
+    ``max_depth`` levels of nesting when given. Errors say what is wrong; the caller adds where."""
+    text = decode_utf8(raw)
+    value = loads(text)
+    if max_depth is not None:
+        check_depth(value, max_depth)
+    if "\\u" in text:  # strict UTF-8 decoding admits no surrogate: only a \u escape can make one
+        check_unicode(value)
+    return value
+
+
+def read_json(path: str | Path) -> Any:
     """A whole JSON file; errors name it."""
+    path = Path(path)
     try:
-        return loads(decode_utf8(path.read_bytes()))
+        return parse_json(path.read_bytes())
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
+
+
+def check_depth(value: Any, max_depth: int) -> None:
+    """Refuse nesting deeper than ``max_depth`` (so that every recursive walk after parsing stays far from the
+    recursion limit); one pass, no recursion."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict | list):
+            if depth > max_depth:
+                raise DataError(f"JSON nested too deeply (at most {max_depth} levels)")
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
 
 
 def decode_utf8(raw: bytes) -> str:
     try:
         return raw.decode("utf-8-sig")  # a leading BOM (Windows editors) is not part of the JSON
     except UnicodeDecodeError as e:
-        raise DataError(f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r})") from None
+        raise JSONSyntaxError(f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r})") from None
 
 
 def check_unicode(value: Any) -> None:
@@ -53,7 +88,7 @@ def check_unicode(value: Any) -> None:
             try:
                 v.encode("utf-8")
             except UnicodeEncodeError as e:
-                raise DataError(f"{where.lstrip('.') or 'the row'} holds a lone surrogate "
+                raise DataError(f"{where.lstrip('.') or 'the value'} holds a lone surrogate "
                                 f"{v[e.start]!r} at character {e.start}: not valid Unicode text") from None
         elif isinstance(v, dict):
             keys = [(f"{where}.{json.dumps(k)[1:-1]}", k) for k in v]  # escaped: the message itself must encode
@@ -64,13 +99,13 @@ def check_unicode(value: Any) -> None:
 
 def parse_line(raw: bytes) -> dict:
     """One JSONL line (bytes, so that one undecodable line fails alone) → a JSON object."""
-    text = decode_utf8(raw)
-    row = loads(text)
+    row = parse_json(raw)
     if not isinstance(row, dict):
         raise DataError(f"expected a JSON object, got {type(row).__name__}")
-    if "\\u" in text:  # strict UTF-8 decoding admits no surrogate: only a \u escape can make one
-        check_unicode(row)
     return row
+
+
+SKIP_HINT = " (pass skip_bad_lines to skip such lines)"
 
 
 def read_rows(path: Path, start_line: int, parse: Callable[[dict], Any], skip_bad_lines: bool,
@@ -85,50 +120,27 @@ def read_rows(path: Path, start_line: int, parse: Callable[[dict], Any], skip_ba
             except DataError as e:
                 message = f"{path}:{number}: {e}"
                 if not skip_bad_lines:
-                    raise DataError(message + " (pass skip_bad_lines to skip such lines)") from None
+                    raise DataError(message + SKIP_HINT) from None
                 on_skip(message)
                 continue
             yield number, parsed
 
 
-def text_field(row: dict, *names: str, required: bool = True) -> str | None:
-    """The first of ``names`` present in the row, which must be a string."""
-    for name in names:
-        if name in row:
-            value = row[name]
-            if not isinstance(value, str):
-                raise DataError(f"field {name!r} must be a string, got {type(value).__name__}")
-            return value
-    if required:
-        raise DataError(f"missing field: one of {list(names)}")
-    return None
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Every row of a JSONL file (blank lines ignored); the first bad line raises DataError naming file:line."""
+    try:
+        return [row for _, row in read_rows(Path(path), 0, lambda row: row, False, lambda _: None)]
+    except DataError as e:
+        raise DataError(str(e).removesuffix(SKIP_HINT)) from None
 
 
-ROLES = ("system", "user", "assistant")  # + "tool" where the chat template has a branch for it (chat_roles)
-
-
-def chat_roles(chat_template: str | list | dict | None) -> tuple[str, ...]:
-    """The roles a conversation may use with this template: system, user, assistant, and tool when the template
-    names the role 'tool' (a template without such a branch would render a tool turn as if it were another)."""
-    source = chat_template if isinstance(chat_template, str) else str(chat_template)  # named templates: all of them
-    return ROLES + ("tool",) if "'tool'" in source or '"tool"' in source else ROLES
-
-
-def messages_field(row: dict, name: str = "messages", roles: tuple[str, ...] = ROLES) -> list[dict]:
-    messages = row.get(name)
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"field {name!r} must be a non-empty list of messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{name}[{i}] must be an object with string 'role' and 'content'")
-        if m["role"] not in roles:
-            raise DataError(f"{name}[{i}].role {m['role'][:40]!r} is not one of {list(roles)}")
-    return messages
+def write_json(path: str | Path, data: Any, indent: int | None = 2, sort_keys: bool = True) -> None:
+    """``data`` as one JSON file (+ a final newline), written atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=indent, sort_keys=sort_keys) + "\n", encoding="utf-8")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """One JSON object per line, written atomically (a reader never sees half a file)."""
-    from ..checkpoint.safetensors_io import atomic_write
-
     with atomic_write(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .train.config_file import build, describe, leaves
+from ..train.config_file import build, describe, leaves
 
 
 def option_name(dotted: str) -> str:

@@ -5,7 +5,7 @@ import sys
 from hf_models import save_hf_model
 from typer.testing import CliRunner
 
-from lucidlm.cli import app
+from lucidlm.apps.cli import app
 
 runner = CliRunner()
 
@@ -33,6 +33,6 @@ def test_info_needs_exactly_one_source():
 
 
 def test_bad_checkpoint_exits_with_a_named_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lucidlm.cli", "info", str(tmp_path)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "lucidlm", "info", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "no config.json" in proc.stderr

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 import lucidlm
-from lucidlm.cli import app
+from lucidlm.apps.cli import app
 from lucidlm.train.metrics import read_metrics
 
 runner = CliRunner()

@@ -41,9 +41,9 @@ def serve_command(
     """Serve a checkpoint over HTTP with the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions,
     streaming included), continuous batching, /health, and a chat page at / that colours every token by
     its hallucination score."""
-    from .api import load
-    from .serve.app import ServeConfig
-    from .serve.server import build_server
+    from ..api import load
+    from ..serve.app import ServeConfig
+    from ..serve.server import build_server
 
     lm = load(model, dtype=dtype, device=device, adapter=adapter, probe=probe, pack_weights=pack_weights)
     config = ServeConfig(model_name=served_model_name or Path(model).resolve().name, max_batch=max_batch,

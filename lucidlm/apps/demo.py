@@ -17,7 +17,6 @@ Then it streams answers to held-out questions with every token coloured by its l
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,9 +25,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .checkpoint.safetensors_io import atomic_write
-from .demo_cache import Cache, read_jsonl, risk_color, stage_keys, timed_stage
-from .train.jsonl import write_jsonl
+from ..jsonl import read_json, read_jsonl, write_json, write_jsonl
+from ..tokenizer import pad_id
+from .demo_cache import Cache, risk_color, stage_keys, timed_stage
 
 # questions per type at scale 1: sized for about 10 minutes cold on 2 CPU cores; --scale 4 for tighter intervals
 # (element types hold at most the 118 elements). Types where SmolLM2-135M is right 15-85% of the time.
@@ -84,7 +83,7 @@ def model_stage(cache: Cache, config: DemoConfig) -> Path:
 
 
 def questions_stage(cache: Cache, config: DemoConfig) -> list[dict]:
-    from .facts.questions import build_questions
+    from ..facts.questions import build_questions
 
     if not cache.fresh("questions"):
         out = cache.start("questions")
@@ -95,7 +94,7 @@ def questions_stage(cache: Cache, config: DemoConfig) -> list[dict]:
 
 
 def answers_stage(cache: Cache, config: DemoConfig, lm, questions: list[dict]) -> list[dict]:
-    from .facts.answers import answer_questions
+    from ..facts.answers import answer_questions
 
     if not cache.fresh("answers"):
         out = cache.start("answers")
@@ -107,10 +106,10 @@ def answers_stage(cache: Cache, config: DemoConfig, lm, questions: list[dict]) -
 
 
 def probe_stage(cache: Cache, config: DemoConfig, lm, rows: list[dict]) -> tuple[Path, dict]:
-    from .facts.splits import rows_in, split_entities
-    from .model.lora import LoRAConfig
-    from .probe.benchmark import BenchmarkConfig, run_benchmark
-    from .probe.probe import ProbeConfig, save_probe
+    from ..facts.splits import rows_in, split_entities
+    from ..model.lora import LoRAConfig
+    from ..probe.benchmark import BenchmarkConfig, run_benchmark
+    from ..probe.probe import ProbeConfig, save_probe
 
     if not cache.fresh("probe"):
         out = cache.start("probe")
@@ -121,7 +120,7 @@ def probe_stage(cache: Cache, config: DemoConfig, lm, rows: list[dict]) -> tuple
         bench = BenchmarkConfig(layers=config.layers, n_boot=config.n_boot, seed=config.seed, progress=True,
                                 lora=LoRAConfig(r=16, alpha=32, dropout=0.05) if config.lora_steps else None,
                                 lora_steps=config.lora_steps)
-        result = run_benchmark(lm.model, lm.tokenizer, split_rows, _pad(lm), bench)
+        result = run_benchmark(lm.model, lm.tokenizer, split_rows, pad_id(lm.tokenizer), bench)
         chosen = result.selection.config
         probe_config = ProbeConfig(chosen.layer, lm.config.dim, lm.config.n_layers, alignment=chosen.alignment)
         save_probe(out / "probe", result.head, probe_config, lm.model, lm.family)
@@ -129,16 +128,15 @@ def probe_stage(cache: Cache, config: DemoConfig, lm, rows: list[dict]) -> tuple
             save_probe(out / "probe_lora", result.lora_head, probe_config, result.lora_model, lm.family)
         write_jsonl(out / "test_questions.jsonl", _held_out_examples(split_rows["test"]))
         result.report["choice"]["n_layers"] = lm.config.n_layers
-        with atomic_write(out / "benchmark.json") as tmp:
-            tmp.write_text(json.dumps(result.report, indent=1))
+        write_json(out / "benchmark.json", result.report, indent=1, sort_keys=False)
         cache.finish("probe")
-    return cache.out / "probe" / "probe", json.loads((cache.out / "probe" / "benchmark.json").read_text())
+    return cache.out / "probe" / "probe", read_json(cache.out / "probe" / "benchmark.json")
 
 
 def _held_out_examples(test_rows: list[dict], n: int = 4) -> list[dict]:
     """Greedy test answers for the live show: a wrong one of each one-claim type, then a right one (long-form
     answers run to ~100 tokens, too long to watch stream in a demo that should start in seconds)."""
-    from .facts.questions import TYPES
+    from ..facts.questions import TYPES
 
     greedy = [r for r in test_rows if r["sample"] == 0 and not TYPES[r["type"]].long_form]
     wrong = {}
@@ -147,10 +145,6 @@ def _held_out_examples(test_rows: list[dict], n: int = 4) -> list[dict]:
             wrong.setdefault(r["type"], r)
     right = [r for r in greedy if all(a["label"] == "Supported" for a in r["annotations"])]
     return (list(wrong.values())[:n - 1] + right[:1])[:n]
-
-
-def _pad(lm) -> int:
-    return lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
 
 
 # --- the report -------------------------------------------------------------------------------------
@@ -195,7 +189,7 @@ def best_of_table(best: dict, n: int) -> Table:
 
 
 def accuracy_table(rows: list[dict]) -> Table:
-    from .facts.report import accuracy_by_type
+    from ..facts.report import accuracy_by_type
 
     table = Table(title="what the model gets right (all answers, greedy and sampled)")
     for col in ("question type", "answers", "claims", "true", "hedged", "no claim"):
@@ -209,7 +203,7 @@ def accuracy_table(rows: list[dict]) -> Table:
 def plots(report: dict, out: Path) -> None:
     import numpy as np
 
-    from .probe.plots import plot_attempt_curves, plot_auroc_per_layer, plot_roc
+    from ..probe.plots import plot_attempt_curves, plot_auroc_per_layer, plot_roc
 
     claims = report["greedy_claims"]
     labels = np.array(claims["labels"])
@@ -230,8 +224,8 @@ def _stale(made: Path, source: Path) -> bool:
 
 def show_live(lm, examples: list[dict], console: Console) -> None:
     """Stream greedy answers to held-out questions, every token coloured by its live probe score."""
-    from .facts.answers import answer_row, prompt_ids, stops_for
-    from .facts.questions import TYPES
+    from ..facts.answers import answer_row, prompt_ids, stops_for
+    from ..facts.questions import TYPES
 
     console.rule("live, held-out entities: each token coloured by its probe score (green safe → red risky)")
     for row in examples:
@@ -302,8 +296,7 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None, live
         show_live(lm, read_jsonl(cache.out / "probe" / "test_questions.jsonl"), console)
     timings["total"] = time.perf_counter() - start
     summary = {"config": asdict(config), "benchmark": report, "seconds": timings}
-    with atomic_write(reports / "report.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=1))
+    write_json(reports / "report.json", summary, indent=1, sort_keys=False)
     console.print(f"\nreport: {reports}/report.json  plots: roc.png attempt_curve.png auroc_per_layer.png  "
                   f"probe: {probe_dir}  model: {model_dir}  ({timings['total']:.0f}s)")
     console.print(f"try: lucidlm chat -m {model_dir} --probe {probe_dir}   or in a browser: lucidlm serve -m "

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..bench import LLAMA_125M
-from .probe import LoadedProbe, ProbeConfig, ProbeHead
+from ..probe.probe import LoadedProbe, ProbeConfig, ProbeHead
+from .bench import LLAMA_125M
 
 
 def random_125m_lm(directory: Path, dtype: str):

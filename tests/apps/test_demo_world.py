@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 from rich.console import Console
 
-from lucidlm.demo_world import (
+from lucidlm.apps.demo_world import (
     STAGES,
     DemoConfig,
     _stage_keys,
@@ -67,7 +67,7 @@ def test_evaluation_gives_every_claim_its_answers_abstention_score(tmp_path):
 
     from tiny_lm import tiny_lm
 
-    from lucidlm.demo_world import QA_TEMPLATE, evaluation, metrics_table
+    from lucidlm.apps.demo_world import QA_TEMPLATE, evaluation, metrics_table
     from lucidlm.probe.probe import LoadedProbe, ProbeConfig, ProbeHead
     from lucidlm.world.abstention import abstention_scores
     from lucidlm.world.answers import answer_row

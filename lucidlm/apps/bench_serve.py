@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bench import decode_bytes, read_bandwidth
+from .bench import decode_bytes, read_bandwidth
 
 MODEL = "bench"
 
@@ -98,7 +98,7 @@ def run_serve_bench(model: Path | None = None, clients: tuple[int, ...] = (1, 8,
 
     with tempfile.TemporaryDirectory() as tmp:
         if model is None:
-            from ..probe.bench_probe import random_125m_lm
+            from .bench_probe import random_125m_lm
 
             model = Path(tmp) / "model"
             lm = random_125m_lm(model, dtype)
@@ -123,10 +123,10 @@ def run_serve_bench(model: Path | None = None, clients: tuple[int, ...] = (1, 8,
 @contextlib.contextmanager
 def _server_process(model: Path, max_batch: int, max_len: int, dtype: str, start_timeout: float):
     """``lucidlm serve`` on a free local port, stopped (SIGINT, drained) on exit."""
-    from .server import free_port, wait_until_healthy
+    from ..serve.server import free_port, wait_until_healthy
 
     port = free_port()
-    cmd = [sys.executable, "-m", "lucidlm.cli", "serve", "-m", str(model), "--port", str(port), "--device", "cpu",
+    cmd = [sys.executable, "-m", "lucidlm", "serve", "-m", str(model), "--port", str(port), "--device", "cpu",
            "--dtype", dtype, "--served-model-name", MODEL, "--max-batch", str(max_batch), "--max-queue",
            str(4 * max_batch), "--max-model-len", str(max_len), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

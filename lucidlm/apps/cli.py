@@ -40,9 +40,9 @@ def info(
     """Describe a checkpoint's architecture (reads only config.json, or a GGUF file's metadata) or a preset."""
     import torch
 
-    from .checkpoint import read_hf_config
-    from .config import PRESETS, from_preset
-    from .model.transformer import Transformer
+    from ..checkpoint import read_hf_config
+    from ..config import PRESETS, from_preset
+    from ..model.transformer import Transformer
 
     if (path is None) == (preset is None):
         raise typer.BadParameter("give exactly one of PATH or --preset (presets: " + ", ".join(PRESETS) + ")")
@@ -75,7 +75,7 @@ def convert(
 ) -> None:
     """Convert a GGUF model to a Hugging Face checkpoint directory: config.json, model.safetensors,
     tokenizer.json and tokenizer_config.json (with the chat template)."""
-    from .api import load
+    from ..api import load
 
     lm = load(source, dtype=dtype, device="cpu")
     typer.echo(f"wrote {lm.save(out)} ({lm.model.num_parameters() / 1e6:.1f}M params, {lm.dtype})")
@@ -152,19 +152,19 @@ def bench(
 
         torch.set_num_threads(threads)
     if serve:
-        from .serve.bench_serve import run_serve_bench, serve_table
+        from .bench_serve import run_serve_bench, serve_table
 
         levels = run_serve_bench(model, tuple(clients or (1, 8, 32)), max(repeats - 1, 1), prompt, min(new, 64),
                                  print_fn=lambda s: typer.echo(s, err=True))
         typer.echo(serve_table(levels, prompt, min(new, 64)))
         return
     if probe:
-        from .probe.bench_probe import probe_table, run_probe_bench
+        from .bench_probe import probe_table, run_probe_bench
 
         typer.echo(probe_table(run_probe_bench(prompt, min(new, 64), max(repeats, 5))))
         return
     if train:
-        from .train.bench_train import run_train_bench, train_table
+        from .bench_train import run_train_bench, train_table
 
         theirs, ours = run_train_bench(steps=repeats + 2)
         typer.echo(train_table(theirs, ours, 4, 256))
@@ -195,7 +195,7 @@ app.add_typer(facts_app, name="facts")
 
 
 def main() -> None:
-    from .checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError
 
     try:
         app()

@@ -45,7 +45,7 @@ def _options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalt
 
 def _load(model: Path, device: str, dtype: str, compile: bool = False, pack_weights: bool = False,
           probe: Path | None = None):
-    from .api import load
+    from ..api import load
 
     lm = load(model, dtype=dtype, device=device, compile=compile, pack_weights=pack_weights, probe=probe)
     if lm.tokenizer is None:
@@ -78,7 +78,7 @@ def generate_command(
     threshold: Annotated[float, typer.Option(help="with --probe: tokens scoring above this are shown in red")] = 0.5,
 ) -> None:
     """Continue each PROMPT, streaming the text (or print JSON with --json)."""
-    from .generate.generation_config import GenerationConfig
+    from ..generate.generation_config import GenerationConfig
 
     options = _options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams,
                        length_penalty)
@@ -107,7 +107,7 @@ def generate_command(
 
 
 def _chat_ids(lm, text: str) -> list[int]:
-    from .generate.text_generation import chat_prompt
+    from ..generate.text_generation import chat_prompt
 
     return chat_prompt(lm, [{"role": "user", "content": text}])
 
@@ -132,7 +132,7 @@ def chat_command(
 
     Commands: /reset forgets the history, /exit (or Ctrl-D) quits.
     """
-    from .generate.generation_config import GenerationConfig
+    from ..generate.generation_config import GenerationConfig
 
     options = _options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, 1, 1.0)
     GenerationConfig.from_kwargs(**options)

@@ -10,13 +10,13 @@ from typing import Annotated
 import typer
 
 from .cli_config import config_command
-from .train.recipes import DPORun, PretrainRun, SFTRun, TokenizerRun
+from .train_recipes import DPORun, PretrainRun, SFTRun, TokenizerRun
 
 tokenizer_app = typer.Typer(help="Tokenizers: train a byte-level BPE on your text.", no_args_is_help=True)
 
 
 def _pretrain(run: PretrainRun) -> None:
-    from .train.recipes import run_pretrain
+    from .train_recipes import run_pretrain
 
     last = run_pretrain(run)
     typer.echo(json.dumps({k: v for k, v in last.items() if isinstance(v, int | float)}))
@@ -30,7 +30,7 @@ def corpus(
     seed: Annotated[int, typer.Option(help="the same seed writes the same corpus")] = 0,
 ) -> None:
     """Write the generated English corpus (a made-up town) for pretraining without downloads."""
-    from .train.corpus import write_corpus
+    from ..train.corpus import write_corpus
 
     paths = write_corpus(out, documents, files, seed)
     size = sum(p.stat().st_size for p in paths)
@@ -38,7 +38,7 @@ def corpus(
 
 
 def _tokenizer(run: TokenizerRun) -> None:
-    from .train.recipes import run_tokenizer
+    from .train_recipes import run_tokenizer
 
     tok = run_tokenizer(run)
     typer.echo(f"{tok.vocab_size} tokens -> {run.out}/tokenizer.json (+ tokenizer_config.json with a chat template)")
@@ -52,13 +52,13 @@ def _report(result) -> None:
 
 
 def _sft(run: SFTRun) -> None:
-    from .train.recipes import run_sft
+    from .train_recipes import run_sft
 
     _report(run_sft(run))
 
 
 def _dpo(run: DPORun) -> None:
-    from .train.recipes import run_dpo
+    from .train_recipes import run_dpo
 
     _report(run_dpo(run))
 
@@ -75,7 +75,7 @@ def world_build(
     """Build a world: corpus/ (for pretrain), people.jsonl (ground truth), prompts.jsonl, sft.jsonl."""
     from collections import Counter
 
-    from .world.build import WorldConfig, bucket, build_world
+    from ..world.build import WorldConfig, bucket, build_world
 
     world = build_world(out, WorldConfig(seed=seed, people=people))
     exposure = Counter(bucket(m) for m in world.mentions)
@@ -87,13 +87,13 @@ probe_app = typer.Typer(help="Hallucination probes: train, evaluate, sweep layer
 
 
 def _probe_train(run) -> None:
-    from .probe.recipes import run_probe_train
+    from .probe_recipes import run_probe_train
 
     typer.echo(json.dumps(run_probe_train(run), indent=2))
 
 
 def _probe_sweep(run) -> None:
-    from .probe.recipes import run_probe_sweep
+    from .probe_recipes import run_probe_sweep
 
     typer.echo(json.dumps(run_probe_sweep(run), indent=2))
 
@@ -106,7 +106,7 @@ def probe_eval(
 ) -> None:
     """Evaluate a probe on annotated conversations, with the NLL, entropy and random-head baselines on the same
     spans: AUROC, AUPRC, recall at 10% FPR, best F1 and ECE at token, in-span and span-max level."""
-    from .probe.recipes import run_probe_eval
+    from .probe_recipes import run_probe_eval
 
     report = run_probe_eval(str(model), str(probe), [str(d) for d in data])
     if as_json:
@@ -120,7 +120,7 @@ def probe_eval(
 
 
 def register(app: typer.Typer) -> None:
-    from .probe.recipes import ProbeRun
+    from .probe_recipes import ProbeRun
 
     probe_app.command("train")(config_command(
         ProbeRun, _probe_train,

@@ -10,7 +10,7 @@ Stages, each cached under ``out`` and rebuilt only when its settings (or an earl
 
     world      fictional people; a corpus where mentions follow a power law   (world/build.py)
     tokenizer  byte-level BPE learned on the corpus, with a Q:/A: chat template
-    lm         a small Llama-architecture model pretrained on the corpus       (train/recipes.py)
+    lm         a small Llama-architecture model pretrained on the corpus       (train_recipes.py)
     answers    the model answers "Tell me about X." for everyone, greedy and sampled;
                every claim graded against the ground truth                      (world/answers.py)
     probe      a linear head on one block's residual stream, trained on the answers about half
@@ -24,7 +24,6 @@ Then it streams a few answers with every token coloured by its live probe score.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -35,10 +34,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .checkpoint.safetensors_io import atomic_write
-from .demo_cache import Cache, read_jsonl, risk_color, stage_keys, timed_stage
-from .train.jsonl import write_jsonl
-from .world.answers import accuracy_by_exposure
+from ..jsonl import read_jsonl, write_json, write_jsonl
+from ..tokenizer import pad_id
+from ..world.answers import accuracy_by_exposure
+from .demo_cache import Cache, risk_color, stage_keys, timed_stage
 
 # "Q: question\nA: answer" — the format of the corpus' Q&A documents, so pretraining alone teaches answering
 QA_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n{% else %}A: "
@@ -93,7 +92,7 @@ def split_people(names: list[str], seed: int) -> tuple[set[str], set[str]]:
 
 # --- the stages -------------------------------------------------------------------------------------
 def build_world_stage(cache: Cache, config: DemoConfig, console: Console) -> Path:
-    from .world.build import WorldConfig, build_world
+    from ..world.build import WorldConfig, build_world
 
     if not cache.fresh("world"):
         build_world(cache.start("world"), WorldConfig(seed=config.seed, people=config.people, unseen=config.unseen,
@@ -103,7 +102,7 @@ def build_world_stage(cache: Cache, config: DemoConfig, console: Console) -> Pat
 
 
 def build_tokenizer_stage(cache: Cache, config: DemoConfig, world: Path) -> Path:
-    from .train.tokenizer_training import train_bpe_tokenizer
+    from ..train.tokenizer_training import train_bpe_tokenizer
 
     if not cache.fresh("tokenizer"):
         train_bpe_tokenizer([world / "corpus"], config.vocab_size, cache.start("tokenizer"), chat_template=QA_TEMPLATE)
@@ -112,8 +111,8 @@ def build_tokenizer_stage(cache: Cache, config: DemoConfig, world: Path) -> Path
 
 
 def train_lm_stage(cache: Cache, config: DemoConfig, world: Path, tokenizer: Path) -> Path:
-    from .train.recipes import ModelSpec, PretrainRun, run_pretrain
-    from .train.trainer import TrainConfig
+    from ..train.trainer import TrainConfig
+    from .train_recipes import ModelSpec, PretrainRun, run_pretrain
 
     if not cache.fresh("lm"):
         out = cache.out / "lm"
@@ -134,8 +133,8 @@ def train_lm_stage(cache: Cache, config: DemoConfig, world: Path, tokenizer: Pat
 
 def answers_stage(cache: Cache, config: DemoConfig, world: Path, lm) -> tuple[list[dict], list[dict]]:
     """(probe-training rows, evaluation rows): every person answered, split by person."""
-    from .world.answers import generate_answers
-    from .world.build import read_people
+    from ..world.answers import generate_answers
+    from ..world.build import read_people
 
     if not cache.fresh("answers"):
         out = cache.start("answers")
@@ -150,9 +149,9 @@ def answers_stage(cache: Cache, config: DemoConfig, world: Path, lm) -> tuple[li
 
 
 def probe_stage(cache: Cache, config: DemoConfig, lm, train_rows: list[dict]) -> Path:
-    from .probe.data import label_row
-    from .probe.probe import ProbeConfig, save_probe
-    from .probe.train import ProbeTrainConfig, train_probe
+    from ..probe.data import label_row
+    from ..probe.probe import ProbeConfig, save_probe
+    from ..probe.train import ProbeTrainConfig, train_probe
 
     if not cache.fresh("probe"):
         out = cache.start("probe")
@@ -161,14 +160,10 @@ def probe_stage(cache: Cache, config: DemoConfig, lm, train_rows: list[dict]) ->
         examples = [label_row(r, lm.tokenizer, max_len=lm.config.max_seq_len) for r in train_rows]
         train = ProbeTrainConfig(layer=layer, alignment=ALIGNMENT, steps=config.probe_steps, seed=config.seed,
                                  progress=True)
-        head = train_probe(lm.model, examples, train, _pad(lm))
+        head = train_probe(lm.model, examples, train, pad_id(lm.tokenizer))
         save_probe(out, head, ProbeConfig(layer, lm.config.dim, n, alignment=ALIGNMENT), lm.model, lm.family)
         cache.finish("probe")
     return cache.out / "probe"
-
-
-def _pad(lm) -> int:
-    return lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
 
 
 # --- the report -------------------------------------------------------------------------------------
@@ -183,15 +178,15 @@ def evaluation(lm, eval_rows: list[dict], out: Path) -> tuple[dict, dict]:
     P(abstain) on its question given to every token, so a claim's span max is its answer's score."""
     import torch
 
-    from .probe.data import label_row
-    from .probe.evaluate import levels, method_scores, report, span_arrays
-    from .probe.features import extract
-    from .probe.plots import plot_reliability, plot_roc
-    from .world.abstention import abstention_scores
+    from ..probe.data import label_row
+    from ..probe.evaluate import levels, method_scores, report, span_arrays
+    from ..probe.features import extract
+    from ..probe.plots import plot_reliability, plot_roc
+    from ..world.abstention import abstention_scores
 
     examples = [label_row(r, lm.tokenizer, max_len=lm.config.max_seq_len) for r in eval_rows]
     layer, alignment = lm.probe.config.layer, lm.probe.config.alignment
-    feats = extract(lm.model, examples, [layer], _pad(lm), (alignment,))
+    feats = extract(lm.model, examples, [layer], pad_id(lm.tokenizer), (alignment,))
     scores = method_scores(feats, lm.probe.head, layer, alignment)
     questions = [r["conversation"][0]["content"] for r in eval_rows]
     abstain = abstention_scores(lm, questions)
@@ -225,8 +220,8 @@ def metrics_table(result: dict) -> Table:
 
 def attempt_table(arrays: dict, out: Path) -> tuple[Table, dict]:
     """Selective answering: a claim is stated only when its risk is low; accuracy at each attempt rate."""
-    from .probe.plots import plot_attempt_curves
-    from .probe.selective import accuracy_at, attempt_curve
+    from ..probe.plots import plot_attempt_curves
+    from ..probe.selective import accuracy_at, attempt_curve
 
     curves = {NAMES[m]: attempt_curve(s, y == 0) for m, (s, y) in arrays.items()}
     plot_attempt_curves(curves, out / "attempt_curve.png")
@@ -243,12 +238,12 @@ def attempt_table(arrays: dict, out: Path) -> tuple[Table, dict]:
 def best_of_n(lm, eval_rows: list[dict], world: Path, n: int, seed: int) -> dict:
     """Claim accuracy on the evaluation people: greedy, one sample, and the best of ``n`` samples chosen
     by mean logprob or by the probe (lowest max score) — the same ``n`` samples for both choices."""
-    from .generate.generation_config import GenerationConfig
-    from .generate.strategies import mean_logprob
-    from .generate.text_generation import sample_ids
-    from .probe.selective import lowest_max_score
-    from .world.answers import answer_row, prompt_ids
-    from .world.build import read_people
+    from ..generate.generation_config import GenerationConfig
+    from ..generate.strategies import mean_logprob
+    from ..generate.text_generation import sample_ids
+    from ..probe.selective import lowest_max_score
+    from ..world.answers import answer_row, prompt_ids
+    from ..world.build import read_people
 
     people = read_people(world)
     names = sorted({r["name"] for r in eval_rows})
@@ -275,9 +270,9 @@ def _claim_accuracy(rows: list[dict]) -> float:
 def show_live(lm, world: Path, eval_rows: list[dict], console: Console, threshold: float = 0.5) -> list[str]:
     """Stream greedy answers for a few held-out people of each exposure, every token coloured by the
     score the probe gave it in the same decode step; the truth underneath, wrong claims struck out."""
-    from .probe.selective import flagged_spans
-    from .world.answers import answer_row, prompt_ids
-    from .world.build import read_people
+    from ..probe.selective import flagged_spans
+    from ..world.answers import answer_row, prompt_ids
+    from ..world.build import read_people
 
     people = read_people(world)
     prompts = {p["name"]: p for p in read_jsonl(world / "prompts.jsonl")}
@@ -349,8 +344,7 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None) -> d
     timings["total"] = time.perf_counter() - start
     summary = {"config": asdict(config), "metrics": result, "selective_answering": curves, "best_of_n": best,
                "accuracy_by_exposure": accuracy_by_exposure(train_rows + eval_rows), "seconds": timings}
-    with atomic_write(reports / "report.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+    write_json(reports / "report.json", summary, sort_keys=False)
     console.print(f"\nreport: {reports}/report.json  plots: roc.png reliability.png attempt_curve.png  "
                   f"probe: {probe_dir}  model: {model_dir}  ({timings['total']:.0f}s)")
     name = shown[-1] if shown else "Ada Vance"

@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import json
-import random
 
+from annotated_rows import rows
 from typer.testing import CliRunner
 
-from lucidlm.cli import app
+from lucidlm.apps.cli import app
 from lucidlm.random_checkpoint import build_random_checkpoint
 
 runner = CliRunner()
-
-
-def rows(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        year, city = rng.randint(1900, 1999), rng.choice(["Oslo", "Lund", "Turku"])
-        answer = f"Person {i} was born in {year} in {city}."
-        out.append({"conversation": [{"role": "user", "content": f"Tell me about person {i}."},
-                                     {"role": "assistant", "content": answer}],
-                    "annotations": [{"span": str(year), "label": "Not Supported" if year % 2 else "Supported"},
-                                    {"span": city, "label": "Supported"}]})
-    return out
 
 
 def test_train_eval_sweep(tmp_path):
