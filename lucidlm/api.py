@@ -19,7 +19,7 @@ from .generate import text_generation
 from .generate.engine import Completion
 from .generate.strategies import AnswerExtractor, Scorer, Vote, last_number, mean_logprob
 from .generate.text_generation import Prompt, StreamToken
-from .model.linear import pack_linears
+from .model.cpu_kernels import pack_linears
 from .model.transformer import Transformer
 from .probe.probe import LoadedProbe, attach_probe, score_tokens
 from .tokenizer import Tokenizer
@@ -72,7 +72,7 @@ class LM:
             raise ValueError("no probe loaded: lucidlm.load(path, probe=PROBE_DIR)")
         ids = self.encode(text) if isinstance(text, str) else list(text)
         layer = self.probe.config.layer
-        out = self.model(torch.tensor([ids], device=self.device), hidden_layers=[layer])
+        out = self.model.forward_outputs(torch.tensor([ids], device=self.device), hidden_layers=[layer])
         return score_tokens(self.probe.head, out.hidden_states[layer], self.probe.config.alignment)[0].tolist()
 
     # --- generation (see lucidlm/generate) ------------------------------------------------------

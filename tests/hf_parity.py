@@ -55,8 +55,14 @@ def hf_logits(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ours(model, ids: torch.Tensor, **kwargs):
+def ours(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
     return model(ids, **kwargs)
+
+
+@torch.no_grad()
+def ours_outputs(model, ids: torch.Tensor, **kwargs):
+    """lucidlm's ``forward_outputs``: logits, hidden states of ``hidden_layers``, the aux loss on request."""
+    return model.forward_outputs(ids, **kwargs)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

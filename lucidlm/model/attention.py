@@ -12,7 +12,8 @@ Options, each from a paper the notes discuss:
 - sliding window: handled by the mask the block receives (see ``masks.py``).
 
 The score computation is softmax(q·kᵀ·scale + bias + mask)·v via
-``F.scaled_dot_product_attention``, which picks a fused kernel where one applies.
+``F.scaled_dot_product_attention``, which picks a fused kernel where one applies (on CPU, a decode
+step in bfloat16/float16 takes ``cpu_kernels.attend_one_query`` instead).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .cpu_kernels import attend_one_query, use_one_query
 from .kv_cache import KVCache
 from .linear import Linear
 from .norm import RMSNorm
@@ -43,40 +45,13 @@ def attend(
     q: (batch, heads, q_len, d); k, v: (batch, kv_heads, k_len, d|dv) with heads % kv_heads == 0.
     mask: bool (batch, 1, q_len, k_len), True = attend. bias: additive (batch, heads, q_len, k_len).
     """
-    if q.shape[2] == 1 and q.dtype != torch.float32 and q.device.type == "cpu":
+    if use_one_query(q):  # the dispatch point to the CPU decode-step form (cpu_kernels.py)
         return attend_one_query(q, k, v, mask, scale, bias)
     if bias is not None:
         bias = bias.to(q.dtype)
         mask = bias if mask is None else bias.masked_fill(~mask, torch.finfo(q.dtype).min)
     gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-
-
-def attend_one_query(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``attend`` as two matmuls and a float32 softmax, for a decode step (one query per row).
-
-    On CPU, SDPA's fused bfloat16/float16 kernel is built for blocks of queries; with one query it
-    runs ~8x slower than this. Query heads are grouped by the K/V head they share (GQA), so K and V
-    are read once per group, never repeated.
-    """
-    b, h, s, d = q.shape
-    kv = k.shape[1]
-    g = h // kv
-    scores = (q.reshape(b, kv, g * s, d) @ k.transpose(-1, -2)).float() * scale  # (b, kv, g·s, keys)
-    scores = scores.view(b, kv, g, s, -1)
-    if bias is not None:
-        scores = scores + bias.float().view(b, kv, g, s, -1)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # (b, 1, 1, s, keys)
-    probs = scores.softmax(-1).to(v.dtype).view(b, kv, g * s, -1)
-    return (probs @ v).view(b, h, s, v.shape[-1])
 
 
 class Attention(nn.Module):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .cpu_kernels import is_packed, pack_weight
 from .linear import Linear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -95,10 +96,10 @@ class LoRALinear(nn.Module):
     def _add_to_base(self, delta: torch.Tensor) -> None:
         # The in-place add bumps the weight's version, which marks a oneDNN-packed copy stale (the
         # base then runs plain F.linear, correctly); re-packing keeps a packed model at packed speed.
-        packed = self.base_layer.is_packed
+        packed = is_packed(self.base_layer.weight)
         self.base_layer.weight += delta.to(self.base_layer.weight.dtype)
         if packed:
-            self.base_layer.pack()
+            pack_weight(self.base_layer.weight)
 
 
 def _block_index(name: str) -> int | None:

@@ -126,46 +126,64 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,  # (batch, seq), 1 = real token, 0 = padding
         position_ids: torch.Tensor | None = None,  # (batch, seq); default skips padding
         prefix_mask: torch.Tensor | None = None,  # (batch, seq) True = bidirectional prefix (prefix-LM)
-        hidden_layers: Sequence[int] = (),
-        return_aux_loss: bool = False,
+        *,
         cache: KVCache | None = None,
         slots: Sequence[int] | None = None,
         last_only: bool = False,
-    ) -> torch.Tensor | ModelOutput:
-        """Logits (batch, seq, vocab); a ``ModelOutput`` when hidden states or the aux loss are asked.
+    ) -> torch.Tensor:
+        """Logits (batch, seq, vocab); ``forward_outputs`` also gives hidden states and the MoE aux loss.
 
-        ``hidden_layers``: block indices whose output (the residual stream after the block) to
-        return; negative indices count from the last block.
         ``cache``: the tokens continue the sequences held in the cache's ``slots`` (row i → slot
         slots[i]; default 0..batch-1); their K/V are stored and earlier ones attended to. Here
         ``attention_mask`` covers only the new tokens and position ids continue each slot.
         ``last_only``: project only the last position to logits (batch, 1, vocab), as generation needs.
         """
+        return self.forward_outputs(input_ids, attention_mask, position_ids, prefix_mask, cache=cache, slots=slots,
+                                    last_only=last_only).logits
+
+    def forward_outputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        slots: Sequence[int] | None = None,
+        last_only: bool = False,
+        hidden_layers: Sequence[int] = (),
+        return_aux_loss: bool = False,
+    ) -> ModelOutput:
+        """``forward`` as a ``ModelOutput``: the logits, the residual stream after each block of
+        ``hidden_layers`` (negative indices count from the last block) and, with ``return_aux_loss``,
+        the sum of the MoE load-balancing losses (None for a dense model or without it)."""
         cfg = self.config
         b, s = input_ids.shape
         if s > cfg.max_seq_len and cfg.positions in ("learned", "sinusoidal"):
             raise ValueError(f"sequence of {s} tokens exceeds max_seq_len={cfg.max_seq_len}")
+        wanted = self.check_hidden_layers(hidden_layers)
         if cache is not None:
-            return self._forward_cached(input_ids, attention_mask, position_ids, hidden_layers, return_aux_loss,
+            return self._forward_cached(input_ids, attention_mask, position_ids, wanted, return_aux_loss,
                                         cache, range(b) if slots is None else slots, last_only)
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = positions_from_attention_mask(attention_mask)
             else:
                 position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
-        wanted = self._wanted(hidden_layers)
         x = self._embed(input_ids, position_ids)
         rope = self._rope(position_ids, x.dtype)
         bias = alibi_bias(self.alibi, position_ids, position_ids) if self.alibi is not None else None
         masks = self._masks(b, s, x.device, attention_mask, prefix_mask)
         return self._run_blocks(x, rope, masks, bias, None, wanted, return_aux_loss, last_only)
 
-    def _wanted(self, hidden_layers: Sequence[int]) -> set[int]:
+    def check_hidden_layers(self, layers: Sequence[int]) -> set[int]:
+        """The block indices ``layers`` name, negative ones counted from the last block; IndexError
+        naming those out of range."""
         n = self.config.n_layers
-        out_of_range = [i for i in hidden_layers if not -n <= i < n]
+        out_of_range = [i for i in layers if not -n <= i < n]
         if out_of_range:
             raise IndexError(f"hidden_layers {out_of_range} out of range for {n} blocks")
-        return {i % n for i in hidden_layers}
+        return {i % n for i in layers}
 
     def _embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -178,8 +196,8 @@ class Transformer(nn.Module):
             x = self.embed_norm(x)
         return x
 
-    def _forward_cached(self, input_ids, attention_mask, position_ids, hidden_layers, return_aux_loss, cache,
-                        slots, last_only) -> torch.Tensor | ModelOutput:
+    def _forward_cached(self, input_ids, attention_mask, position_ids, wanted, return_aux_loss, cache,
+                        slots, last_only) -> ModelOutput:
         if cache.cfg is not self.config and cache.cfg != self.config:
             raise ValueError("this KV cache was built for a different model config")
         if self.alibi is not None and any(cache.ring):
@@ -189,7 +207,7 @@ class Transformer(nn.Module):
             raise ValueError(f"{len(slots)} slots given for a batch of {b} rows")
         plan = cache.begin(slots, s, attention_mask, position_ids)
         x = self._embed(input_ids, plan.position_ids)
-        return self._planned_blocks(x, plan, cache, self._wanted(hidden_layers), return_aux_loss, last_only)
+        return self._planned_blocks(x, plan, cache, wanted, return_aux_loss, last_only)
 
     def forward_planned(self, input_ids: torch.Tensor, plan: StepPlan, cache: KVCache, *,
                         hidden_layers: tuple[int, ...] = (), last_only: bool = True) -> ModelOutput:
@@ -197,10 +215,9 @@ class Transformer(nn.Module):
         that a decode step can be compiled (``torch.compile``) apart from the cache's host-side bookkeeping.
         Always a ``ModelOutput`` (its ``hidden_states`` hold the ``hidden_layers`` asked for)."""
         x = self._embed(input_ids, plan.position_ids)
-        out = self._planned_blocks(x, plan, cache, self._wanted(hidden_layers), False, last_only)
-        return out if isinstance(out, ModelOutput) else ModelOutput(out)
+        return self._planned_blocks(x, plan, cache, self.check_hidden_layers(hidden_layers), False, last_only)
 
-    def _planned_blocks(self, x, plan: StepPlan, cache: KVCache, wanted, return_aux_loss, last_only):
+    def _planned_blocks(self, x, plan: StepPlan, cache: KVCache, wanted, return_aux_loss, last_only) -> ModelOutput:
         rope = self._rope(plan.position_ids, x.dtype)
         bias = alibi_bias(self.alibi, plan.position_ids, plan.key_positions) if self.alibi is not None else None
         return self._run_blocks(x, rope, plan.masks, bias, cache, wanted, return_aux_loss, last_only)
@@ -214,7 +231,7 @@ class Transformer(nn.Module):
         sliding = self.sliding_rotary(position_ids, dtype) if self.sliding_rotary is not None else table
         return {False: table, True: sliding}
 
-    def _run_blocks(self, x, rope, masks, bias, cache, wanted, return_aux_loss, last_only):
+    def _run_blocks(self, x, rope, masks, bias, cache, wanted, return_aux_loss, last_only) -> ModelOutput:
         hidden: dict[int, torch.Tensor] = {}
         aux_total = None
         for i, block in enumerate(self.blocks):
@@ -229,9 +246,7 @@ class Transformer(nn.Module):
         if self.config.logit_softcap:
             cap = self.config.logit_softcap
             logits = torch.tanh(logits / cap) * cap
-        if not wanted and not return_aux_loss:
-            return logits
-        return ModelOutput(logits, hidden, aux_total)
+        return ModelOutput(logits, hidden, aux_total if return_aux_loss else None)
 
     def _masks(self, b, s, device, attention_mask, prefix_mask) -> dict[bool, torch.Tensor]:
         """The full-attention mask and, when some layer slides, the windowed one; keyed by sliding."""

@@ -65,7 +65,8 @@ def extract(model: nn.Module, examples: list[LabeledExample], layers: list[int],
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-            out = model(batch["input_ids"], attention_mask=batch["attention_mask"], hidden_layers=layers)
+            out = model.forward_outputs(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        hidden_layers=layers)
             base = out.logits
             if adapted:  # baselines are the base model's: the model a user runs without the probe
                 with disabled(model):

@@ -207,7 +207,8 @@ def _train_lora_probe(model: nn.Module, examples: list[LabeledExample], config: 
     with progress_bar(config.steps, "LoRA probe", config.progress) as advance:
         for step in range(config.steps):
             batch = {k: v.to(device) for k, v in next(batches).items()}
-            out = model(batch["input_ids"], attention_mask=batch["attention_mask"], hidden_layers=[config.layer])
+            out = model.forward_outputs(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        hidden_layers=[config.layer])
             logits = head(aligned_hidden(out.hidden_states[config.layer], config.alignment))  # tokens 1..
             spans = batch["span_ids"][:, 1:]
             offsets = torch.arange(spans.shape[0], device=device)[:, None] * batch["span_labels"].shape[1]

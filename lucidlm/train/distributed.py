@@ -22,7 +22,9 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from ..model.transformer import ModelOutput, Transformer
 from .checkpointing import save_checkpoint
 from .trainer import Trainer
 
@@ -77,8 +79,6 @@ class DistributedTrainer(Trainer):
         if config.grad_accum < 1:
             config.validate()
         if strategy == "fsdp":
-            from ..model.transformer import Transformer
-
             if not isinstance(model, Transformer):
                 raise ValueError("strategy 'fsdp' shards lucidlm Transformer models (block by block)")
             self.plain_config = model.config
@@ -87,9 +87,8 @@ class DistributedTrainer(Trainer):
         self.strategy = strategy
         self.is_main = self.rank == 0
         if strategy == "ddp" and self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.wrapped = DistributedDataParallel(self.model)
+            ddp = DDPWithOutputs if isinstance(self.model, Transformer) else DistributedDataParallel
+            self.wrapped = ddp(self.model)
 
     def fit(self, resume: bool = True) -> dict[str, float]:
         last = super().fit(resume)
@@ -145,8 +144,6 @@ class DistributedTrainer(Trainer):
 
     def _plain_model(self, state: dict):
         """An unsharded Transformer holding ``state`` (on CPU), to save in the checkpoint layout."""
-        from ..model.transformer import Transformer
-
         with torch.device("meta"):
             plain = Transformer(self.plain_config)
         plain.load_state_dict(state, assign=True)
@@ -167,8 +164,34 @@ class DistributedTrainer(Trainer):
 
 
 def _fully_shard(model: nn.Module) -> None:
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for block in getattr(model, "blocks", []):
         fully_shard(block)
     fully_shard(model)
+    register_fsdp_forward_method(model, "forward_outputs")  # unshard the root's weights for it too, as for forward
+
+
+class _OutputsAsForward(nn.Module):
+    """A Transformer whose forward is its ``forward_outputs``: what ``DDPWithOutputs`` wraps."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.config = model, model.config  # the objective reads the config off DDP's .module
+
+    def forward(self, *args, **kwargs) -> ModelOutput:
+        return self.model.forward_outputs(*args, **kwargs)
+
+
+class DDPWithOutputs(DistributedDataParallel):
+    """DDP around a Transformer, with the model's two calls: DDP syncs the gradients of what its own forward ran,
+    so ``forward_outputs`` (the MoE objective's, for the aux loss) goes through that forward too."""
+
+    def __init__(self, model: nn.Module, **kwargs) -> None:
+        super().__init__(_OutputsAsForward(model), **kwargs)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.forward_outputs(*args, **kwargs).logits
+
+    def forward_outputs(self, *args, **kwargs) -> ModelOutput:
+        return super().forward(*args, **kwargs)

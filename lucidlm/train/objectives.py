@@ -50,15 +50,17 @@ class CausalLM:
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossParts:
         core = getattr(model, "module", model)  # under DDP the config is on the wrapped module
         moe = getattr(getattr(core, "config", None), "moe", None) is not None
-        out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                    prefix_mask=batch.get("prefix_mask"), return_aux_loss=moe)
-        logits = out.logits if moe else out
-        loss_sum, tokens = shifted_token_loss(logits, batch["labels"])
-        extra = None
-        if moe and out.aux_loss is not None and self.aux_loss_weight:
-            extra = self.aux_loss_weight * out.aux_loss
-        metrics = {"aux_loss": float(out.aux_loss.detach())} if moe and out.aux_loss is not None else {}
-        return LossParts(loss_sum, tokens, extra, metrics)
+        inputs = dict(attention_mask=batch.get("attention_mask"), prefix_mask=batch.get("prefix_mask"))
+        if not moe:
+            loss_sum, tokens = shifted_token_loss(model(batch["input_ids"], **inputs), batch["labels"])
+            return LossParts(loss_sum, tokens)
+        # a wrapper of the model (DistributedTrainer's DDP, FSDP2) runs forward_outputs through its hooks too
+        out = model.forward_outputs(batch["input_ids"], **inputs, return_aux_loss=True)
+        loss_sum, tokens = shifted_token_loss(out.logits, batch["labels"])
+        if out.aux_loss is None:
+            return LossParts(loss_sum, tokens)
+        extra = self.aux_loss_weight * out.aux_loss if self.aux_loss_weight else None
+        return LossParts(loss_sum, tokens, extra, {"aux_loss": float(out.aux_loss.detach())})
 
 
 class Seq2Seq:

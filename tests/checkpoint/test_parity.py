@@ -21,6 +21,7 @@ from hf_parity import (
     left_padded,
     max_diff,
     ours,
+    ours_outputs,
     random_hf_model,
     random_ids,
 )
@@ -66,7 +67,7 @@ def test_logits_match_transformers(kind, tmp_path):
 def test_hidden_state_after_block_0(kind, tmp_path):
     hf, loaded = hf_checkpoint(kind, tmp_path)
     ids = random_ids()
-    out = ours(loaded.model, ids, hidden_layers=[0])
+    out = ours_outputs(loaded.model, ids, hidden_layers=[0])
     theirs = hf_forward(hf, ids, output_hidden_states=True).hidden_states[1]  # [0] is the embedding output
     assert set(out.hidden_states) == {0}
     assert_close(out.hidden_states[0], theirs, what="hidden state after block 0")
@@ -198,7 +199,7 @@ def test_moe_aux_loss_matches_transformers(kind, tmp_path):
     """One MoE layer, so lucidlm's sum over layers and transformers' pooled loss are the same thing."""
     hf, loaded = hf_checkpoint(kind, tmp_path, num_hidden_layers=1)
     ids = random_ids()
-    out = ours(loaded.model, ids, return_aux_loss=True)
+    out = ours_outputs(loaded.model, ids, return_aux_loss=True)
     router_logits = hf_forward(hf, ids, output_router_logits=True).router_logits
     assert len(router_logits) == 1
     m = loaded.config.moe

@@ -9,7 +9,7 @@ from tiny_lm import random_probe, tiny_lm, tiny_model
 
 from lucidlm.generate.engine import Engine
 from lucidlm.generate.generation_config import GenerationConfig
-from lucidlm.model.linear import pack_linears, unpack_linears
+from lucidlm.model.cpu_kernels import pack_linears, unpack_linears
 
 PROMPTS = [[1, 5, 9, 2, 7, 3, 8], [4, 4, 1], [6, 2, 9, 9, 1]]
 NEW = 10

@@ -183,7 +183,7 @@ def test_causal_mask_blocks_the_future():
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_one_query_attention_equals_sdpa(n_kv_heads, with_bias):
     """The decode-step formula (two matmuls, float32 softmax, grouped heads) equals SDPA."""
-    from lucidlm.model.attention import attend_one_query
+    from lucidlm.model.cpu_kernels import attend_one_query
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(3, 6, 1, 16, generator=g)

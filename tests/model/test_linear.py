@@ -1,10 +1,12 @@
-"""Linear: the packed (oneDNN) path and the compiled matrix-vector path equal F.linear."""
+"""Linear and its CPU fast paths (cpu_kernels.py): the packed (oneDNN) path, the compiled matrix-vector path and
+the oneDNN training GEMMs equal F.linear."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lucidlm.model.linear import Linear, gemv, pack_linears, unpack_linears
+from lucidlm.model.cpu_kernels import gemv, is_packed, pack_linears, pack_weight, unpack_linears
+from lucidlm.model.linear import Linear
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -22,20 +24,20 @@ def test_packed_equals_f_linear(dtype, rows, bias):
     x = torch.randn(2, rows, 96).to(dtype)
     if dtype != torch.float32 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         with pytest.raises(ValueError, match="need a CPU with AVX-512"):  # e.g. an AVX2-only CPU
-            layer.pack(rows)
+            pack_weight(layer.weight, rows)
         return
-    layer.pack(rows)
-    assert layer.is_packed
+    pack_weight(layer.weight, rows)
+    assert is_packed(layer.weight)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), **TOL[dtype])
 
 
 def test_packed_copy_is_dropped_when_the_weight_changes():
     layer = _layer(torch.float32)
-    layer.pack()
+    pack_weight(layer.weight)
     with torch.no_grad():
         layer.weight.mul_(2.0)  # an optimizer step or load_state_dict writes in place
-        assert not layer.is_packed
+        assert not is_packed(layer.weight)
         x = torch.randn(4, 96)
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
 
@@ -46,13 +48,13 @@ def test_training_uses_the_parameter():
     layer(torch.randn(3, 96)).sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
     unpack_linears(layer)
-    assert not layer.is_packed
+    assert not is_packed(layer.weight)
 
 
 def test_packing_is_cpu_only():
     layer = _layer(torch.float32).to("meta")
     with pytest.raises(ValueError, match="CPU"):
-        layer.pack()
+        pack_weight(layer.weight)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -63,10 +65,10 @@ def test_gemv_equals_f_linear(dtype):
 
 
 def test_compiled_one_row_uses_gemv_and_matches(monkeypatch):
-    import lucidlm.model.linear as linear
+    import lucidlm.model.cpu_kernels as cpu_kernels
 
     traced = []
-    monkeypatch.setattr(linear, "gemv", lambda *a: traced.append(1) or gemv(*a))
+    monkeypatch.setattr(cpu_kernels, "gemv", lambda *a: traced.append(1) or gemv(*a))
     torch._dynamo.reset()
     layer = _layer(torch.float32)
     x = torch.randn(1, 96)
@@ -80,7 +82,7 @@ def test_compiled_one_row_uses_gemv_and_matches(monkeypatch):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_onednn_training_path_matches_f_linear_values_and_gradients(bias):
-    from lucidlm.model.linear import OneDNNLinear
+    from lucidlm.model.cpu_kernels import OneDNNLinear
 
     torch.manual_seed(0)
     w = torch.randn(40, 96, requires_grad=True)
@@ -97,11 +99,11 @@ def test_onednn_training_path_matches_f_linear_values_and_gradients(bias):
 
 
 def test_training_forward_uses_onednn_unless_autocast(monkeypatch):
-    import lucidlm.model.linear as linear
+    import lucidlm.model.cpu_kernels as cpu_kernels
 
     calls = []
-    original = linear.OneDNNLinear.apply
-    monkeypatch.setattr(linear.OneDNNLinear, "apply", lambda *a: calls.append(1) or original(*a))
+    original = cpu_kernels.OneDNNLinear.apply
+    monkeypatch.setattr(cpu_kernels.OneDNNLinear, "apply", lambda *a: calls.append(1) or original(*a))
     layer = _layer(torch.float32)
     layer(torch.randn(4, 96)).sum().backward()
     assert calls == [1]

@@ -187,7 +187,7 @@ def test_hidden_layers_are_the_residual_after_each_block(name):
     model = model_for(preset, n_layers=3, **overrides)
     cfg = model.config
     x = ids(2, 7)
-    out = model(x, hidden_layers=(0, 1, 2))
+    out = model.forward_outputs(x, hidden_layers=(0, 1, 2))
     assert isinstance(out, ModelOutput) and sorted(out.hidden_states) == [0, 1, 2]
 
     # replay the stack by hand, building the position inputs independently
@@ -207,14 +207,16 @@ def test_hidden_layers_are_the_residual_after_each_block(name):
         torch.testing.assert_close(out.hidden_states[i], h)
     torch.testing.assert_close(out.logits, model.norm(h) @ model.lm_head.weight.T)
 
-    neg = model(x, hidden_layers=(-1, -3))
+    neg = model.forward_outputs(x, hidden_layers=(-1, -3))
     assert sorted(neg.hidden_states) == [0, 2]
     torch.testing.assert_close(neg.hidden_states[2], out.hidden_states[2])
     torch.testing.assert_close(neg.hidden_states[0], out.hidden_states[0])
-    assert isinstance(model(x), torch.Tensor)  # plain logits when nothing extra is asked
+    assert isinstance(model(x), torch.Tensor)  # forward: always the logits alone
+    torch.testing.assert_close(model(x), out.logits)
+    assert model.check_hidden_layers([-1, 0, 2]) == {0, 2}
     for bad in (3, -4):  # no silent wrap-around past the last block
         with pytest.raises(IndexError):
-            model(x, hidden_layers=(bad,))
+            model.forward_outputs(x, hidden_layers=(bad,))
 
 
 @torch.no_grad()
@@ -224,7 +226,7 @@ def test_aux_loss_is_the_sum_of_mixtral_losses_of_the_moe_layers():
     for block in model.blocks:
         assert isinstance(block.mlp, MoE)
         block.mlp.gate.register_forward_hook(lambda mod, inp, out: router_inputs.append((mod, inp[0])))
-    out = model(ids(2, 9), return_aux_loss=True)
+    out = model.forward_outputs(ids(2, 9), return_aux_loss=True)
     assert len(router_inputs) == 3
     expected = sum(load_balancing_loss_func((x @ mod.weight.T,), 8, 2) for mod, x in router_inputs)
     torch.testing.assert_close(out.aux_loss, expected)
@@ -233,11 +235,11 @@ def test_aux_loss_is_the_sum_of_mixtral_losses_of_the_moe_layers():
 @torch.no_grad()
 def test_aux_loss_only_for_moe_configs():
     dense = model_for("llama3-8b")
-    out = dense(ids(1, 5), return_aux_loss=True)
+    out = dense.forward_outputs(ids(1, 5), return_aux_loss=True)
     assert isinstance(out, ModelOutput) and out.aux_loss is None
     moe = model_for("deepseek-v3")  # first block dense, the second MoE
     assert isinstance(moe.blocks[0].mlp, MLP) and isinstance(moe.blocks[1].mlp, MoE)
-    out = moe(ids(1, 5), return_aux_loss=True)
+    out = moe.forward_outputs(ids(1, 5), return_aux_loss=True)
     assert out.aux_loss is not None and out.aux_loss.ndim == 0 and out.aux_loss > 0
 
 
@@ -261,7 +263,7 @@ def test_logit_softcap_and_embed_scale_follow_their_formulas():
 
     scaled = model_for("llama3-8b", embed_scale=True)
     scaled.load_state_dict(plain.state_dict())
-    out = scaled(x, hidden_layers=(0,))
+    out = scaled.forward_outputs(x, hidden_layers=(0,))
     pos = torch.arange(6)[None]
     h, _ = plain.blocks[0](plain.embed(x) * 8.0, plain.rotary(pos, torch.float32), build_mask(6, 6))  # sqrt(64)
     torch.testing.assert_close(out.hidden_states[0], h)

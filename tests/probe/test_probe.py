@@ -40,7 +40,7 @@ def test_scores_of_one_forward_align(alignment):
     lm = tiny_lm()
     head = random_head(lm.config.dim)
     with torch.no_grad():
-        out = lm.model(IDS, hidden_layers=[1])  # one pass: logits and block 1's output
+        out = lm.model.forward_outputs(IDS, hidden_layers=[1])  # one pass: logits and block 1's output
         scores = score_tokens(head, out.hidden_states[1], alignment)
     assert math.isnan(scores[0, 0])
     h = out.hidden_states[1][0]
@@ -127,7 +127,7 @@ def test_save_and_load_round_trip(tmp_path):
     probed = lucidlm.load(base, probe=tmp_path / "probe", device="cpu")
     text = "The capital of France is"
     with torch.no_grad():
-        out = lm.model(torch.tensor([lm.encode(text)]), hidden_layers=[2])
+        out = lm.model.forward_outputs(torch.tensor([lm.encode(text)]), hidden_layers=[2])
     expected = score_tokens(head, out.hidden_states[2], "predictive")[0, 1:]
     torch.testing.assert_close(torch.tensor(probed.token_scores(text)[1:]), expected)
     loaded, config = load_probe(tmp_path / "probe")

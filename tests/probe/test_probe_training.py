@@ -110,7 +110,7 @@ def test_lora_probe_directory_round_trip(tmp_path):
     assert lm.probe.config.has_adapter and len(list(lora_layers(lm.model))) == 2 * 7
     ids = rows[0].input_ids
     with torch.no_grad():
-        out = loaded.model(torch.tensor([ids]), hidden_layers=[1])
+        out = loaded.model.forward_outputs(torch.tensor([ids]), hidden_layers=[1])
         expected = head.scores(out.hidden_states[1][0, 1:])  # own alignment: token t from h[t]
     torch.testing.assert_close(torch.tensor(lm.token_scores(ids)[1:]), expected, rtol=1e-5, atol=1e-6)
 

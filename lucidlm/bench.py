@@ -1,0 +1,171 @@
+"""``lucidlm bench``: lucidlm and transformers side by side on the same random-weight model.
+
+Both run greedy generation of ``new`` tokens after a ``prompt``-token prompt, with EOS ignored, in
+the same process on the same weights (a transformers Llama saved to disk and loaded by lucidlm).
+lucidlm runs twice: as loaded by default (eager PyTorch), and "fast": ``load(...,
+pack_weights=True, compile=True)`` — oneDNN-packed weights and a torch.compile'd decode step
+(its compile time is excluded by a warm-up run, as a server would pay it once).
+For each case:
+- prefill tok/s: prompt tokens ÷ time of generating 1 token (one forward over the prompt);
+- decode tok/s: batch × (new − 1) ÷ (time of ``new`` tokens − time of 1 token);
+- the memory-bandwidth bound: measured read bandwidth ÷ bytes a decode step must read (every
+  weight except the embedding table, plus the KV cache at mid-generation). A batch-1 decode
+  step cannot beat it; the ratio to it says how much of the machine an implementation uses.
+Times are medians of ``repeats`` runs; the machines are noisy, so compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+LLAMA_125M = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                  intermediate_size=2048, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+OVERHEAD_BOUND = dict(LLAMA_125M, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                      vocab_size=512)
+
+
+@dataclass
+class Case:
+    name: str
+    dtype: torch.dtype
+    batch: int
+
+
+def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 7) -> float:
+    """Bytes/s of streaming a 1 GiB tensor through a reduction (what weight reads look like); median."""
+    x = torch.ones(n_bytes // 4, dtype=torch.float32)
+    x.sum()  # touch the pages first
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    return n_bytes / statistics.median(times)
+
+
+def decode_bytes(model: torch.nn.Module, batch: int, context: int) -> int:
+    """Bytes read by one decode step: weights (the embedding is only gathered) + the KV cache."""
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embed"))
+    itemsize = next(model.parameters()).element_size()
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize * context * batch
+    return weights + kv
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up (allocations, lazy init, compilation)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _hf_runner(hf, ids: torch.Tensor) -> Callable[[int], Callable[[], object]]:
+    def run(new: int):
+        return lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                   do_sample=False, pad_token_id=0, eos_token_id=None)
+    return run
+
+
+def _ours_runner(lm, ids: torch.Tensor, fast: bool = False) -> Callable[[int], Callable[[], object]]:
+    from .generate.engine import Engine
+    from .generate.generation_config import GenerationConfig
+    from .model.cpu_kernels import pack_linears, unpack_linears
+
+    if fast:
+        pack_linears(lm.model, rows=ids.shape[0])
+    else:
+        unpack_linears(lm.model)
+    engine = Engine(lm.model, compile=fast)
+    prompts = ids.tolist()
+
+    def run(new: int):
+        config = GenerationConfig(max_new_tokens=new, ignore_eos=True)
+        return lambda: engine.generate(prompts, config)
+    return run
+
+
+def measure(runner, batch: int, prompt: int, new: int, repeats: int) -> tuple[float, float, float]:
+    """(prefill tok/s, decode tok/s, seconds per decode step)."""
+    t1 = _median_time(runner(1), repeats)
+    tn = _median_time(runner(new), repeats)
+    step = (tn - t1) / (new - 1)
+    return batch * prompt / t1, batch / step, step
+
+
+def _random_ids(vocab: int, batch: int, length: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def build_pair(shape: dict, directory: Path, dtype: torch.dtype):
+    """The same random weights as a transformers model and as a lucidlm LM."""
+    import transformers
+
+    from .api import load
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape)).eval()
+    hf.save_pretrained(directory)
+    hf = hf.to(dtype)
+    lm = load(directory, dtype=str(dtype).removeprefix("torch."), device="cpu")
+    return hf, lm
+
+
+def run_bench(prompt: int = 64, new: int = 128, repeats: int = 3, batches: tuple[int, ...] = (1, 8),
+              dtypes: tuple[str, ...] = ("float32", "bfloat16"), threads: int | None = None,
+              print_fn: Callable[[str], None] = print) -> tuple[list[dict], float]:
+    """Measure every case; returns (rows, measured read bandwidth in bytes/s)."""
+    if threads:
+        torch.set_num_threads(threads)
+    bandwidth = read_bandwidth()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype_name in dtypes:
+            dtype = getattr(torch, dtype_name)
+            hf, lm = build_pair(LLAMA_125M, Path(tmp) / dtype_name, dtype)
+            for batch in batches:
+                ids = _random_ids(LLAMA_125M["vocab_size"], batch, prompt)
+                theirs = measure(_hf_runner(hf, ids), batch, prompt, new, repeats)
+                ours = measure(_ours_runner(lm, ids), batch, prompt, new, repeats)
+                fast = measure(_ours_runner(lm, ids, fast=True), batch, prompt, new, repeats)
+                bound = batch * bandwidth / decode_bytes(lm.model, batch, prompt + new // 2)
+                rows.append(dict(case=f"125M {dtype_name} batch {batch}", hf=theirs, ours=ours, fast=fast,
+                                 bound=bound, prompt=prompt))
+                print_fn(f"done: {rows[-1]['case']}")
+            del hf, lm
+        hf, lm = build_pair(OVERHEAD_BOUND, Path(tmp) / "tiny", torch.float32)
+        ids = _random_ids(OVERHEAD_BOUND["vocab_size"], 1, prompt)
+        theirs = measure(_hf_runner(hf, ids), 1, prompt, new, repeats)
+        ours = measure(_ours_runner(lm, ids), 1, prompt, new, repeats)
+        fast = measure(_ours_runner(lm, ids, fast=True), 1, prompt, new, repeats)
+        rows.append(dict(case="overhead-bound (12 layers, hidden 64) float32 batch 1", hf=theirs, ours=ours,
+                         fast=fast, bound=None, prompt=prompt))
+        print_fn("done: overhead-bound")
+    return rows, bandwidth
+
+
+def markdown_table(rows: list[dict], bandwidth: float) -> str:
+    """Two tables: decode (tok/s, ratios to transformers, share of the bandwidth bound) and prefill."""
+    decode = ["| case | transformers | lucidlm | lucidlm fast | fast ÷ transformers | bound | fast % of bound "
+              "| step ms transformers / fast |", "|---|---|---|---|---|---|---|---|"]
+    prefill = ["| case | transformers | lucidlm | lucidlm fast | best ÷ transformers |", "|---|---|---|---|---|"]
+    for r in rows:
+        (hp, hd, hs), (op, od, _), (fp, fd, fs) = r["hf"], r["ours"], r["fast"]
+        bound, share = (f"{r['bound']:.0f}", f"{100 * fd / r['bound']:.0f}%") if r["bound"] else ("—", "—")
+        decode.append(f"| {r['case']} | {hd:.1f} | {od:.1f} | {fd:.1f} | **{fd / hd:.2f}×** | {bound} | {share} "
+                      f"| {1000 * hs:.2f} / {1000 * fs:.2f} |")
+        prefill.append(f"| {r['case']} | {hp:.0f} | {op:.0f} | {fp:.0f} | **{max(op, fp) / hp:.2f}×** |")
+    return ("Decode tok/s (batch × tokens per second after the first token)\n\n" + "\n".join(decode)
+            + f"\n\nPrefill tok/s ({rows[0]['prompt']}-token prompts)\n\n" + "\n".join(prefill)
+            + f"\n\nbound = measured read bandwidth ({bandwidth / 1e9:.1f} GB/s) ÷ bytes a decode step reads "
+            "(weights but the embedding, plus the KV cache at mid-generation).")
