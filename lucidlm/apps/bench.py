@@ -79,7 +79,7 @@ def _hf_runner(hf, ids: torch.Tensor) -> Callable[[int], Callable[[], object]]:
 def _ours_runner(lm, ids: torch.Tensor, fast: bool = False) -> Callable[[int], Callable[[], object]]:
     from ..generate.engine import Engine
     from ..generate.generation_config import GenerationConfig
-    from ..model.linear import pack_linears, unpack_linears
+    from ..model.cpu_kernels import pack_linears, unpack_linears
 
     if fast:
         pack_linears(lm.model, rows=ids.shape[0])
