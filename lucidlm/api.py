@@ -16,9 +16,11 @@ from .checkpoint.local_models import resolve_model_path
 from .config import ModelConfig
 from .device import resolve_device
 from .generate import text_generation
-from .generate.engine import Completion
+from .generate.engine import ProbeScoring
+from .generate.events import Completion, TokenEvent
+from .generate.offline import Generator
 from .generate.strategies import AnswerExtractor, Scorer, Vote, last_number, mean_logprob
-from .generate.text_generation import Prompt, StreamToken
+from .generate.text_generation import Prompt
 from .model.cpu_kernels import pack_linears
 from .model.transformer import Transformer
 from .probe.probe import LoadedProbe, attach_probe, score_tokens
@@ -76,6 +78,15 @@ class LM:
         return score_tokens(self.probe.head, out.hidden_states[layer], self.probe.config.alignment)[0].tolist()
 
     # --- generation (see lucidlm/generate) ------------------------------------------------------
+    def generator(self, prefill_chunk: int = 512) -> Generator:
+        """What the engine needs from this model, as plain values (generate/offline.py)."""
+        probe = None
+        if self.probe is not None:
+            cfg = self.probe.config
+            probe = ProbeScoring(self.probe.head.scores, cfg.layer, cfg.alignment)
+        return Generator(self.model, self.tokenizer, tuple(self.eos_token_ids), probe, self.compile_decode,
+                         prefill_chunk)
+
     def generate(self, prompts: Prompt | Sequence[Prompt], *, best_of: int = 1, scorer: Scorer = mean_logprob,
                  num_return_sequences: int = 1, **options: Any) -> list[Completion]:
         """One ``Completion`` (text, token_ids, logprobs, finish_reason) per prompt.
@@ -84,27 +95,27 @@ class LM:
         stop_token_ids, ignore_eos, num_beams, length_penalty, early_stopping. Greedy unless a
         sampling option is given. ``best_of=N`` keeps the best of N samples by ``scorer``.
         """
-        return text_generation.generate(self, prompts, best_of_n=best_of, scorer=scorer,
+        return text_generation.generate(self.generator(), prompts, best_of_n=best_of, scorer=scorer,
                                         num_return_sequences=num_return_sequences, **options)
 
-    def stream(self, prompt: Prompt, **options: Any) -> Iterator[StreamToken]:
-        """Yield each token (token_id, text, logprob, finish_reason) as it is decoded."""
-        return text_generation.stream(self, prompt, **options)
+    def stream(self, prompt: Prompt, **options: Any) -> Iterator[TokenEvent]:
+        """Yield each token's ``TokenEvent`` (token_id, text, logprob, score, finish_reason) as it is decoded."""
+        return text_generation.stream(self.generator(), prompt, **options)
 
     def chat(self, messages: list[dict], *, stream: bool = False,
-             **options: Any) -> Completion | Iterator[StreamToken]:
+             **options: Any) -> Completion | Iterator[TokenEvent]:
         """Answer a conversation, rendered with the checkpoint's chat template."""
-        ids = text_generation.chat_prompt(self, messages)
+        ids = text_generation.chat_prompt(self.generator(), messages)
         return self.stream(ids, **options) if stream else self.generate([ids], **options)[0]
 
     def sample(self, prompt: Prompt, n: int, **options: Any) -> list[Completion]:
         """``n`` independent samples of one prompt (temperature 1 unless given)."""
-        return text_generation.sample(self, prompt, n, **options)
+        return text_generation.sample(self.generator(), prompt, n, **options)
 
     def self_consistency(self, prompt: Prompt, n: int = 8, extract: AnswerExtractor = last_number,
                          **options: Any) -> Vote:
         """Majority vote over the answers ``extract`` finds in ``n`` samples (Wang et al. 2022)."""
-        return text_generation.self_consistency(self, prompt, n, extract, **options)
+        return text_generation.self_consistency(self.generator(), prompt, n, extract, **options)
 
     def save(self, directory: str | Path) -> Path:
         """Write the model back in the checkpoint's own layout (HF families stay HF)."""

@@ -24,10 +24,7 @@ PACKAGE = "lucidlm"
 
 # (importing module, imported module) pairs that break a floor today, each with the work that removes it.
 # An entry no longer needed is reported as a warning (other work may land first): delete it when its import goes.
-ALLOWED: dict[tuple[str, str], str] = {
-    # generate/ must take plain arguments (model, tokenizer, EOS ids, probe head), not the LM of api.py
-    ("lucidlm.generate.text_generation", "lucidlm.api"): "issue 15: engine rewrite removes this",
-}
+ALLOWED: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,7 @@ def generate_command(
 def _chat_ids(lm, text: str) -> list[int]:
     from ..generate.text_generation import chat_prompt
 
-    return chat_prompt(lm, [{"role": "user", "content": text}])
+    return chat_prompt(lm.generator(), [{"role": "user", "content": text}])
 
 
 def chat_command(

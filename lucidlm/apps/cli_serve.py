@@ -53,5 +53,5 @@ def serve_command(
     batcher = server.config.app.state.batcher
     typer.echo(f"serving {config.model_name}: {lm.model.num_parameters() / 1e6:.1f}M params, {lm.dtype}, "
                f"{lm.device}, probe {'on' if lm.probe else 'off'}; {batcher.max_batch} slots of {batcher.max_len} "
-               f"tokens (KV cache {batcher.cache.nbytes() / 2**20:.0f} MiB)", err=True)
+               f"tokens (KV cache {batcher.engine.cache.nbytes() / 2**20:.0f} MiB)", err=True)
     server.run()

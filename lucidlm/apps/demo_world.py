@@ -240,7 +240,6 @@ def best_of_n(lm, eval_rows: list[dict], world: Path, n: int, seed: int) -> dict
     by mean logprob or by the probe (lowest max score) — the same ``n`` samples for both choices."""
     from ..generate.generation_config import GenerationConfig
     from ..generate.strategies import mean_logprob
-    from ..generate.text_generation import sample_ids
     from ..probe.selective import lowest_max_score
     from ..world.answers import answer_row, prompt_ids
     from ..world.build import read_people
@@ -252,7 +251,7 @@ def best_of_n(lm, eval_rows: list[dict], world: Path, n: int, seed: int) -> dict
     config = GenerationConfig.from_kwargs(max_new_tokens=56, stop=["\n"], temperature=1.0, seed=seed)
     for i in range(0, len(names), 32):
         batch = [prompts[name] for name in names[i:i + 32]]
-        samples = sample_ids(lm, [prompt_ids(lm, p) for p in batch], config, n=n)  # row j·n + k: sample k of j
+        samples = lm.generator().generate([prompt_ids(lm, p) for p in batch], config, n=n)  # row j·n + k: sample k of j
         for j, p in enumerate(batch):
             mine = samples[j * n:(j + 1) * n]
             rows = [answer_row(p, people[p["name"]], c.text, k) for k, c in enumerate(mine)]

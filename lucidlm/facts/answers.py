@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from ..generate.generation_config import GenerationConfig
-from ..generate.text_generation import sample_ids
 from ..progress import progress_bar
 from .grader import grade, is_hedge
 from .questions import TYPES
@@ -78,7 +77,7 @@ def answer_questions(lm, questions: list[dict], samples: int = 1, temperature: f
                 # sample j of a prompt draws from seed + j: distinct per batch, reproducible per call
                 config = GenerationConfig.from_kwargs(**options, temperature=temperature,
                                                       seed=seed * 1_000_003 + b * 1000)
-                done = sample_ids(lm, ids, config, n=samples - 1)
+                done = lm.generator().generate(ids, config, n=samples - 1)
                 for k, i in enumerate(idx):
                     for j in range(samples - 1):
                         texts[i, j + 1] = done[k * (samples - 1) + j].text

@@ -30,9 +30,12 @@ from torch import Tensor
 
 from ..model.kv_cache import KVCache
 from ..model.transformer import Transformer
-from .engine import Completion, Engine
+from .engine import check_prompts
+from .events import Completion
 from .generation_config import GenerationConfig
+from .prefill import prefill
 from .sampling import apply_repetition_penalty
+from .token_history import TokenHistory
 
 NEG = -1.0e9  # transformers' score for impossible beams
 
@@ -88,10 +91,9 @@ def beam_search(
 ) -> list[list[Completion]]:
     """For each prompt its ``num_return_sequences`` best hypotheses, best first (``score`` is transformers'
     ``sequences_scores``). ``config.stop_token_ids`` end a beam like EOS; EOS is ignored with ``ignore_eos``."""
-    engine = Engine(model, eos_token_ids, pad_token_id, prefill_chunk)
-    prompts = engine.check_prompts(prompts)
+    prompts = check_prompts(prompts, model.config.vocab_size, model.config.max_seq_len)
     _check_options(config, num_return_sequences, pad_token_id, model.config.vocab_size)
-    search = _Search(engine, prompts, config)
+    search = _Search(model, prompts, config, frozenset(eos_token_ids), pad_token_id, prefill_chunk)
     search.run()
     return search.results(num_return_sequences)
 
@@ -112,32 +114,30 @@ def _check_options(config: GenerationConfig, num_return_sequences: int, pad_toke
 class _Search:
     """The state of one ``beam_search`` call: the cache, and the running beams and finished pool of every prompt."""
 
-    def __init__(self, engine: Engine, prompts: list[list[int]], config: GenerationConfig) -> None:
-        self.engine, self.prompts, self.config = engine, prompts, config
+    def __init__(self, model: Transformer, prompts: list[list[int]], config: GenerationConfig,
+                 eos_token_ids: frozenset[int], pad_token_id: int, prefill_chunk: int) -> None:
+        self.model, self.prompts, self.config = model, prompts, config
+        self.pad_token_id, self.prefill_chunk = pad_token_id, prefill_chunk
         self.nb = config.num_beams
-        self.device = engine.device
-        vocab = engine.model.config.vocab_size
-        stop = set(config.stop_token_ids) | (set() if config.ignore_eos else set(engine.eos_token_ids))
+        param = next(model.parameters())
+        self.device = param.device
+        vocab = model.config.vocab_size
+        stop = set(config.stop_token_ids) | (set() if config.ignore_eos else set(eos_token_ids))
         self.stop = torch.tensor(sorted(stop), dtype=torch.long, device=self.device)
         self.k = min(max(2, 1 + len(stop)) * self.nb, self.nb * vocab)  # candidates kept per prompt
-        cfg = engine.model.config
+        cfg = model.config
         longest = max(len(p) for p in prompts)
         self.cache = KVCache(cfg, len(prompts) * self.nb, min(cfg.max_seq_len, longest + config.max_new_tokens),
-                             engine.dtype, self.device, chunk_size=engine.prefill_chunk)
+                             param.dtype, self.device, chunk_size=prefill_chunk)
         # tokens the cache can still take after the prompt, +1: the last token is never fed back
         self.budget = min(config.max_new_tokens, self.cache.max_len - longest + 1)
         self.running = Beams.empty(len(prompts), self.nb, self.budget, 0.0, self.device)
         self.running.scores[:, 1:] = NEG  # only beam 0 is live at first
         self.pool = Beams.empty(len(prompts), self.nb, self.budget, NEG, self.device)
         self.penalty = config.sampling.repetition_penalty
-        self.seen = self.prompt_tokens(vocab) if self.penalty != 1.0 else None  # for the repetition penalty
-
-    def prompt_tokens(self, vocab: int) -> Tensor:
-        """(P·nb, vocab) bool: the tokens of each beam's prompt."""
-        seen = torch.zeros(len(self.prompts) * self.nb, vocab, dtype=torch.bool, device=self.device)
-        for i, p in enumerate(self.prompts):
-            seen[i * self.nb:(i + 1) * self.nb, torch.tensor(p, device=self.device)] = True
-        return seen
+        self.history = TokenHistory(self.cache.n_slots, vocab, self.device)  # the engine's: repetition penalty
+        for slot in range(self.cache.n_slots):
+            self.history.start(slot, prompts[slot // self.nb], config.sampling)
 
     def slots(self, prompts: list[int]) -> list[int]:
         """Cache slots (= beam rows) of ``prompts``: prompt i beam j lives in slot i·num_beams + j."""
@@ -146,7 +146,7 @@ class _Search:
     def prefill(self) -> Tensor:
         """Run every prompt once, copy its slot to its other beams; logits (P·nb, vocab)."""
         firsts = [i * self.nb for i in range(len(self.prompts))]
-        logits, _ = self.engine.prefill(self.cache, self.prompts, firsts, ())
+        logits = prefill(self.model, self.cache, self.prompts, firsts, self.pad_token_id, self.prefill_chunk)
         for s in firsts:
             if self.nb > 1:
                 self.cache.copy_slot(s, range(s + 1, s + self.nb))
@@ -164,7 +164,8 @@ class _Search:
             self.follow([active[i] for i in still], origin[still], t)
             active = [active[i] for i in still]
             tokens = self.running.tokens[active, :, t].reshape(-1, 1)  # (A·nb, 1)
-            logits = self.engine.model(tokens, cache=self.cache, slots=self.slots(active), last_only=True)[:, -1]
+            plan = self.cache.begin(self.slots(active), 1)
+            logits = self.model.forward_planned(tokens, plan, self.cache).logits[:, -1]
 
     def step(self, rows: Tensor, logits: Tensor, t: int) -> tuple[Tensor, Tensor]:
         """One beam step for prompts ``rows`` (A,) given their beams' logits (A·nb, vocab).
@@ -172,8 +173,8 @@ class _Search:
         Returns, per prompt, the beam each new running beam continues (A, nb) and whether it is done (A,)."""
         logp = torch.log_softmax(logits.float(), -1)  # (A·nb, V)
         scored = logp
-        if self.seen is not None:
-            seen = self.seen[self.slots(rows.tolist())]
+        seen, _ = self.history.rows(torch.tensor(self.slots(rows.tolist()), device=self.device))
+        if seen is not None:
             scored = apply_repetition_penalty(logp, seen, torch.tensor([self.penalty], device=self.device))
         running = self.running.rows(rows)
         cand, src = self.candidates(running, logp, scored, t)
@@ -235,10 +236,8 @@ class _Search:
         index[slots] = (base + origin).view(-1)
         if not torch.equal(index[slots], slots):
             self.cache.reorder(index)
-            if self.seen is not None:
-                self.seen.copy_(self.seen[index])
-        if self.seen is not None:  # the token each beam just took (step t)
-            self.seen[slots, self.running.tokens[prompts, :, t].reshape(-1)] = True
+            self.history.reorder(index)
+        self.history.record(slots, self.running.tokens[prompts, :, t].reshape(-1))  # the token each beam took
 
     def results(self, n: int) -> list[list[Completion]]:
         """The ``n`` best finished hypotheses of each prompt (the pool is kept sorted, best first)."""

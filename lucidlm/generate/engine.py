@@ -1,350 +1,470 @@
-"""The inference engine: prefill, then decode one token per step against the KV cache.
+"""The inference engine: one loop that every client drives — ``lm.generate``/``lm.stream``/``lm.sample`` (one
+call, synchronously: generate/offline.py) and the server (its batcher thread: serve/batcher.py).
 
-    prompts ─left-pad─▶ prefill (one forward per chunk, fills the cache)
-            ─▶ loop: logits ─processors─▶ next token per row ─▶ forward of just those tokens
+    add(groups) ─▶ waiting (FIFO of whole requests) ─free slots─▶ prefill jobs (chunked, prefix cache)
+    step():  drop cancelled ─▶ admit ─▶ one prefill chunk (all of the first job when nothing decodes)
+             ─▶ sample one token for every running row (per-row parameters, generators, penalties)
+             ─▶ TokenEvent to the row's sink (text, stop strings, finish reason, logprobs, probe score)
+             ─▶ finished rows free their slot ─▶ one decode forward for all the others
 
-Notes 003 §1.3.5: prefill is compute-bound (many tokens, one pass over the weights); decode is
-memory-bound (every step streams all weights for one token per row), which is why batching rows
-makes decode cheaper per token.
+Prefill is compute-bound (many tokens, one pass over the weights); decode is memory-bound (every step streams
+all weights for one token per row), so batching rows makes decode cheaper per token. Each running sequence owns
+one KV-cache slot; the cache keeps per-slot lengths and masks, so rows at different positions decode in one
+forward, and requests join and leave the batch between steps (iteration-level scheduling: Orca, Yu et al.
+2022). A long prompt is prefilled one chunk per step, so running streams wait at most one chunk for it.
 
-Each row owns one cache slot. A row that finishes (EOS, a stop token or string, its token budget,
-the context) leaves the running batch, so it stops costing compute; later steps pass only the
-remaining slots. The serving issue reuses this: requests enter free slots between steps.
+The probe. Under the "predictive" alignment a token is scored by the forward that decoded it (its event goes out
+at once). Under "own" a token is scored by the forward it is fed to, so its event waits for that forward, and a
+finished row is fed its last token once more (logits unused) before its slot is freed. The slot has the cell for
+it: the prefill produces the first new token without writing a cell for it, so prompt + max_new_tokens cells hold
+every token once fed. (A row that ended because its slot was full cannot be fed: its last score is None.)
 
-``steps`` yields one ``Step`` per forward, carrying the new tokens, their log-probabilities and, on
-request, the hidden states of chosen layers for the tokens fed in that forward — what a
-hallucination probe scores. A probe at the "own" alignment scores a token from the state computed
-when the token is fed, one forward after it was sampled; ``steps(feed_last=True)`` therefore feeds
-a finished row its last token once more (logits unused, nothing sampled) before the row leaves.
-That forward writes the last token's K/V into the one cell the sequence still had free: the prefill
-produces the first new token without writing a cell for it, so prompt + max_new_tokens cells hold
-every token once fed. Only a row that ended because the context (the cache) was full cannot be fed.
+Failures (``isolate_failures``, the server): one request must never end another's. A failure that belongs to one
+row — its prefill, its sampling options, logits or a probe score that are not finite, its text — fails that row
+alone with an ErrorEvent, and the others go on with the tokens they would have had without it. Only a failure of
+the shared decode forward ends every row (the caller's concern). The library raises instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+import heapq
+import logging
+import math
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from ..model.kv_cache import KVCache
 from ..model.transformer import ModelOutput, Transformer
+from ..tokenizer import Tokenizer
+from .events import ErrorEvent, Event, TokenEvent
 from .generation_config import GenerationConfig
-from .sampling import BatchSampling
+from .prefill import Prefill
+from .prefix_cache import PrefixCache
+from .sample_step import SampleStep
+from .sequence import Sequence
+from .text import TextAssembler
+from .token_history import TokenHistory
+
+log = logging.getLogger("lucidlm.engine")
+
+STATIC_LEN_STEP = 256  # compiled decode: cache lengths are rounded up to a multiple of this
+
+
+@dataclass(frozen=True)
+class ProbeScoring:
+    """A hallucination probe as the engine sees it: a head on the residual stream after block ``layer``."""
+
+    score: Callable[[torch.Tensor], torch.Tensor]  # hidden (rows, dim) -> scores (rows,)
+    layer: int
+    alignment: str  # "predictive": a token is scored from the state that decoded it; "own": from its own state
+
+
+class _Row:
+    """A running sequence: its slot, generator, text, and the next token's distribution."""
+
+    def __init__(self, seq: Sequence, slot: int, tokenizer: Tokenizer | None, device: torch.device) -> None:
+        self.seq, self.slot = seq, slot
+        params = seq.config.sampling
+        self.generator = None
+        if not params.greedy and params.seed is not None:  # choice j of a seeded request samples with seed + j
+            self.generator = torch.Generator(device).manual_seed(params.seed + seq.sample_index)
+        self.text = TextAssembler(tokenizer, seq.config.stop) if tokenizer is not None else None
+        self.logits: torch.Tensor | None = None  # (vocab,) the distribution of the next token
+        # the probe's score from the last forward: "predictive", of the next token (decoded by it); "own", of
+        # the token fed to it. Taken (reset to None) by the event it goes to.
+        self.score: float | None = None
 
 
 @dataclass
-class Step:
-    """What one forward produced. ``rows`` index the expanded request (prompt i, sample j → i·n + j)."""
+class _Job:
+    """Prompts being prefilled together: one leader per distinct prompt, whose slot its followers (the other
+    choices of the same request) copy when the prefill is done."""
 
-    rows: list[int]  # the rows that sampled a token from this forward's logits
-    token_ids: list[int]
-    logprobs: list[float]  # log p(token) under the model's own distribution (before processors)
-    finished: dict[int, str] = field(default_factory=dict)  # row -> "stop" | "length"
-    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (hidden_rows, fed tokens, dim)
-    prefill: bool = False  # the forward that consumed the prompts (hidden covers the left-padded prompt)
-    # the rows this forward was fed, in the order of ``hidden``: ``rows`` first, then (feed_last) the
-    # rows that finished at the previous step and were fed their last token once more
-    hidden_rows: list[int] = field(default_factory=list)
+    prefill: Prefill
+    leaders: list[_Row]
+    followers: list[list[_Row]]
+    starts: list[int]  # tokens each leader's slot held before (a cached prefix)
 
-
-@dataclass
-class Completion:
-    """One generated sequence."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
-    text: str | None = None
-    score: float | None = None  # best-of-N / beam score when a strategy ranked it
-    # per-token hallucination scores when a probe is loaded; None for a last token that ended a full
-    # context under the "own" alignment (it was never fed, so no state of it exists)
-    scores: list[float | None] | None = None
-
-    @property
-    def mean_logprob(self) -> float:
-        return sum(self.logprobs) / max(len(self.logprobs), 1)
+    def rows(self) -> list[_Row]:
+        return [r for leader, fs in zip(self.leaders, self.followers) for r in [leader, *fs]]
 
 
 class Engine:
     def __init__(
         self,
         model: Transformer,
-        eos_token_ids: Sequence[int] = (),
+        *,
+        max_batch: int,
+        max_len: int,
+        eos_token_ids: tuple[int, ...] | list[int] | frozenset[int] = (),
         pad_token_id: int = 0,
+        tokenizer: Tokenizer | None = None,
+        probe: ProbeScoring | None = None,
         prefill_chunk: int = 512,
         compile: bool = False,
+        prefix_cache_bytes: int = 0,
+        isolate_failures: bool = True,
     ) -> None:
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-        self.model = model
-        self.eos_token_ids = frozenset(eos_token_ids)
-        self.pad_token_id = pad_token_id
-        self.prefill_chunk = prefill_chunk
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
+        cfg = model.config
+        if cfg.positions == "alibi" and cfg.sliding_window is not None:
+            raise ValueError("ALiBi with sliding-window ring caches is not supported")
+        param = next(model.parameters())
+        self.model, self.tokenizer, self.probe = model, tokenizer, probe
+        self.eos_token_ids, self.pad_token_id = frozenset(eos_token_ids), pad_token_id
+        self.max_batch, self.max_len, self.prefill_chunk = max_batch, max_len, prefill_chunk
         self.compile = compile  # decode steps run as one torch.compile'd graph over a static cache
+        self.device = param.device
+        self.cache = KVCache(cfg, max_batch, max_len, param.dtype, self.device, chunk_size=prefill_chunk,
+                             static=compile)
+        self.history = TokenHistory(max_batch, cfg.vocab_size, self.device)
+        self.isolate = isolate_failures
+        self.sample = SampleStep(self.history, self.device, isolate_failures)
+        rings = any(cfg.is_sliding(i) for i in range(cfg.n_layers))
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes and not rings else None
+        self.layers = (probe.layer,) if probe is not None else ()
+        self.own = probe is not None and probe.alignment == "own"
+        self.free = list(range(max_batch))  # a heap: the lowest free slot first keeps running slots contiguous
+        self.running: dict[int, _Row] = {}  # slot -> row that samples next
+        self.jobs: deque[_Job] = deque()
+        self.waiting: deque[list[Sequence]] = deque()  # whole requests' groups (a group's choices start together)
+        self.lock = threading.Lock()  # guards ``waiting``: the server adds from other threads
+        self.steps = 0  # decode forwards run
+        self.cancelled = 0  # sequences dropped because their client went away
+        self.failed = 0  # sequences ended by a failure of their own (the others went on)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    # --- the outside ------------------------------------------------------------------------------------
+    def check(self, seq: Sequence, fit_budget: bool = True) -> None:
+        """Raise ValueError, naming the problem, for a sequence this engine cannot run (before any compute)."""
+        check_prompts([seq.prompt], self.model.config.vocab_size, self.max_len)
+        if fit_budget and len(seq.prompt) + seq.config.max_new_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(seq.prompt)} tokens) + max_new_tokens ({seq.config.max_new_tokens}) "
+                             f"exceed the context of {self.max_len} tokens")
+        if seq.config.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this checkpoint has no tokenizer.json")
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+    def add(self, groups: list[list[Sequence]], fit_budget: bool = True) -> None:
+        """Queue groups (each: the choices of one prompt, which start together). Checks everything first.
+        ``fit_budget``: prompt + max_new_tokens must fit the context (else a row ends at the context, "length")."""
+        for seqs in groups:
+            if len(seqs) > self.max_batch:
+                raise ValueError(f"{len(seqs)} choices exceed the engine's batch of {self.max_batch}")
+            for s in seqs:
+                self.check(s, fit_budget)
+        with self.lock:
+            self.waiting.extend(groups)
 
-    # --- checks before any compute -------------------------------------------------------------
-    def check_prompts(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-        cfg = self.model.config
-        if isinstance(prompts, torch.Tensor):
-            prompts = prompts.tolist()
-        if not prompts:
-            raise ValueError("no prompts given")
-        out = []
-        for i, p in enumerate(prompts):
-            p = list(p)
-            if not p:
-                raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
-            bad = [t for t in p if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.vocab_size]
-            if bad:
-                raise ValueError(f"prompt {i} has token ids outside [0, vocab_size={cfg.vocab_size}): {bad[:5]}")
-            if len(p) >= cfg.max_seq_len:
-                raise ValueError(f"prompt {i} has {len(p)} tokens; the model's context is {cfg.max_seq_len}, "
-                                 "which leaves no room to generate")
-            out.append(p)
-        return out
+    def has_work(self) -> bool:
+        return bool(self.running or self.jobs or self.waiting)
 
-    # --- the loop --------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        prefix = self.prefix_cache
+        return {"running": len(self.running), "prefilling": sum(len(j.rows()) for j in self.jobs),
+                "waiting": sum(len(g) for g in self.waiting), "free_slots": len(self.free),
+                "max_batch": self.max_batch, "decode_steps": self.steps, "cancelled": self.cancelled,
+                "failed": self.failed, "prefix_hits": prefix.hits if prefix else 0,
+                "prefix_tokens_saved": prefix.tokens_saved if prefix else 0}
+
     @torch.inference_mode()
-    def steps(
-        self,
-        prompts: Sequence[Sequence[int]],
-        config: GenerationConfig,
-        *,
-        n: int = 1,
-        hidden_layers: Sequence[int] = (),
-        should_stop: Callable[[int, list[int]], bool] | None = None,
-        feed_last: bool = False,
-    ) -> Iterator[Step]:
-        """Generate for every prompt ``n`` times; yield each forward's tokens as they are decoded.
+    def step(self) -> None:
+        """One iteration: drop cancelled rows, admit, prefill (a chunk), sample, emit, decode."""
+        self._drop_cancelled()
+        self._admit()
+        self._prefill()
+        if self.running:
+            self._sample_and_decode()
 
-        should_stop(row, generated ids) is called for every new token and lets the caller end a row
-        (stop strings live at the text level). feed_last: a finished row is fed its last token in the
-        next forward (its ``hidden_rows``) so that the token's own hidden state exists; when every row
-        has finished, that is one last forward of just those rows (a Step with no ``rows``).
-        """
-        prompts = self.check_prompts(prompts)
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        self.model._wanted(hidden_layers)  # raises on a bad layer index before any compute
-        cfg = self.model.config
-        n_rows = len(prompts) * n
-        longest = max(len(p) for p in prompts)
-        cache = KVCache(cfg, n_rows, self._cache_len(longest + config.max_new_tokens), self.dtype,
-                        self.device, chunk_size=self.prefill_chunk, static=self.compile)
+    def end_all(self, event: Callable[[], Event]) -> None:
+        """End every running, prefilling and waiting sequence with ``event()`` (abort, shutdown, a failed step)."""
+        with self.lock:
+            waiting = [s for g in self.waiting for s in g]
+            self.waiting.clear()
+        rows = list(self.running.values()) + [r for j in self.jobs for r in j.rows()]
+        for seq in [r.seq for r in rows] + waiting:
+            if not seq.cancelled:
+                seq.sink(event())
+        for r in rows:
+            self._release(r.slot)
+        self.jobs.clear()
 
-        # Prefill each distinct prompt once; its n samples share the cache by copying the slot.
-        first_rows = [i * n for i in range(len(prompts))]
-        logits, hidden = self.prefill(cache, prompts, first_rows, hidden_layers)
-        if n > 1:
-            for r in first_rows:
-                cache.copy_slot(r, range(r + 1, r + n))
-            logits = logits.repeat_interleave(n, 0)
-            hidden = {k: v.repeat_interleave(n, 0) for k, v in hidden.items()}
-        row_prompts = [prompts[r // n] for r in range(n_rows)]
-        sampler = _RowSampler(config, row_prompts, n, cfg.vocab_size, self.device)
-        generated: list[list[int]] = [[] for _ in range(n_rows)]
-        active = list(range(n_rows))  # rows that sample next: they lead the logits (rows fed once more follow)
-        fed = active  # the rows the last forward was fed (hidden_rows)
-        is_prefill = True
-        while True:
-            step = Step(active, [], [], hidden=hidden, prefill=is_prefill, hidden_rows=fed)
-            if active:
-                tokens, logprobs = sampler.next(logits[: len(active)], active)  # finished rows' logits: unused
-                step.token_ids, step.logprobs = tokens.tolist(), logprobs.tolist()
-            for row, tok in zip(active, step.token_ids):
-                generated[row].append(tok)
-                # should_stop sees every token (text layers detokenize through it)
-                stop_now = should_stop is not None and should_stop(row, generated[row])
-                reason = "stop" if stop_now else self.finish_reason(tok, generated[row], config,
-                                                                      cache.lengths[row], cache.max_len)
-                if reason is not None:
-                    step.finished[row] = reason
-            yield step
-            keep = [i for i, row in enumerate(active) if row not in step.finished]
-            # feed_last: rows that just finished go through the next forward once more, after the others,
-            # unless the context is full (then their last token cannot be fed and has no hidden state)
-            last = [i for i, row in enumerate(active)
-                    if feed_last and row in step.finished and cache.lengths[row] < cache.max_len]
-            if not keep and not last:
-                return
-            if keep and len(keep) < len(active):
-                sampler.keep(keep)
-            fed = [active[i] for i in keep + last]
-            logits, hidden = split_output(self.decode(cache, tokens[keep + last, None], fed, hidden_layers))
-            logits = logits[:, -1]
-            active = [active[i] for i in keep]
-            is_prefill = False
+    # --- admission and prefill --------------------------------------------------------------------------
+    def _drop_cancelled(self) -> None:
+        for slot in [s for s, r in self.running.items() if r.seq.cancelled]:
+            self._release(slot)
+            self.cancelled += 1
+        for job in [j for j in self.jobs if all(r.seq.cancelled for r in j.rows())]:
+            self.jobs.remove(job)
+            for r in job.rows():
+                self._release(r.slot)
+                self.cancelled += 1
+        with self.lock:
+            kept = deque(g for g in self.waiting if not all(s.cancelled for s in g))
+            self.cancelled += sum(len(g) for g in self.waiting) - sum(len(g) for g in kept)
+            self.waiting = kept
 
-    def decode(self, cache: KVCache, tokens: torch.Tensor, slots: list[int],
-               hidden_layers: Sequence[int] = ()) -> torch.Tensor | ModelOutput:
-        """One decode step: tokens (rows, 1) continue the sequences in cache ``slots``."""
-        if not self.compile:
-            return self.model(tokens, cache=cache, slots=slots, last_only=True, hidden_layers=hidden_layers)
-        # A compiled step is specialised to its shapes: run a power-of-two number of rows, filling
-        # up with slots whose sequences have finished (never longer than the fed ones, so never overflow), and
-        # drop their outputs. The batch thus shrinks 8 -> 4 -> 2 -> 1 and compiles a handful of times.
-        rows = len(slots)
-        width = min(cache.n_slots, 1 << (rows - 1).bit_length())
-        if width > rows:
-            taken = set(slots)
-            spare = [s for s in range(cache.n_slots) if s not in taken][: width - rows]
-            slots = slots + spare
-            tokens = torch.cat([tokens, tokens.new_full((len(spare), 1), self.pad_token_id)])
-        plan = cache.begin(slots, 1)  # host-side bookkeeping stays out of the compiled graph
-        out = compiled_forward(self.model)(tokens, plan, cache, hidden_layers=tuple(hidden_layers), last_only=True)
-        if width == rows:
-            return out
-        if isinstance(out, ModelOutput):
-            return ModelOutput(out.logits[:rows], {k: h[:rows] for k, h in out.hidden_states.items()}, None)
-        return out[:rows]
+    def _admit(self) -> None:
+        """Move whole groups from the queue into free slots, first come first served, and plan their prefill."""
+        groups: list[list[_Row]] = []
+        with self.lock:
+            while self.waiting and len(self.waiting[0]) <= len(self.free):
+                rows = [row for seq in self.waiting.popleft() if not seq.cancelled
+                        for row in [self._start_row(seq)] if row is not None]
+                if rows:
+                    groups.append(rows)
+        if groups:
+            self._plan_prefill(groups)
 
-    def _cache_len(self, tokens: int) -> int:
-        """Cache cells for sequences of up to ``tokens``; compiled steps round up to a multiple of
-        STATIC_LEN_STEP so that calls of similar lengths share one compiled shape."""
-        if self.compile:
-            tokens = -(-tokens // STATIC_LEN_STEP) * STATIC_LEN_STEP
-        return min(self.model.config.max_seq_len, tokens)
+    def _start_row(self, seq: Sequence) -> _Row | None:
+        slot = heapq.heappop(self.free)
+        try:
+            return _Row(seq, slot, self.tokenizer, self.device)
+        except Exception as e:  # its options (a seed, stop strings): this sequence's problem
+            heapq.heappush(self.free, slot)
+            if not self.isolate:
+                raise
+            self._fail_sequence(seq, f"cannot start: {type(e).__name__}: {e}")
+            return None
 
-    def finish_reason(self, tok: int, generated: list[int], config: GenerationConfig, length: int,
-                       max_len: int) -> str | None:
+    def _plan_prefill(self, groups: list[list[_Row]]) -> None:
+        """One leader per group (its choices share the prompt); a cached prompt head goes into its slot; leaders
+        are batched into left-padded jobs while the padding leaves each its token budget."""
+        entries = []  # (leader, followers, start, rest of the prompt)
+        for rows in groups:
+            leader, prompt = rows[0], rows[0].seq.prompt
+            start, rest = 0, prompt
+            found = self.prefix_cache.match(prompt) if self.prefix_cache is not None else None
+            if found is not None:
+                cells, start = found
+                self.cache.write_prefix(leader.slot, cells, start)
+                rest = prompt[start:]
+            else:
+                self.cache.reset([leader.slot])
+            entries.append((leader, rows[1:], start, rest))
+        for job in _padding_groups(entries, self.max_len):
+            self.jobs.append(self._job(job))
+
+    def _job(self, entries: list[tuple]) -> _Job:
+        prefill = Prefill([e[3] for e in entries], [e[0].slot for e in entries], self.pad_token_id,
+                          self.prefill_chunk, self.device)
+        return _Job(prefill, [e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries])
+
+    def _prefill(self) -> None:
+        """Prefill within a budget of ``prefill_chunk`` positions per iteration while rows are decoding (they
+        wait at most that long for a new prompt: chunked prefill); with none decoding, until some row can."""
+        spent = 0
+        while self.jobs and (spent < self.prefill_chunk or not self.running):
+            width = self.prefill_chunk - spent if self.running else self.prefill_chunk
+            spent += self._prefill_chunk(self.jobs[0], width)
+
+    def _prefill_chunk(self, job: _Job, width: int) -> int:
+        """Run the job's next ``width`` positions at most; how many it ran."""
+        before = job.prefill.cursor
+        try:
+            out = job.prefill.run_chunk(self.model, self.cache, self.layers, width)
+        except Exception as e:
+            self.jobs.popleft()
+            if not self.isolate:
+                raise
+            self._retry_alone(job, e)
+            return width
+        if job.prefill.done:
+            self.jobs.popleft()
+            self._prefill_done(job, out)
+        return job.prefill.cursor - before
+
+    def _retry_alone(self, job: _Job, error: Exception) -> None:
+        """A job's forward failed: its prompts start over one job each, so that only the one at fault fails."""
+        if len(job.leaders) == 1:
+            for r in job.rows():
+                self._fail(r, f"prefill failed: {type(error).__name__}: {error}")
+            return
+        log.exception("prefill failed for %d prompts; retrying them one by one", len(job.leaders))
+        for leader, followers in reversed(list(zip(job.leaders, job.followers))):
+            self.cache.reset([leader.slot])
+            self.jobs.appendleft(self._job([(leader, followers, 0, leader.seq.prompt)]))
+
+    def _prefill_done(self, job: _Job, out: ModelOutput) -> None:
+        logits = out.logits[:, -1]
+        scores = self._scores(out) if not self.own else None  # "own": the prompt's last token is not scored
+        for i, (leader, followers) in enumerate(zip(job.leaders, job.followers)):
+            if followers:
+                self.cache.copy_slot(leader.slot, [f.slot for f in followers])
+            self._store_prefix(leader, job.starts[i], job.prefill.pads[i])
+            for r in [leader, *followers]:
+                r.logits, r.score = logits[i], None if scores is None else scores[i]
+                self.history.start(r.slot, r.seq.prompt, r.seq.config.sampling)
+                self.running[r.slot] = r
+
+    def _store_prefix(self, leader: _Row, start: int, pad: int) -> None:
+        """Keep the leader's prompt head for later prompts, when its cells are one contiguous run."""
+        cache, prompt = self.prefix_cache, leader.seq.prompt
+        if cache is None or cache.storable(prompt) == 0 or cache.has(prompt) or (start and pad):
+            return
+        first = pad if start == 0 else 0  # left padding sits before a fresh prompt, after a cached head
+        cache.store(prompt, self.cache.read_cells(leader.slot, first, cache.storable(prompt)))
+
+    # --- one decode step --------------------------------------------------------------------------------
+    def _sample_and_decode(self) -> None:
+        rows = [self.running[s] for s in sorted(self.running)]
+        sampled = self.sample(torch.stack([r.logits for r in rows]), [r.slot for r in rows],
+                              [r.seq.config.sampling for r in rows], [r.generator for r in rows],
+                              tuple(r.seq.uid for r in rows), [r.seq.top_logprobs for r in rows])
+        for i, why in sampled.failed.items():
+            self._fail(rows[i], why)
+        rows = [rows[i] for i in sampled.index]
+        events = [self._event(*a) for a in zip(rows, sampled.tokens.tolist(), sampled.logprobs.tolist(),
+                                                sampled.top)]
+        kept = [i for i, e in enumerate(events) if e is not None]
+        rows, events, tokens = [rows[i] for i in kept], [events[i] for i in kept], sampled.tokens[kept]
+        # Which forward scores a token: "predictive", the one that decoded it (already run: emit now); "own",
+        # the one it is fed to (the decode below: emit after it, feeding rows that just finished once more).
+        if not self.own:
+            self._emit(rows, events)
+        fed = [i for i, (row, e) in enumerate(zip(rows, events)) if self.running.get(row.slot) is row
+               and (e.finish_reason is None or (self.own and self.cache.lengths[row.slot] < self.cache.max_len))]
+        if fed:
+            self._decode([rows[i] for i in fed], tokens[fed])
+        if self.own:
+            self._emit(rows, events)
+
+    def _event(self, row: _Row, tok: int, logprob: float, top: list[tuple[int, float]]) -> TokenEvent | None:
+        """The row's new token, its text and finish reason (the score is set by ``_emit``)."""
+        try:
+            seq = row.seq
+            seq.generated.append(tok)
+            piece, reason = "", None
+            if row.text is not None:
+                piece = row.text.push(tok)
+                if row.text.stopped:
+                    reason = "stop"
+            if reason is None:
+                reason = self.finish_reason(tok, seq.generated, seq.config, self.cache.lengths[row.slot])
+            if reason is not None and row.text is not None:
+                piece += row.text.finish()
+            return TokenEvent(tok, piece, logprob, top, finish_reason=reason)
+        except Exception as e:  # its text (the tokenizer, its stop strings)
+            if not self.isolate:
+                raise
+            self._fail(row, f"{type(e).__name__}: {e}")
+            return None
+
+    def finish_reason(self, tok: int, generated: list[int], config: GenerationConfig, length: int) -> str | None:
         if (tok in self.eos_token_ids and not config.ignore_eos) or tok in config.stop_token_ids:
             return "stop"
-        if len(generated) >= config.max_new_tokens or length >= max_len:
+        if len(generated) >= config.max_new_tokens or length >= self.cache.max_len:
             return "length"  # budget spent, or the context is full (this token cannot be fed back)
         return None
 
-    def prefill(self, cache: KVCache, prompts: list[list[int]], slots: list[int],
-                 hidden_layers: Sequence[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Left-pad the prompts and run them through the model chunk by chunk; logits of the last token."""
-        longest = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), longest), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(prompts), longest, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, longest - len(p):] = torch.tensor(p)
-            mask[i, longest - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        pieces: dict[int, list[torch.Tensor]] = {}
-        for start in range(0, longest, self.prefill_chunk):
-            end = min(start + self.prefill_chunk, longest)
-            out = self.model(ids[:, start:end], attention_mask=mask[:, start:end], cache=cache, slots=slots,
-                             last_only=True, hidden_layers=hidden_layers)
-            logits, hidden = split_output(out)
-            for layer, h in hidden.items():
-                pieces.setdefault(layer, []).append(h)
-        return logits[:, -1], {layer: torch.cat(hs, 1) for layer, hs in pieces.items()}
+    def _emit(self, rows: list[_Row], events: list[TokenEvent]) -> None:
+        """Hand each row's event, with the row's score, to its sequence; finished rows free their slot."""
+        for row, event in zip(rows, events):
+            event.score, row.score = row.score, None
+            if event.score is not None and not math.isfinite(event.score) and self.isolate:
+                self._fail(row, "the probe's score is not finite (NaN or inf): is the probe or the checkpoint broken?")
+                continue
+            row.seq.sink(event)
+            if event.finish_reason is not None:
+                self._release(row.slot)
 
-    def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        config: GenerationConfig,
-        *,
-        n: int = 1,
-        should_stop: Callable[[int, list[int]], bool] | None = None,
-        hidden_layers: Sequence[int] = (),
-        token_scores: Callable[[Step], list[float]] | None = None,
-        alignment: str = "predictive",
-    ) -> list[Completion]:
-        """All completions, row i·n + j being sample j of prompt i. ``token_scores(step)`` gives a score
-        per fed row of each step (``step.hidden_rows``; a probe reading ``step.hidden``), collected into
-        ``Completion.scores``: under ``alignment`` "predictive" a forward's score belongs to the token
-        sampled from it, under "own" to the token fed to it (see ``steps(feed_last=...)``)."""
-        n_rows = len(prompts) * n
-        own = token_scores is not None and alignment == "own"
-        ids: list[list[int]] = [[] for _ in range(n_rows)]
-        lps: list[list[float]] = [[] for _ in range(n_rows)]
-        scores: list[list[float | None]] = [[] for _ in range(n_rows)]
-        reasons: dict[int, str] = {}
-        for step in self.steps(prompts, config, n=n, should_stop=should_stop, hidden_layers=hidden_layers,
-                               feed_last=own):
-            for row, tok, lp in zip(step.rows, step.token_ids, step.logprobs):
-                ids[row].append(tok)
-                lps[row].append(lp)
-            reasons.update(step.finished)
-            # Each row gets one score per forward it is fed to, in order: "predictive", of the token it
-            # just sampled; "own", of the token it was fed (its previous one). The prefill was fed the
-            # prompt, whose last token is not a generated one.
-            if token_scores is not None and not (own and step.prefill):
-                for row, score in zip(step.hidden_rows, token_scores(step)):
-                    scores[row].append(score)
-        if own:  # a row ended by a full context was never fed its last token: no score for it
-            for r in range(n_rows):
-                scores[r] += [None] * (len(ids[r]) - len(scores[r]))
-        return [Completion(ids[r], lps[r], reasons[r], scores=scores[r] if token_scores else None)
-                for r in range(n_rows)]
+    def _decode(self, rows: list[_Row], tokens: torch.Tensor) -> None:
+        """One forward for every fed row: their next logits (and probe scores)."""
+        out = self._forward_one(tokens[:, None], [r.slot for r in rows])
+        logits, scores = out.logits[:, -1], self._scores(out)
+        for i, r in enumerate(rows):
+            r.logits, r.score = logits[i], None if scores is None else scores[i]
+        self.steps += 1
+
+    def _forward_one(self, tokens: torch.Tensor, slots: list[int]) -> ModelOutput:
+        """One decode forward: tokens (rows, 1) continue the sequences in ``slots``."""
+        if not self.compile:
+            plan = self.cache.begin(slots, 1)
+            return self.model.forward_planned(tokens, plan, self.cache, hidden_layers=self.layers)
+        # A compiled step is specialised to its shapes: run a power-of-two number of rows, filling up with free
+        # slots (reset afterwards) and dropping their outputs, so the batch compiles for a handful of widths.
+        rows = len(slots)
+        width = 1 << (rows - 1).bit_length()
+        spare = heapq.nsmallest(width - rows, self.free) if width - rows <= len(self.free) else []
+        if width > rows and not spare:
+            width = rows  # no free slots to fill with (prefills hold them): compile this width too
+        if spare:
+            slots = slots + spare
+            tokens = torch.cat([tokens, tokens.new_full((len(spare), 1), self.pad_token_id)])
+        plan = self.cache.begin(slots, 1)  # host-side bookkeeping stays out of the compiled graph
+        out = compiled_forward(self.model)(tokens, plan, self.cache, hidden_layers=self.layers, last_only=True)
+        if not spare:
+            return out
+        self.cache.reset(spare)
+        return ModelOutput(out.logits[:rows], {k: h[:rows] for k, h in out.hidden_states.items()})
+
+    def _scores(self, out: ModelOutput) -> list[float] | None:
+        if self.probe is None:
+            return None
+        return self.probe.score(out.hidden_states[self.probe.layer][:, -1]).tolist()
+
+    # --- ending rows ------------------------------------------------------------------------------------
+    def _fail(self, row: _Row, message: str) -> None:
+        """End one sequence with an error; its slot is free at once."""
+        self._release(row.slot)
+        self._fail_sequence(row.seq, message)
+
+    def _fail_sequence(self, seq: Sequence, message: str) -> None:
+        log.warning("sequence %d failed alone (the batch goes on): %s", seq.uid, message)
+        self.failed += 1
+        if not seq.cancelled:
+            seq.sink(ErrorEvent(f"generation failed: {message}"))
+
+    def _release(self, slot: int) -> None:
+        if self.running.pop(slot, None) is None and slot in self.free:
+            return
+        heapq.heappush(self.free, slot)
+        self.cache.reset([slot])
 
 
-STATIC_LEN_STEP = 256  # compiled decode: cache lengths are rounded up to a multiple of this
+def check_prompts(prompts, vocab_size: int, max_len: int) -> list[list[int]]:
+    """Token-id prompts as lists, each non-empty, in the vocabulary, leaving room for one new token."""
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    if not prompts:
+        raise ValueError("no prompts given")
+    out = []
+    for i, p in enumerate(prompts):
+        p = list(p)
+        if not p:
+            raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
+        bad = [t for t in p if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside [0, vocab_size={vocab_size}): {bad[:5]}")
+        if len(p) >= max_len:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; the context is {max_len}, which leaves no room "
+                             "to generate")
+        out.append(p)
+    return out
 
 
-def compiled_forward(model: Transformer) -> Callable[..., torch.Tensor | ModelOutput]:
-    """``model.forward_planned`` compiled with ``torch.compile``, once per model and kept on it
-    (compiling takes seconds; later engines and calls reuse it, recompiling only for new shapes)."""
+def compiled_forward(model: Transformer) -> Callable[..., ModelOutput]:
+    """``model.forward_planned`` compiled with ``torch.compile``, once per model and kept on it (compiling takes
+    seconds; later engines and calls reuse it, recompiling only for new shapes)."""
     fn = model.__dict__.get("_compiled_forward")
     if fn is None:
-        fn = torch.compile(model.forward_planned, dynamic=False)  # static shapes: see Engine.decode
+        fn = torch.compile(model.forward_planned, dynamic=False)  # static shapes: see Engine._forward_one
         model.__dict__["_compiled_forward"] = fn
     return fn
 
 
-def split_output(out: torch.Tensor | ModelOutput) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    if isinstance(out, ModelOutput):
-        return out.logits, out.hidden_states
-    return out, {}
-
-
-class _RowSampler:
-    """Per-row processors, generators and seen-token sets; shrinks as rows finish."""
-
-    def __init__(self, config: GenerationConfig, row_prompts: list[list[int]], n: int, vocab: int,
-                 device: torch.device) -> None:
-        params = config.sampling
-        self.greedy = params.plain_greedy
-        self.batch = BatchSampling.from_params([params] * len(row_prompts), device)
-        self.generators: list[torch.Generator | None] = [None] * len(row_prompts)
-        if not params.greedy and params.seed is not None:  # sample j of a prompt uses seed + j
-            self.generators = [torch.Generator(device).manual_seed(params.seed + r % n)
-                               for r in range(len(row_prompts))]
-        self.seen = None
-        if params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(len(row_prompts), vocab, dtype=torch.bool, device=device)
-            for r, p in enumerate(row_prompts):
-                self.seen[r, torch.tensor(p, device=device)] = True
-        self.counts = None  # generated tokens per row, for presence/frequency penalties
-        if params.counts_tokens:
-            self.counts = torch.zeros(len(row_prompts), vocab, dtype=torch.int32, device=device)
-        self.params, self.device = params, device
-
-    def next(self, logits: torch.Tensor, active: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits (rows, vocab) -> next token ids (rows,) and their model log-probabilities (rows,)."""
-        logits = logits.float()
-        if self.greedy:
-            tokens = logits.argmax(-1)
+def _padding_groups(entries: list[tuple], max_len: int) -> list[list[tuple]]:
+    """Split leaders (leader, followers, start, rest) into prefill jobs, longest rest first, so that left padding up
+    to a job's longest never eats into any row's token budget (what it could generate prefilled alone)."""
+    jobs: list[list[tuple]] = []
+    for e in sorted(entries, key=lambda e: -len(e[3])):
+        leader, _, start, rest = e
+        budget = min(leader.seq.config.max_new_tokens, max_len - start - len(rest))
+        if jobs and start + len(jobs[-1][0][3]) + budget <= max_len:
+            jobs[-1].append(e)
         else:
-            processed = self.batch.process(logits, self.seen, self.counts)
-            tokens = self.batch.sample(processed, self.generators)
-        logprobs = torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
-        rows = torch.arange(len(tokens), device=tokens.device)
-        if self.seen is not None:
-            self.seen[rows, tokens] = True
-        if self.counts is not None:
-            self.counts[rows, tokens] += 1
-        return tokens, logprobs
-
-    def keep(self, index: list[int]) -> None:
-        """Rows at ``index`` (positions in the current batch) stay; the others finished."""
-        self.batch = BatchSampling.from_params([self.params] * len(index), self.device)
-        self.generators = [self.generators[i] for i in index]
-        if self.seen is not None:
-            self.seen = self.seen[index]
-        if self.counts is not None:
-            self.counts = self.counts[index]
+            jobs.append([e])
+    return jobs

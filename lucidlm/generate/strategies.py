@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .engine import Completion
+from .events import Completion
 
 Scorer = Callable[[Completion], float]
 AnswerExtractor = Callable[[str], str | None]

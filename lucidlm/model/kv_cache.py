@@ -136,6 +136,25 @@ class KVCache:
         for d in dst:
             self.lengths[d] = self.lengths[src]
 
+    def read_cells(self, slot: int, start: int, n: int) -> list[tuple[torch.Tensor, ...]]:
+        """Copies of cells [start, start + n) of ``slot``, per layer: what ``write_prefix`` puts back (prefix
+        caching). Full-attention layers only: a ring's cells are not indexed by sequence position."""
+        if any(self.ring):
+            raise ValueError("cells of sliding-window rings cannot be copied out as a prefix")
+        return [tuple(t[slot, :, start:start + n].clone() for t in pair) for pair in self.layers]
+
+    def write_prefix(self, slot: int, cells: list[tuple[torch.Tensor, ...]], n: int) -> None:
+        """``slot`` starts over holding a sequence of ``n`` real tokens (positions 0..n-1) whose K/V are the first
+        ``n`` of ``cells`` (from ``read_cells``); the next tokens continue it."""
+        self.reset([slot])
+        for pair, saved in zip(self.layers, cells):
+            for t, c in zip(pair, saved):
+                t[slot, :, :n] = c[:, :n]
+        self.valid[slot, :n] = True
+        self.positions[slot, :n] = torch.arange(n, device=self.device)
+        self.next_position[slot] = n
+        self.lengths[slot] = n
+
     def reorder(self, index: torch.Tensor) -> None:
         """Slot i takes the content of slot index[i] (beam search keeps the surviving beams)."""
         for pair in self.layers:

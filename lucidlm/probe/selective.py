@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..generate.engine import Completion
+from ..generate.events import Completion
 
 
 @dataclass

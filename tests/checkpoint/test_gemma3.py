@@ -27,8 +27,8 @@ from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConf
 import lucidlm
 from lucidlm.checkpoint import CheckpointError, load_model, save_model
 from lucidlm.checkpoint.gemma3 import gemma3_config
-from lucidlm.generate.engine import Engine
 from lucidlm.generate.generation_config import GenerationConfig
+from lucidlm.generate.offline import Generator
 from lucidlm.generate.reference import greedy_no_cache
 from lucidlm.model.transformer import Transformer
 
@@ -146,7 +146,7 @@ def test_cached_greedy_matches_transformers_generate(name, tmp_path):
     """KV-cached greedy decoding (left-padded batch, prefill in chunks of 3, sliding rings that
     wrap) gives transformers' tokens and log-probabilities (softcapped ones included)."""
     hf, loaded = hf_checkpoint("gemma3_text", tmp_path, **CONFIGS[name], tie_word_embeddings=False)
-    got = Engine(loaded.model, prefill_chunk=3).generate(PROMPTS, GenerationConfig(max_new_tokens=NEW))
+    got = Generator(loaded.model, prefill_chunk=3).generate(PROMPTS, GenerationConfig(max_new_tokens=NEW))
     for prompt, completion in zip(PROMPTS, got):
         tokens, logprobs = _hf_greedy(hf, prompt, NEW)
         assert completion.token_ids == tokens
@@ -159,7 +159,7 @@ def test_preset_cached_decode_equals_recomputation():
     tokens of recomputing every prefix without a cache."""
     model = tiny_model("gemma3-270m", n_layers=3, sliding_window=4, sliding_layers=(0, 2), tie_embeddings=False)
     assert model.sliding_rotary is not None
-    got = Engine(model, prefill_chunk=3).generate(PROMPTS, GenerationConfig(max_new_tokens=NEW))
+    got = Generator(model, prefill_chunk=3).generate(PROMPTS, GenerationConfig(max_new_tokens=NEW))
     for prompt, completion in zip(PROMPTS, got):
         assert completion.token_ids == greedy_no_cache(model, prompt, NEW)
 

@@ -13,8 +13,8 @@ import torch
 from hf_parity import hf_checkpoint
 
 from lucidlm.generate.beam_search import beam_search
-from lucidlm.generate.engine import Engine
 from lucidlm.generate.generation_config import GenerationConfig
+from lucidlm.generate.offline import Generator
 from lucidlm.generate.sampling import SamplingParams
 
 EOS = {"llama": (26, 69), "qwen3": (39, 44)}  # model kind -> EOS ids
@@ -175,7 +175,7 @@ def test_context_limit_ends_beams(models):
 def test_one_beam_without_eos_is_greedy(models):
     _, _, model = models
     ours = beam_search(model, PROMPTS, config(num_beams=1))
-    greedy = Engine(model).generate(PROMPTS, GenerationConfig(max_new_tokens=NEW))
+    greedy = Generator(model).generate(PROMPTS, GenerationConfig(max_new_tokens=NEW))
     assert [r[0].token_ids for r in ours] == [c.token_ids for c in greedy]
 
 

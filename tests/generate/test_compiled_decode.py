@@ -1,14 +1,15 @@
-"""Engine(compile=True) and packed weights: the same tokens, logprobs, hidden states and probe scores as the eager
+"""Generator(compile=True) and packed weights: the same tokens, logprobs, hidden states and probe scores as the eager
 engine."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from test_engine import capture_hidden
 from tiny_lm import random_probe, tiny_lm, tiny_model
 
-from lucidlm.generate.engine import Engine
 from lucidlm.generate.generation_config import GenerationConfig
+from lucidlm.generate.offline import Generator
 from lucidlm.model.cpu_kernels import pack_linears, unpack_linears
 
 PROMPTS = [[1, 5, 9, 2, 7, 3, 8], [4, 4, 1], [6, 2, 9, 9, 1]]
@@ -19,40 +20,38 @@ def test_compiled_and_packed_decode_equal_eager():
     torch._dynamo.reset()
     model = tiny_model("llama-125m", seed=1, n_layers=2)
     config = GenerationConfig(max_new_tokens=NEW)
-    eager = Engine(model).generate(PROMPTS, config)
+    eager = Generator(model).generate(PROMPTS, config)
     eos = eager[1].token_ids[2]  # row 1 stops after 3 tokens: the batch shrinks 3 -> 2 rows
-    eager = Engine(model, eos_token_ids=[eos]).generate(PROMPTS, config)
+    eager = Generator(model, eos_token_ids=[eos]).generate(PROMPTS, config)
     assert len(eager[1].token_ids) == 3
 
-    compiled = Engine(model, eos_token_ids=[eos], compile=True)
-    steps = list(compiled.steps(PROMPTS, config, hidden_layers=[0]))
+    probe, seen = capture_hidden(layer=0)
+    compiled = Generator(model, eos_token_ids=[eos], compile=True, probe=probe).generate(PROMPTS, config)
     pack_linears(model)
     try:
-        packed = Engine(model, eos_token_ids=[eos], compile=True).generate(PROMPTS, config)
+        packed = Generator(model, eos_token_ids=[eos], compile=True).generate(PROMPTS, config)
     finally:
         unpack_linears(model)
 
-    by_row: dict[int, list[int]] = {}
-    for step in steps:
-        for row, tok in zip(step.rows, step.token_ids):
-            by_row.setdefault(row, []).append(tok)
-        assert step.hidden[0].shape[0] == len(step.rows)  # filler rows are cut from the outputs
     for i, e in enumerate(eager):
-        assert by_row[i] == e.token_ids
+        assert compiled[i].token_ids == e.token_ids
         assert packed[i].token_ids == e.token_ids and packed[i].finish_reason == e.finish_reason
         torch.testing.assert_close(packed[i].logprobs, e.logprobs, atol=1e-4, rtol=0)
-    assert [len(s.rows) for s in steps][0] == 3 and len(steps[-1].rows) < 3  # shrank: other compiled shapes
+    rows = [h.shape[0] for h in seen]  # filler rows are cut from the outputs the probe reads
+    assert rows[0] == 3 and rows[-1] < 3  # shrank: other compiled shapes
 
 
 def test_compiled_step_hidden_states_match_eager():
     torch._dynamo.reset()
     model = tiny_model("qwen3-0.6b", seed=2, n_layers=2)  # QK-norm
     config = GenerationConfig(max_new_tokens=4)
-    eager = list(Engine(model).steps([PROMPTS[0]], config, hidden_layers=[1]))
-    compiled = list(Engine(model, compile=True).steps([PROMPTS[0]], config, hidden_layers=[1]))
-    for a, b in zip(eager, compiled):
-        assert a.token_ids == b.token_ids
-        torch.testing.assert_close(a.hidden[1], b.hidden[1], atol=1e-4, rtol=1e-4)
+    probe, eager_seen = capture_hidden(layer=1)
+    eager = Generator(model, probe=probe).generate([PROMPTS[0]], config)
+    probe, compiled_seen = capture_hidden(layer=1)
+    compiled = Generator(model, compile=True, probe=probe).generate([PROMPTS[0]], config)
+    assert eager[0].token_ids == compiled[0].token_ids and len(eager_seen) == len(compiled_seen) == 4
+    for a, b in zip(eager_seen, compiled_seen):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_compiled_decode_scores_own_aligned_tokens_as_eager():

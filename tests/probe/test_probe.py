@@ -11,7 +11,7 @@ from hf_parity import random_hf_model
 from tiny_lm import random_probe, tiny_lm
 
 import lucidlm
-from lucidlm.generate.engine import Completion
+from lucidlm.generate.events import Completion
 from lucidlm.probe.probe import (
     ProbeConfig,
     ProbeHead,

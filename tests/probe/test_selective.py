@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lucidlm.generate.engine import Completion
+from lucidlm.generate.events import Completion
 from lucidlm.probe.selective import accuracy_at, attempt_curve, flagged_spans, lowest_max_score
 
 

@@ -19,6 +19,7 @@ from tiny_lm import tiny_lm
 from waiting import HANG_GUARD, async_wait_for, wait_for
 
 from lucidlm.generate.generation_config import GenerationConfig
+from lucidlm.generate.prefill import Prefill
 from lucidlm.generate.sampling import SamplingParams
 from lucidlm.serve.batcher import ErrorEvent, Sequence
 
@@ -114,16 +115,19 @@ def test_one_poisoned_sequence_fails_alone_while_8_clients_stream(server, lm, mo
     cases = {"temperature": poisoned(ids, temperature=1e-39),
              "penalty": poisoned(ids, temperature=0.0, repetition_penalty=1e-300),
              "top_k": poisoned(ids, top_k=2**63),
-             "prompt": poisoned([lm.config.vocab_size + 5]),
+             "prompt": poisoned(lm.encode("prefill poison")),
              "nan_logits": poisoned(ids),
              "nan_score": poisoned(lm.encode("score"), temperature=0.0)}
     nan_logits, nan_score = cases["nan_logits"][0], cases["nan_score"][0]
-    iteration, prefill, decode, sample = batcher.iteration, batcher._prefill_group, batcher._decode, batcher._sample
+    engine = batcher.engine
+    iteration, prefill_done, decode, sample = batcher.iteration, engine._prefill_done, engine._decode, engine.sample
+    run_chunk = Prefill.run_chunk
+    poison_prompt = cases["prompt"][0].prompt
     queued = threading.Event()  # the poison is in the queue
     sizes = []
 
     def held_iteration():  # the 8 start together (none can finish before the poison arrives) ...
-        while len(batcher.waiting) + len(batcher.rows) < 8 and not queued.wait(0.005):
+        while len(engine.waiting) + len(engine.running) < 8 and not queued.wait(0.005):
             pass
         iteration()
 
@@ -134,26 +138,32 @@ def test_one_poisoned_sequence_fails_alone_while_8_clients_stream(server, lm, mo
             if r.seq is nan_score:
                 r.score = float("nan")
 
-    def broken_prefill(group):  # one row's forward came out NaN (a broken checkpoint, for that row)
-        prefill(group)
-        for r in group:
+    def broken_prefill(job, out):  # one row's forward came out NaN (a broken checkpoint, for that row)
+        prefill_done(job, out)
+        for r in job.rows():
             if r.seq is nan_logits:
                 r.logits = torch.full_like(r.logits, float("nan"))
 
-    def counting_sample(rows):
-        sizes.append(len(rows))
-        return sample(rows)
+    def counting_sample(logits, slots, *args):
+        sizes.append(len(slots))
+        return sample(logits, slots, *args)
 
-    for name, fn in [("iteration", held_iteration), ("_decode", held_decode), ("_prefill_group", broken_prefill),
-                     ("_sample", counting_sample)]:
-        monkeypatch.setattr(batcher, name, fn)
+    def failing_chunk(self, model, cache, layers=(), width=None):  # fails whenever it holds the poison prompt
+        if any(row[mask.bool()].tolist() == poison_prompt for row, mask in zip(self.ids, self.mask)):
+            raise RuntimeError("this prompt cannot be embedded")
+        return run_chunk(self, model, cache, layers, width)
+
+    monkeypatch.setattr(batcher, "iteration", held_iteration)
+    for name, fn in [("_decode", held_decode), ("_prefill_done", broken_prefill), ("sample", counting_sample)]:
+        monkeypatch.setattr(engine, name, fn)
+    monkeypatch.setattr(Prefill, "run_chunk", failing_chunk)
     failed_before = batcher.failed
     prompts = [f"client {i} keeps streaming" + "!" * i for i in range(8)]
 
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=HANG_GUARD) as client:
             streams = [asyncio.create_task(stream_tokens(client, p, 40)) for p in prompts]
-            await async_wait_for(lambda: len(batcher.rows) >= 8, "every stream to hold its slot", interval=0.005)
+            await async_wait_for(lambda: len(engine.running) >= 8, "every stream to hold its slot", interval=0.005)
             refused = await asyncio.gather(*(client.post("/v1/completions", json=body) for body, *_ in POISON[:6]))
             batcher.submit_request([[seq] for seq, _ in cases.values()])
             queued.set()
@@ -172,7 +182,7 @@ def test_one_poisoned_sequence_fails_alone_while_8_clients_stream(server, lm, mo
         assert isinstance(events[-1], ErrorEvent) and expected[name] in events[-1].message, (name, events[-1:])
         assert all(not isinstance(e, ErrorEvent) for e in events[:-1])
     assert batcher.failed - failed_before == len(cases)
-    assert batcher.idle() and len(batcher.free) == batcher.max_batch
+    assert batcher.idle() and len(engine.free) == batcher.max_batch
 
 
 def test_a_checkpoint_with_nan_weights_fails_each_request_and_the_server_stays_up():

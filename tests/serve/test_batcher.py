@@ -71,7 +71,7 @@ def test_rows_joining_mid_decode_get_what_they_get_alone(lm):
             sinks += s
             for _ in range(3):  # the next request arrives while these decode
                 batcher.iteration()
-                batch_sizes.append(len(batcher.rows))
+                batch_sizes.append(len(batcher.engine.running))
     run_until_done(batcher, sinks)
     assert max(batch_sizes) >= 4  # they really ran together
     for prompt, opts, sink in zip(PROMPTS, options, sinks):
@@ -81,7 +81,7 @@ def test_rows_joining_mid_decode_get_what_they_get_alone(lm):
         assert [e.score for e in sink.events] == pytest.approx(alone.scores, abs=1e-5)
         assert sink.text == alone.text
         assert sink.events[-1].finish_reason == "length" and all(e.finish_reason is None for e in sink.events[:-1])
-    assert batcher.idle() and len(batcher.free) == 8
+    assert batcher.idle() and len(batcher.engine.free) == 8
 
 
 def serve_all(lm, cases: list[tuple[str, dict]], max_len: int) -> list[Collector]:
@@ -95,7 +95,7 @@ def serve_all(lm, cases: list[tuple[str, dict]], max_len: int) -> list[Collector
             sinks += s
             batcher.iteration()
     run_until_done(batcher, sinks)
-    assert batcher.idle() and len(batcher.free) == 8  # finished rows fed once more were released after it
+    assert batcher.idle() and len(batcher.engine.free) == 8  # finished rows fed once more were released after it
     return sinks
 
 
@@ -150,10 +150,10 @@ def test_cancelled_rows_free_their_slot_before_the_next_step(lm):
         batcher.submit(seqs)
     with torch.inference_mode():
         batcher.iteration()
-        assert len(batcher.rows) == 2 and batcher.stats()["waiting"] == 1
+        assert len(batcher.engine.running) == 2 and batcher.stats()["waiting"] == 1
         reqs[0][0][0].cancel()
         batcher.iteration()  # the cancelled row leaves and the waiting request takes its slot in one step
-    assert {r.seq for r in batcher.rows.values()} == {reqs[1][0][0], reqs[2][0][0]}
+    assert {r.seq for r in batcher.engine.running.values()} == {reqs[1][0][0], reqs[2][0][0]}
     n_events = len(reqs[0][1][0].events)
     run_until_done(batcher, reqs[1][1] + reqs[2][1])
     assert len(reqs[0][1][0].events) == n_events  # nothing more reached the cancelled client

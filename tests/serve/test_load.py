@@ -78,7 +78,7 @@ def test_32_concurrent_streaming_clients_get_their_own_tokens(server, lm):
 
 def test_a_disconnecting_client_frees_its_slot_and_disturbs_no_one(server, lm, monkeypatch):
     batcher = server.batcher
-    decode = batcher._decode
+    decode = batcher.engine._decode
 
     def slow_decode(rows, tokens):  # a larger model's step time, so the long request is still running ...
         time.sleep(0.005)
@@ -87,7 +87,7 @@ def test_a_disconnecting_client_frees_its_slot_and_disturbs_no_one(server, lm, m
                 wait_for(lambda seq=r.seq: seq.cancelled, "the server to notice that the client hung up")
         return decode(rows, tokens)
 
-    monkeypatch.setattr(batcher, "_decode", slow_decode)
+    monkeypatch.setattr(batcher.engine, "_decode", slow_decode)
     cancelled_before = batcher.cancelled
 
     async def main():
@@ -107,4 +107,4 @@ def test_a_disconnecting_client_frees_its_slot_and_disturbs_no_one(server, lm, m
         alone = lm.generate([ids_alone], max_new_tokens=40)[0]
         assert done and text == alone.text and finish == alone.finish_reason
         assert logprobs == pytest.approx(alone.logprobs, abs=1e-4)
-    assert batcher.idle() and len(batcher.free) == batcher.max_batch
+    assert batcher.idle() and len(batcher.engine.free) == batcher.max_batch

@@ -1,0 +1,83 @@
+"""The library's use of the engine: one call drives it synchronously to the end (vLLM's offline ``LLM`` and its
+server share one engine the same way; the server drives it from a thread, serve/batcher.py).
+
+``Generator`` is what the engine needs from a loaded model, as plain values — the model, its tokenizer, EOS ids,
+an optional probe — so that ``generate/`` never sees the ``LM`` object built above it (api.py).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+from ..model.transformer import Transformer
+from ..tokenizer import Tokenizer, pad_id
+from .engine import STATIC_LEN_STEP, Engine, ProbeScoring, check_prompts
+from .events import Completion, ErrorEvent, Event, TokenEvent
+from .generation_config import GenerationConfig
+from .sequence import Sequence
+
+
+class GenerationError(RuntimeError):
+    """A sequence could not be generated (the engine's message says why)."""
+
+
+@dataclass(frozen=True)
+class Generator:
+    model: Transformer
+    tokenizer: Tokenizer | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    probe: ProbeScoring | None = None
+    compile: bool = False  # decode steps as one torch.compile'd graph over a static cache
+    prefill_chunk: int = 512
+
+    def engine(self, rows: int, tokens: int) -> Engine:
+        """An engine for ``rows`` sequences of up to ``tokens`` (prompt + new) each; a compiled one rounds the
+        cache up to a multiple of STATIC_LEN_STEP so that calls of similar lengths share compiled shapes."""
+        if self.compile:
+            tokens = -(-tokens // STATIC_LEN_STEP) * STATIC_LEN_STEP
+        return Engine(self.model, max_batch=rows, max_len=min(self.model.config.max_seq_len, tokens),
+                      eos_token_ids=self.eos_token_ids, pad_token_id=pad_id(self.tokenizer),
+                      tokenizer=self.tokenizer, probe=self.probe, prefill_chunk=self.prefill_chunk,
+                      compile=self.compile, isolate_failures=False)
+
+    def start(self, prompts: Seq[Seq[int]], config: GenerationConfig, n: int = 1
+              ) -> tuple[Engine, list[Sequence], deque[tuple[int, Event]]]:
+        """An engine with every prompt queued ``n`` times (row i·n + j: sample j of prompt i, seed + j); the
+        events arrive in the returned queue as (row, event)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        prompts = check_prompts(prompts, self.model.config.vocab_size, self.model.config.max_seq_len)
+        engine = self.engine(len(prompts) * n, max(len(p) for p in prompts) + config.max_new_tokens)
+        events: deque[tuple[int, Event]] = deque()
+        seqs = [Sequence(p, config, lambda e, row=i * n + j: events.append((row, e)), sample_index=j)
+                for i, p in enumerate(prompts) for j in range(n)]
+        engine.add([seqs[i * n:(i + 1) * n] for i in range(len(prompts))], fit_budget=False)
+        return engine, seqs, events
+
+    def generate(self, prompts: Seq[Seq[int]], config: GenerationConfig, n: int = 1) -> list[Completion]:
+        """Every completion, row i·n + j being sample j of prompt i."""
+        engine, seqs, events = self.start(prompts, config, n)
+        got: list[list[TokenEvent]] = [[] for _ in seqs]
+        while engine.has_work():
+            engine.step()
+            while events:
+                row, event = events.popleft()
+                got[row].append(_token(event))
+        return [Completion.from_events(g, self.tokenizer is not None, self.probe is not None) for g in got]
+
+    def stream(self, prompt: Seq[int], config: GenerationConfig) -> Iterator[TokenEvent]:
+        """Each token of one prompt as soon as its event is out (with an "own" probe: once it is scored)."""
+        engine, _, events = self.start([prompt], config)
+        while engine.has_work():
+            engine.step()
+            while events:
+                yield _token(events.popleft()[1])
+
+
+def _token(event: Event) -> TokenEvent:
+    if isinstance(event, ErrorEvent):
+        raise GenerationError(event.message)
+    return event
