@@ -77,15 +77,15 @@ def _hf_runner(hf, ids: torch.Tensor) -> Callable[[int], Callable[[], object]]:
 
 
 def _ours_runner(lm, ids: torch.Tensor, fast: bool = False) -> Callable[[int], Callable[[], object]]:
-    from ..generate.engine import Engine
     from ..generate.generation_config import GenerationConfig
+    from ..generate.offline import Generator
     from ..model.cpu_kernels import pack_linears, unpack_linears
 
     if fast:
         pack_linears(lm.model, rows=ids.shape[0])
     else:
         unpack_linears(lm.model)
-    engine = Engine(lm.model, compile=fast)
+    engine = Generator(lm.model, compile=fast)
     prompts = ids.tolist()
 
     def run(new: int):

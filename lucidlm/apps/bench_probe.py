@@ -45,7 +45,7 @@ def _stream_seconds(lm, prompt: list[int], new: int) -> float:
 
 def _head_seconds(head: ProbeHead, dim: int, dtype: torch.dtype, calls: int = 2000) -> float:
     """The probe's own work per decode step, timed directly (median of batches of calls): the head on
-    one hidden state and the score handed to Python — what text_generation.probe_scorer does."""
+    one hidden state and the score handed to Python — what the engine's ProbeScoring does (generate/engine.py)."""
     hidden = torch.randn(1, dim, dtype=dtype)
     times = []
     with torch.no_grad():

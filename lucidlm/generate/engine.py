@@ -45,6 +45,7 @@ from .generation_config import GenerationConfig
 from .prefill import Prefill
 from .prefix_cache import PrefixCache
 from .sample_step import SampleStep
+from .sampling import row_generator
 from .sequence import Sequence
 from .text import TextAssembler
 from .token_history import TokenHistory
@@ -68,10 +69,7 @@ class _Row:
 
     def __init__(self, seq: Sequence, slot: int, tokenizer: Tokenizer | None, device: torch.device) -> None:
         self.seq, self.slot = seq, slot
-        params = seq.config.sampling
-        self.generator = None
-        if not params.greedy and params.seed is not None:  # choice j of a seeded request samples with seed + j
-            self.generator = torch.Generator(device).manual_seed(params.seed + seq.sample_index)
+        self.generator = row_generator(seq.config.sampling, seq.sample_index, device)
         self.text = TextAssembler(tokenizer, seq.config.stop) if tokenizer is not None else None
         self.logits: torch.Tensor | None = None  # (vocab,) the distribution of the next token
         # the probe's score from the last forward: "predictive", of the next token (decoded by it); "own", of

@@ -140,12 +140,6 @@ def seen_tokens(ids: Tensor, vocab_size: int, mask: Tensor | None = None) -> Ten
     return seen[:, :vocab_size].contiguous()
 
 
-def mark_seen(seen: Tensor, new_ids: Tensor) -> Tensor:
-    """Record one decode step's (batch,) new ids in ``seen``, in place; returns ``seen``."""
-    seen[torch.arange(seen.shape[0], device=seen.device), new_ids] = True
-    return seen
-
-
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
     """CTRL's penalty on tokens already present: divide positive logits, multiply negative ones, so the token
     always becomes less likely when penalty > 1. Applied once per token however often it occurred."""
@@ -218,12 +212,12 @@ def apply_min_p(logits: Tensor, min_p: Tensor, min_tokens_to_keep: int = 1) -> T
     return logits.masked_fill(remove, _NEG_INF)
 
 
-def make_generators(params: list[SamplingParams], device: torch.device | str) -> list[torch.Generator | None]:
-    """One seeded generator per row with a seed; None (the global RNG) for the others and for greedy rows."""
-    return [
-        torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None and not p.greedy else None
-        for p in params
-    ]
+def row_generator(params: SamplingParams, sample_index: int, device: torch.device | str) -> torch.Generator | None:
+    """A seeded row's own generator: sample j of a request draws with seed + j (OpenAI's n choices, best-of-N);
+    None (the global RNG) for an unseeded row and for a greedy one."""
+    if params.seed is None or params.greedy:
+        return None
+    return torch.Generator(device=device).manual_seed(params.seed + sample_index)
 
 
 class BatchSampling:

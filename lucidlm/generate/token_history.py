@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .sampling import SamplingParams
+from .sampling import SamplingParams, seen_tokens
 
 
 class TokenHistory:
@@ -30,8 +30,7 @@ class TokenHistory:
         if params.counts_tokens and self.counts is None:
             self.counts = torch.zeros(self.n_slots, self.vocab, dtype=torch.int32, device=self.device)
         if self.seen is not None:
-            self.seen[slot] = False
-            self.seen[slot, torch.tensor(list(prompt), dtype=torch.long, device=self.device)] = True
+            self.seen[slot] = seen_tokens(torch.tensor([list(prompt)], device=self.device), self.vocab)[0]
         if self.counts is not None:
             self.counts[slot] = 0
 

@@ -7,7 +7,7 @@ pass that gives the logits.
 One pass, never a second: the model's forward hands out h_L with the logits (``hidden_layers``,
 model/transformer.py) and ``score_tokens`` scores it. That is how a text is scored (api.LM.token_scores,
 probe/features.extract, probe/train.py) and how generation scores each token as it goes
-(generate/text_generation.probe_scorer, serve/batcher.py).
+(generate/engine.py's ProbeScoring, for lm.generate and the server alike).
 
 Alignment (``ProbeConfig.alignment``): which position's hidden state scores token t.
 - "own": h[t], the state computed when token t is fed in — what the reference code of Obeso et al.

@@ -22,10 +22,10 @@ from lucidlm.generate.sampling import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
-    make_generators,
-    mark_seen,
+    row_generator,
     seen_tokens,
 )
+from lucidlm.generate.token_history import TokenHistory
 
 BATCH, VOCAB, SEQ = 4, 50, 12
 SEEDS = [0, 1, 2, 3]
@@ -291,7 +291,7 @@ def test_greedy_rows_take_argmax_after_repetition_penalty_only(hf_model):
     processed = sampling.process(logits, seen_tokens(ids, VOCAB))
     ref = hf_process(hf_model, params[0], ids, logits)
     assert_exact(processed, ref)  # no warper ran: only the penalty changed the logits
-    tokens = sampling.sample(processed, make_generators(params, "cpu"))
+    tokens = sampling.sample(processed, [row_generator(p, 0, "cpu") for p in params])
     assert torch.equal(tokens, ref.argmax(-1))
     assert (tokens != 0).all()
 
@@ -310,12 +310,12 @@ def test_sampling_matches_hf_multinomial_step(hf_model):
     torch.manual_seed(9)
     ref_one = torch.multinomial(processed[:1].softmax(-1), 1).squeeze(1)
     torch.manual_seed(0)  # the global RNG must not matter for a seeded row
-    assert torch.equal(one.sample(processed[:1], make_generators(one.params, "cpu")), ref_one)
+    assert torch.equal(one.sample(processed[:1], [row_generator(p, 0, "cpu") for p in one.params]), ref_one)
 
 
 def draw(params: list[SamplingParams], logits: torch.Tensor, steps: int) -> torch.Tensor:
     sampling = BatchSampling.from_params(params, "cpu")
-    generators = make_generators(params, "cpu")
+    generators = [row_generator(p, 0, "cpu") for p in params]
     processed = sampling.process(logits, None)
     return torch.stack([sampling.sample(processed, generators) for _ in range(steps)], dim=1)
 
@@ -371,12 +371,26 @@ def test_seen_tokens_marks_exactly_the_ids_present():
     assert seen_tokens(ids, VOCAB)[0, 0]
 
 
-def test_mark_seen_incrementally_equals_seen_of_whole_sequence():
+def test_token_history_recorded_step_by_step_equals_seen_of_whole_sequence():
+    """The engine's history (prompt at start, one token per step) is what seen_tokens finds in the whole row."""
     ids = random_ids(0)
-    seen = seen_tokens(ids[:, :4], VOCAB)
+    history = TokenHistory(BATCH, VOCAB, torch.device("cpu"))
+    for slot in range(BATCH):
+        history.start(slot, ids[slot, :4].tolist(), SamplingParams(repetition_penalty=1.2, presence_penalty=0.5))
+    slots = torch.arange(BATCH)
     for step in range(4, SEQ):
-        mark_seen(seen, ids[:, step])
+        history.record(slots, ids[:, step])
+    seen, counts = history.rows(slots)
     assert torch.equal(seen, seen_tokens(ids, VOCAB))
+    generated = seen_tokens(ids[:, 4:], VOCAB)  # counts cover generated tokens only (OpenAI, vLLM)
+    assert torch.equal(counts > 0, generated) and int(counts.sum()) == BATCH * (SEQ - 4)
+
+
+def test_row_generator_seeds_choice_j_with_seed_plus_j():
+    params = SamplingParams(seed=7, temperature=1.0)
+    draws = [torch.rand(3, generator=row_generator(params, j, "cpu")) for j in range(2)]
+    assert torch.equal(draws[1], torch.rand(3, generator=torch.Generator().manual_seed(8)))
+    assert row_generator(SamplingParams(seed=7, temperature=0), 0, "cpu") is None  # greedy draws nothing
 
 
 # --- parameter validation -------------------------------------------------------------------------------------------

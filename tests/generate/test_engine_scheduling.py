@@ -1,0 +1,108 @@
+"""The engine's scheduling: a long prompt prefilled in chunks between decode steps, prefix caching, and the n
+choices of one request sharing one prefill — each against generation alone (a fresh engine, nothing shared)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import capture_hidden
+from tiny_lm import tiny_model
+
+from lucidlm.generate.engine import Engine
+from lucidlm.generate.events import TokenEvent
+from lucidlm.generate.generation_config import GenerationConfig
+from lucidlm.generate.offline import Generator
+from lucidlm.generate.prefix_cache import PrefixCache
+from lucidlm.generate.sequence import Sequence
+
+
+def rand_prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def collect(prompt: list[int], config: GenerationConfig) -> tuple[Sequence, list[TokenEvent]]:
+    events: list[TokenEvent] = []
+    return Sequence(prompt, config, events.append), events
+
+
+def alone(model, prompt: list[int], config: GenerationConfig):
+    return Generator(model).generate([prompt], config)[0]
+
+
+def test_a_long_prompt_admitted_mid_stream_is_prefilled_between_decode_steps():
+    model = tiny_model()
+    config = GenerationConfig(max_new_tokens=30, ignore_eos=True)
+    engine = Engine(model, max_batch=4, max_len=256, prefill_chunk=16)
+    short = [collect(rand_prompt(5 + i, i), config) for i in range(2)]
+    engine.add([[s] for s, _ in short])
+    for _ in range(3):
+        engine.step()
+    long_seq, long_events = collect(rand_prompt(120, 9), config)
+    engine.add([[long_seq]])
+    produced = []  # tokens the running rows got per step while the long prompt was being prefilled
+    while engine.jobs or engine.waiting:
+        before = sum(len(e) for _, e in short)
+        engine.step()
+        produced.append(sum(len(e) for _, e in short) - before)
+    assert len(produced) == 120 // 16 + 1  # 16 positions per step (the budget), the running rows decoding each step
+    assert all(p == 2 for p in produced)
+    while engine.has_work():
+        engine.step()
+    for seq, events in [*short, (long_seq, long_events)]:
+        expected = alone(model, seq.prompt, config)
+        assert [e.token_id for e in events] == expected.token_ids
+        assert [e.logprob for e in events] == pytest.approx(expected.logprobs, abs=1e-4)
+
+
+def test_prefix_cached_prefill_gives_the_logits_of_a_full_prefill():
+    """Three requests share a 40-token head: the first (padded beside a longer prompt in its prefill) stores it,
+    the next two reuse 32 tokens of it (blocks of 8, one token always left to run): same tokens and logprobs as
+    alone, and their first step's whole distribution equals a full prefill's."""
+    model = tiny_model()
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    head = rand_prompt(40, 1)
+    prompts = [head + rand_prompt(3, 2), head[:33], head + rand_prompt(20, 3)]
+    engine = Engine(model, max_batch=4, max_len=256)
+    engine.prefix_cache = PrefixCache(max_bytes=2**24, block=8)
+    other = collect(rand_prompt(60, 4), config)
+    first = collect(prompts[0], config)
+    engine.add([[other[0]], [first[0]]])  # prefilled together: the shared prompt sits after 17 padding cells
+    engine.step()
+    later = [collect(p, GenerationConfig(max_new_tokens=12, ignore_eos=True)) for p in prompts[1:]]
+    for seq, _ in later:
+        seq.top_logprobs = 256  # the whole distribution of every step
+        engine.add([[seq]])
+        engine.step()  # admitted and prefilled from the cached head
+        while engine.has_work():
+            engine.step()
+    assert engine.prefix_cache.hits == 2 and engine.prefix_cache.tokens_saved == 32 + 40
+    for seq, events in [first, other, *later]:
+        expected = alone(model, seq.prompt, config)
+        assert [e.token_id for e in events] == expected.token_ids
+        assert [e.logprob for e in events] == pytest.approx(expected.logprobs, abs=1e-5)
+    for seq, events in later:
+        with torch.no_grad():
+            full = torch.log_softmax(model(torch.tensor([seq.prompt]))[0, -1].float(), -1)
+        top = dict(events[0].top_logprobs)
+        torch.testing.assert_close(torch.tensor([top[t] for t in range(256)]), full, atol=1e-5, rtol=0)
+
+
+def test_prefix_cache_evicts_least_recently_used_past_its_bytes():
+    cells = [(torch.zeros(1, 8, 4), torch.zeros(1, 8, 4))]  # one layer, K and V of 8 tokens: 256 bytes
+    cache = PrefixCache(max_bytes=600, block=8)
+    for i in range(3):
+        cache.store([i] * 9, cells)
+    assert cache.nbytes == 512 and cache.match([0] * 9) is None  # the first was evicted for the third
+    assert cache.match([1] * 9 + [5]) is not None and cache.match([3] * 9) is None
+
+
+def test_the_n_choices_of_a_request_share_one_prefill():
+    model = tiny_model()
+    probe, seen = capture_hidden(layer=0)
+    config = GenerationConfig.from_kwargs(max_new_tokens=6, temperature=1.0, seed=3)
+    got = Generator(model, probe=probe).generate([rand_prompt(10, 5)], config, n=3)
+    assert seen[0].shape[0] == 1 and seen[1].shape[0] == 3  # the prefill ran one row; decode ran the three
+    for j, c in enumerate(got):  # choice j draws with seed + j, as alone
+        one = Generator(model).generate([rand_prompt(10, 5)], GenerationConfig.from_kwargs(
+            max_new_tokens=6, temperature=1.0, seed=3 + j))[0]
+        assert c.token_ids == one.token_ids
