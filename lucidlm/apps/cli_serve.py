@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .cli_generate import Device, Dtype, Model, PackWeights
+from .cli_generate import Compile, Device, Dtype, Model, PackWeights
 
 
 def serve_command(
@@ -36,6 +36,7 @@ def serve_command(
     device: Device = "auto",
     dtype: Dtype = "float32",
     pack_weights: PackWeights = False,
+    compile: Compile = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Serve a checkpoint over HTTP with the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions,
@@ -45,7 +46,8 @@ def serve_command(
     from ..serve.app import ServeConfig
     from ..serve.server import build_server
 
-    lm = load(model, dtype=dtype, device=device, adapter=adapter, probe=probe, pack_weights=pack_weights)
+    lm = load(model, dtype=dtype, device=device, adapter=adapter, probe=probe, pack_weights=pack_weights,
+              compile=compile)
     config = ServeConfig(model_name=served_model_name or Path(model).resolve().name, max_batch=max_batch,
                          max_queue=max_queue, max_len=max_model_len, max_prompts=max_prompts,
                          max_connections=max_connections, header_timeout=header_timeout, body_timeout=body_timeout)

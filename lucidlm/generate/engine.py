@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.kv_cache import KVCache
+from ..model.kv_cache import STATIC_BUCKET, KVCache
 from ..model.transformer import ModelOutput, Transformer
 from ..tokenizer import Tokenizer
 from .events import ErrorEvent, Event, TokenEvent
@@ -52,7 +52,9 @@ from .token_history import TokenHistory
 
 log = logging.getLogger("lucidlm.engine")
 
-STATIC_LEN_STEP = 256  # compiled decode: cache lengths are rounded up to a multiple of this
+STATIC_LEN_STEP = STATIC_BUCKET  # compiled decode: cache lengths are rounded up to a multiple of this
+# compiled decode specialises on (rows, cells attended): powers of two up to the batch × buckets of the cache
+COMPILED_SHAPES = 64
 
 
 @dataclass(frozen=True)
@@ -449,6 +451,8 @@ def compiled_forward(model: Transformer) -> Callable[..., ModelOutput]:
     seconds; later engines and calls reuse it, recompiling only for new shapes)."""
     fn = model.__dict__.get("_compiled_forward")
     if fn is None:
+        # dynamo keeps 8 specialisations of a function by default, then runs it eagerly: a server needs more
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
         fn = torch.compile(model.forward_planned, dynamic=False)  # static shapes: see Engine._forward_one
         model.__dict__["_compiled_forward"] = fn
     return fn

@@ -64,6 +64,9 @@ def _cells(cfg: ModelConfig, layer: int, max_len: int, chunk_size: int) -> int:
     return max_len
 
 
+STATIC_BUCKET = 256  # static decode steps attend over a multiple of this many cells
+
+
 @dataclass
 class StepPlan:
     """Where the tokens of the current forward go, shared by all layers of that forward."""
@@ -93,8 +96,9 @@ class KVCache:
         if not 1 <= max_len <= cfg.max_seq_len:
             raise ValueError(f"max_len must be in [1, max_seq_len={cfg.max_seq_len}], got {max_len}")
         self.cfg, self.n_slots, self.max_len, self.chunk_size = cfg, n_slots, max_len, chunk_size
-        # static: every decode step (one new token per row) attends over all max_len cells (masked),
-        # so tensor shapes do not change from step to step and a compiled step is reused, not recompiled
+        # static: a decode step (one new token per row) attends over a whole bucket of cells (masked): the longest
+        # row's length rounded up to STATIC_BUCKET, so shapes change only every STATIC_BUCKET tokens and a compiled
+        # step is reused, not recompiled (a server's long cache is not read whole for short sequences)
         self.static = static
         self.dtype, self.device = dtype, torch.device(device)
         self.layers = [self._allocate(layer) for layer in range(cfg.n_layers)]
@@ -199,7 +203,9 @@ class KVCache:
             self.lengths[s] += n_new
 
         static = self.static and n_new == 1  # decode steps only; prefill chunks run eagerly
-        kv_len = self.max_len if static else max(starts) + n_new
+        kv_len = max(starts) + n_new
+        if static:
+            kv_len = min(self.max_len, -(-kv_len // STATIC_BUCKET) * STATIC_BUCKET)
         first = slots[0]
         contiguous = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
         if static:

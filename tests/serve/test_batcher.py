@@ -195,3 +195,22 @@ def test_thread_serves_concurrent_submissions_and_abort_ends_streams(lm):
     finally:
         batcher.stop()
     assert not batcher.thread.is_alive()
+
+
+def test_the_compiled_decode_step_serves_the_same_tokens(lm):
+    """compile=True in the server: rows padded to a compiled width with idle slots (reset after each step), cells
+    attended in static buckets — each request gets what the eager lm.generate gives it alone."""
+    torch._dynamo.reset()
+    cases = [("Hello", dict(max_new_tokens=14, ignore_eos=True)),
+             (PROMPTS[1], dict(max_new_tokens=9, temperature=1.0, seed=4, ignore_eos=True)),
+             (PROMPTS[3], dict(n=2, max_new_tokens=11, ignore_eos=True))]
+    lm.compile_decode = True
+    try:
+        sinks = serve_all(lm, cases, max_len=128)
+    finally:
+        lm.compile_decode = False
+    prompts = [(p, opts) for p, opts in cases for _ in range(opts.get("n", 1))]
+    for (prompt, opts), sink in zip(prompts, sinks):
+        alone = lm.generate(prompt, **{k: v for k, v in opts.items() if k != "n"})[0]
+        assert sink.ids == alone.token_ids, prompt
+        assert [e.logprob for e in sink.events] == pytest.approx(alone.logprobs, abs=1e-4)
