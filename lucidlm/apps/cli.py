@@ -13,6 +13,10 @@ app = typer.Typer(help="lucidlm: a hackable, pure-PyTorch LLM stack that knows w
 
 
 def _describe(cfg, n_params: int, model_type: str) -> dict:
+    import torch
+
+    from ..model.kv_cache import kv_cache_bytes, kv_cache_bytes_per_token
+
     attention = "MLA" if cfg.mla else ("MHA" if cfg.n_kv_heads == cfg.n_heads else
                                        "MQA" if cfg.n_kv_heads == 1 else "GQA")
     return {
@@ -27,6 +31,9 @@ def _describe(cfg, n_params: int, model_type: str) -> dict:
                                       and cfg.positions == "rope" else ""),
         "norm": f"{cfg.norm}, {cfg.norm_placement}", "vocab": cfg.vocab_size, "context": cfg.max_seq_len,
         "sliding_window": cfg.sliding_window, "tied_embeddings": cfg.tie_embeddings, "dtype": cfg.dtype,
+        # what serving costs beyond the weights (bf16 cells; sliding-window layers stop growing at the window)
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg, torch.bfloat16),
+        "kv_cache_bytes_full_context": kv_cache_bytes(cfg, cfg.max_seq_len, dtype=torch.bfloat16),
     }
 
 
@@ -141,22 +148,34 @@ def bench(
                                                            "default 1, 8, 32)")] = None,
     model: Annotated[Path | None, typer.Option(help="with --serve: checkpoint to serve (default: a random "
                                                     "Llama-shaped 125M)")] = None,
+    scenario: Annotated[list[str] | None, typer.Option(help="with --serve: levels (1/8/32 clients), long-prompt "
+                                                            "(a long prompt arrives while clients stream), "
+                                                            "shared-prefix (2nd request reuses a prompt head); "
+                                                            "repeatable, default all")] = None,
+    long_prompt: Annotated[int, typer.Option(min=1, help="with --serve: tokens of the long-prompt scenario's "
+                                                         "prompt")] = 2000,
+    long_clients: Annotated[int, typer.Option(min=1, help="with --serve: clients streaming while it arrives")] = 32,
+    shared_prefix: Annotated[int, typer.Option(min=1, help="with --serve: tokens of the shared-prefix scenario's "
+                                                           "common head")] = 500,
 ) -> None:
     """lucidlm vs transformers on the same random Llama-shaped 125M model: prefill and decode tok/s,
     the memory-bandwidth bound, and an overhead-bound tiny model. Prints a Markdown table.
     With --train: training tokens/s and peak memory on a Llama-shaped 30M model.
     With --probe: the decode-step cost of scoring every token with a probe while streaming.
-    With --serve: the OpenAI server under 1, 8 and 32 concurrent streaming clients (continuous batching)."""
+    With --serve: the OpenAI server under 1, 8 and 32 concurrent streaming clients (continuous batching), a long
+    prompt arriving while 32 clients stream (chunked prefill) and a 2nd request sharing a prompt head (prefix
+    caching), with issue 15's targets beside the measured values."""
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     if serve:
-        from .bench_serve import run_serve_bench, serve_table
+        from .bench_serve import SCENARIOS, run_serve_bench, serve_table
 
-        levels = run_serve_bench(model, tuple(clients or (1, 8, 32)), max(repeats - 1, 1), prompt, min(new, 64),
-                                 print_fn=lambda s: typer.echo(s, err=True))
-        typer.echo(serve_table(levels, prompt, min(new, 64)))
+        result = run_serve_bench(model, tuple(clients or (1, 8, 32)), max(repeats - 1, 1), prompt, min(new, 64),
+                                 print_fn=lambda s: typer.echo(s, err=True), scenarios=tuple(scenario or SCENARIOS),
+                                 long_prompt=long_prompt, long_clients=long_clients, shared_prefix=shared_prefix)
+        typer.echo(serve_table(result))
         return
     if probe:
         from .bench_probe import probe_table, run_probe_bench

@@ -26,6 +26,10 @@ def test_info_counts_parameters_of_a_preset_like_the_model():
     assert result.exit_code == 0, result.output
     model = lucidlm.Transformer(lucidlm.from_preset("gpt2"))
     assert json.loads(result.stdout)["parameters"] == model.num_parameters() == 124_439_808  # GPT-2 small
+    desc = json.loads(result.stdout)
+    # K and V, 12 layers × 12 heads × 64 dims, 2 bytes each (bf16): the KV-cache formula, per token and at 1024
+    assert desc["kv_cache_bytes_per_token"] == 2 * 12 * 12 * 64 * 2 == 36_864
+    assert desc["kv_cache_bytes_full_context"] == 36_864 * 1024
 
 
 def test_info_needs_exactly_one_source():
