@@ -10,9 +10,8 @@ So min-p comes last: its threshold is relative to the top probability *after* te
 have cut the tail. Greedy decoding (``do_sample=False``) takes the argmax after the repetition penalty alone
 (utils.py line 3278); sampling draws ``torch.multinomial(softmax(scores), 1)`` (lines 3274-3276).
 
-The Chinese study notes (seeds/003 §1.6.2, "KPT 联合采样") give top-k -> top-p -> temperature; transformers
+Study notes on LLM sampling often give top-k -> top-p -> temperature ("KPT" joint sampling); transformers
 applies temperature *first*, so it changes which tokens top-p keeps, not only how flat the survivors are.
-seeds/004 §5 (prefill and decode) says nothing about the sampling order.
 
 OpenAI's own processors, for the server and its clients, run before all of these, in vLLM's order: ``logit_bias``
 (added to the raw logits), then — after the repetition penalty — ``frequency_penalty`` × how often a token was

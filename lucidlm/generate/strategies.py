@@ -1,8 +1,8 @@
-"""Decoding strategies built on N samples (notes 004 §5): best-of-N and self-consistency.
+"""Decoding strategies built on N samples: best-of-N and self-consistency.
 
 - best-of-N: sample N completions, keep the one a scorer likes best. The default scorer is the
-  mean token log-probability (length-neutral confidence); the probe issue plugs in a
-  hallucination score instead.
+  mean token log-probability (length-neutral confidence); probe/selective.py's ``lowest_max_score``
+  plugs in the hallucination probe's score instead.
 - self-consistency (Wang et al. 2022): sample N reasoning paths, extract each one's final answer,
   return the majority answer. Agreement across samples is itself a confidence signal.
 """

@@ -1,10 +1,10 @@
 """The KV cache: keys and values of past tokens, kept so each decode step computes only the new one.
 
 Without a cache, generating token t recomputes K and V for all t-1 earlier tokens (O(n²) work);
-with it, a step projects only the new token and attends over the stored K/V (notes 003 §1.3.4).
+with it, a step projects only the new token and attends over the stored K/V.
 
 Layout: one preallocated buffer per layer, indexed by *slot* (a sequence the engine is running;
-the serving issue moves requests in and out of slots between steps) and *cell*:
+generate/engine.py moves requests in and out of slots between steps) and *cell*:
 
 - full-attention layers: ``k``/``v`` of shape (slots, kv_heads, max_len, head_dim); the token at
   sequence index ``i`` of a slot lives in cell ``i`` — written in place, never concatenated;
