@@ -2,7 +2,7 @@
 call, synchronously: generate/offline.py) and the server (its batcher thread: serve/batcher.py).
 
     add(groups) ─▶ waiting (FIFO of whole requests) ─free slots─▶ prefill jobs (chunked, prefix cache)
-    step():  drop cancelled ─▶ admit ─▶ one prefill chunk (all of the first job when nothing decodes)
+    step():  drop cancelled ─▶ admit ─▶ prefill positions costing about one decode step (all, when none decode)
              ─▶ sample one token for every running row (per-row parameters, generators, penalties)
              ─▶ TokenEvent to the row's sink (text, stop strings, finish reason, logprobs, probe score)
              ─▶ finished rows free their slot ─▶ one decode forward for all the others
@@ -11,7 +11,8 @@ Prefill is compute-bound (many tokens, one pass over the weights); decode is mem
 all weights for one token per row), so batching rows makes decode cheaper per token. Each running sequence owns
 one KV-cache slot; the cache keeps per-slot lengths and masks, so rows at different positions decode in one
 forward, and requests join and leave the batch between steps (iteration-level scheduling: Orca, Yu et al.
-2022). A long prompt is prefilled one chunk per step, so running streams wait at most one chunk for it.
+2022). A long prompt is prefilled a little per step, about a decode step's worth, so running streams wait about
+one step for it instead of its whole prefill (chunked prefill).
 
 The probe. Under the "predictive" alignment a token is scored by the forward that decoded it (its event goes out
 at once). Under "own" a token is scored by the forward it is fed to, so its event waits for that forward, and a
@@ -31,6 +32,7 @@ import heapq
 import logging
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +54,7 @@ from .token_history import TokenHistory
 
 log = logging.getLogger("lucidlm.engine")
 
+MIN_PREFILL_BUDGET = 16  # token positions prefilled per step while rows decode, before any step was timed
 STATIC_LEN_STEP = STATIC_BUCKET  # compiled decode: cache lengths are rounded up to a multiple of this
 # compiled decode specialises on (rows, cells attended): powers of two up to the batch × buckets of the cache
 COMPILED_SHAPES = 64
@@ -134,6 +137,7 @@ class Engine:
         self.jobs: deque[_Job] = deque()
         self.waiting: deque[list[Sequence]] = deque()  # whole requests' groups (a group's choices start together)
         self.lock = threading.Lock()  # guards ``waiting``: the server adds from other threads
+        self.clock = StepClock(self.device)
         self.steps = 0  # decode forwards run
         self.cancelled = 0  # sequences dropped because their client went away
         self.failed = 0  # sequences ended by a failure of their own (the others went on)
@@ -254,16 +258,24 @@ class Engine:
         return _Job(prefill, [e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries])
 
     def _prefill(self) -> None:
-        """Prefill within a budget of ``prefill_chunk`` positions per iteration while rows are decoding (they
-        wait at most that long for a new prompt: chunked prefill); with none decoding, until some row can."""
-        spent = 0
-        while self.jobs and (spent < self.prefill_chunk or not self.running):
-            width = self.prefill_chunk - spent if self.running else self.prefill_chunk
-            spent += self._prefill_chunk(self.jobs[0], width)
+        """Chunked prefill. With no row decoding nothing waits: whole chunks until some row can decode. With rows
+        decoding, a budget of token positions that takes about as long as one of their decode steps (measured:
+        ``StepClock``), so a long prompt arriving delays each running stream by about one step, not by its whole
+        prefill (Sarathi-Serve's stall-free batching, here as separate forwards)."""
+        if not self.running:
+            while self.jobs and not self.running:
+                self._prefill_chunk(self.jobs[0], self.prefill_chunk)
+            return
+        budget = self.clock.prefill_budget(MIN_PREFILL_BUDGET)
+        while self.jobs and budget > 0:
+            job = self.jobs[0]
+            width = max(1, min(self.prefill_chunk, budget // len(job.leaders)))
+            budget -= self._prefill_chunk(job, width) * len(job.leaders)
 
     def _prefill_chunk(self, job: _Job, width: int) -> int:
         """Run the job's next ``width`` positions at most; how many it ran."""
         before = job.prefill.cursor
+        start = self.clock.start()
         try:
             out = job.prefill.run_chunk(self.model, self.cache, self.layers, width)
         except Exception as e:
@@ -272,10 +284,12 @@ class Engine:
                 raise
             self._retry_alone(job, e)
             return width
+        ran = job.prefill.cursor - before
+        self.clock.prefilled(start, ran * len(job.leaders))
         if job.prefill.done:
             self.jobs.popleft()
             self._prefill_done(job, out)
-        return job.prefill.cursor - before
+        return ran
 
     def _retry_alone(self, job: _Job, error: Exception) -> None:
         """A job's forward failed: its prompts start over one job each, so that only the one at fault fails."""
@@ -373,8 +387,10 @@ class Engine:
 
     def _decode(self, rows: list[_Row], tokens: torch.Tensor) -> None:
         """One forward for every fed row: their next logits (and probe scores)."""
+        start = self.clock.start()
         out = self._forward_one(tokens[:, None], [r.slot for r in rows])
-        logits, scores = out.logits[:, -1], self._scores(out)
+        logits, scores = out.logits[:, -1], self._scores(out)  # scores: a sync, the step is done
+        self.clock.decoded(start)
         for i, r in enumerate(rows):
             r.logits, r.score = logits[i], None if scores is None else scores[i]
         self.steps += 1
@@ -423,6 +439,45 @@ class Engine:
             return
         heapq.heappush(self.free, slot)
         self.cache.reset([slot])
+
+
+class StepClock:
+    """Running averages of how long a decode step takes and how many prompt positions a second prefill runs, so
+    the scheduler can size a prefill chunk to cost about one decode step."""
+
+    def __init__(self, device: torch.device, smoothing: float = 0.2) -> None:
+        self.device, self.smoothing = device, smoothing
+        self.decode_seconds: float | None = None
+        self.prefill_rate: float | None = None  # positions × rows per second
+
+    def start(self) -> float:
+        self._sync()
+        return time.perf_counter()
+
+    def decoded(self, start: float) -> None:
+        self.decode_seconds = self._average(self.decode_seconds, self._since(start))
+
+    def prefilled(self, start: float, positions: int) -> None:
+        seconds = self._since(start)
+        if seconds > 0 and positions > 0:
+            self.prefill_rate = self._average(self.prefill_rate, positions / seconds)
+
+    def prefill_budget(self, floor: int) -> int:
+        """Positions × rows a decode step's time buys (``floor`` until both were measured)."""
+        if self.decode_seconds is None or self.prefill_rate is None:
+            return floor
+        return max(floor, int(self.decode_seconds * self.prefill_rate))
+
+    def _since(self, start: float) -> float:
+        self._sync()
+        return time.perf_counter() - start
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":  # kernels run asynchronously: time the work, not its launch
+            torch.cuda.synchronize(self.device)
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
 
 
 def check_prompts(prompts, vocab_size: int, max_len: int) -> list[list[int]]:

@@ -8,7 +8,7 @@ import torch
 from test_engine import capture_hidden
 from tiny_lm import tiny_model
 
-from lucidlm.generate.engine import Engine
+from lucidlm.generate.engine import Engine, StepClock
 from lucidlm.generate.events import TokenEvent
 from lucidlm.generate.generation_config import GenerationConfig
 from lucidlm.generate.offline import Generator
@@ -37,6 +37,7 @@ def test_a_long_prompt_admitted_mid_stream_is_prefilled_between_decode_steps():
     engine.add([[s] for s, _ in short])
     for _ in range(3):
         engine.step()
+    engine.clock.prefill_budget = lambda floor: 24  # what a decode step's time buys (measured: StepClock)
     long_seq, long_events = collect(rand_prompt(120, 9), config)
     engine.add([[long_seq]])
     produced = []  # tokens the running rows got per step while the long prompt was being prefilled
@@ -44,14 +45,26 @@ def test_a_long_prompt_admitted_mid_stream_is_prefilled_between_decode_steps():
         before = sum(len(e) for _, e in short)
         engine.step()
         produced.append(sum(len(e) for _, e in short) - before)
-    assert len(produced) == 120 // 16 + 1  # 16 positions per step (the budget), the running rows decoding each step
-    assert all(p == 2 for p in produced)
+    # a decode step's worth of positions per step (here 24: one 16-position chunk and 8 more), the running rows
+    # decoding at every step
+    assert produced == [2] * 5
+    assert engine.clock.decode_seconds > 0 and engine.clock.prefill_rate > 0
     while engine.has_work():
         engine.step()
     for seq, events in [*short, (long_seq, long_events)]:
         expected = alone(model, seq.prompt, config)
         assert [e.token_id for e in events] == expected.token_ids
         assert [e.logprob for e in events] == pytest.approx(expected.logprobs, abs=1e-4)
+
+
+def test_the_step_clock_budgets_what_one_decode_step_costs():
+    clock = StepClock(torch.device("cpu"))
+    assert clock.prefill_budget(16) == 16  # nothing measured yet
+    clock.decoded(clock.start() - 0.05)  # a 50 ms decode step
+    clock.prefilled(clock.start() - 0.5, 1000)  # 1000 positions in 0.5 s: 2000 per second
+    assert clock.prefill_budget(16) == pytest.approx(100, abs=1)  # 50 ms buys 100 positions
+    clock.decoded(clock.start() - 0.15)  # smoothed: 0.8 · 50 + 0.2 · 150 = 70 ms
+    assert clock.decode_seconds == pytest.approx(0.07, abs=2e-3)
 
 
 def test_prefix_cached_prefill_gives_the_logits_of_a_full_prefill():
