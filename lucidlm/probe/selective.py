@@ -44,11 +44,13 @@ def flagged_spans(pieces: list[str], scores: list[float | None], threshold: floa
 
 
 def lowest_max_score(completion: Completion) -> float:
-    """Best-of-N scorer (higher is better): minus the completion's highest token score."""
-    scores = [s for s in completion.scores or () if s is not None]  # "own": a token that filled the context has none
-    if not scores:
+    """Best-of-N scorer (higher is better): minus the completion's highest token score; the library's and the
+    server's (serve/app.py) one scorer. A completion none of whose tokens has a score (under "own", a single token
+    that filled the context) ranks last: nothing says it is safe."""
+    if completion.scores is None:
         raise ValueError("the completion has no probe scores: load the model with one (lucidlm.load(..., probe=DIR))")
-    return -max(scores)
+    scores = [s for s in completion.scores if s is not None]
+    return -max(scores) if scores else float("-inf")
 
 
 def attempt_curve(risk: np.ndarray, correct: np.ndarray, points: int = 21) -> list[dict]:

@@ -41,7 +41,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import LM
+from ..generate.events import Completion
 from ..generate.generation_config import GenerationConfig
+from ..generate.strategies import mean_logprob
+from ..probe.selective import lowest_max_score
 from .batcher import ContinuousBatcher, Draining, ErrorEvent, QueueFull, Sequence, TokenEvent
 from .errors import OpenAIError
 from .prepare import Prepared, Preparer, read_body
@@ -298,11 +301,13 @@ async def collect(request: Request, job: Job) -> None:
 
 def best_choices(choices: list[ChoiceState], per_prompt: int, n: int, scorer: str) -> list[ChoiceState]:
     """For each prompt's ``per_prompt`` samples, the ``n`` best in rank order (ties: the earlier sample)."""
+    rank = lowest_max_score if scorer == "lowest_max_score" else mean_logprob  # the library's scorers
+
     def score(c: ChoiceState) -> float:
-        events = [e for e in c.events if e.token_id >= 0]
-        if scorer == "lowest_max_score":
-            return -max((e.score for e in events), default=0.0)
-        return sum(e.logprob for e in events) / max(len(events), 1)
+        events = [e for e in c.events if e.token_id >= 0]  # an "abort" event carries no token
+        if not events:
+            return float("-inf")
+        return rank(Completion.from_events(events, with_text=False, with_scores=scorer == "lowest_max_score"))
 
     out = []
     for start in range(0, len(choices), per_prompt):

@@ -25,6 +25,8 @@ def test_lowest_max_score_prefers_the_least_risky_sample():
     assert max([risky, safe], key=lowest_max_score) is safe
     with pytest.raises(ValueError, match="no probe scores"):
         lowest_max_score(Completion([1], [-0.1], "stop"))
+    unscored = Completion([4], [-0.01], "length", scores=[None])  # "own": one token that filled the context
+    assert max([unscored, risky], key=lowest_max_score) is risky  # nothing says it is safe: last
 
 
 def test_attempt_curve_matches_the_naive_count():
