@@ -70,16 +70,13 @@ def answer_questions(lm, questions: list[dict], samples: int = 1, temperature: f
             qtype = questions[idx[0]]["type"]
             ids = [prompt_ids(lm, questions[i]) for i in idx]
             options = {"max_new_tokens": TYPES[qtype].max_new_tokens, "stop": stops_for(qtype)}
-            for i, c in zip(idx, lm.generate(ids, **options)):
-                texts[i, 0] = c.text
-            advance(len(idx))
-            if samples > 1:
-                # sample j of a prompt draws from seed + j: distinct per batch, reproducible per call
-                config = GenerationConfig.from_kwargs(**options, temperature=temperature,
-                                                      seed=seed * 1_000_003 + b * 1000)
-                done = lm.generator().generate(ids, config, n=samples - 1)
-                for k, i in enumerate(idx):
-                    for j in range(samples - 1):
-                        texts[i, j + 1] = done[k * (samples - 1) + j].text
-                advance(len(idx) * (samples - 1))
+            # the greedy answer and the samples of a question share its prefill and decode together; sample j
+            # draws from seed + j: distinct per batch, reproducible per call
+            sampled = GenerationConfig.from_kwargs(**options, temperature=temperature, seed=seed * 1_000_003 + b * 1000)
+            choices = [(GenerationConfig.from_kwargs(**options), 0)] + [(sampled, j) for j in range(samples - 1)]
+            done = lm.generator().generate_choices(ids, choices)
+            for k, i in enumerate(idx):
+                for j in range(samples):
+                    texts[i, j] = done[k * samples + j].text
+            advance(len(idx) * samples)
     return [answer_row(q, texts[i, s], s) for i, q in enumerate(questions) for s in range(samples)]

@@ -43,23 +43,34 @@ class Generator:
                       tokenizer=self.tokenizer, probe=self.probe, prefill_chunk=self.prefill_chunk,
                       compile=self.compile, isolate_failures=False)
 
-    def start(self, prompts: Seq[Seq[int]], config: GenerationConfig, n: int = 1
+    def start(self, prompts: Seq[Seq[int]], choices: Seq[tuple[GenerationConfig, int]]
               ) -> tuple[Engine, list[Sequence], deque[tuple[int, Event]]]:
-        """An engine with every prompt queued ``n`` times (row i·n + j: sample j of prompt i, seed + j); the
-        events arrive in the returned queue as (row, event)."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        """An engine with every prompt queued once per choice (config, sample index: seed + index), the choices of
+        a prompt sharing its prefill; row i·len(choices) + j is choice j of prompt i. The events arrive in the
+        returned queue as (row, event)."""
+        if not choices:
+            raise ValueError("no choices given: at least one (config, sample index) per prompt")
         prompts = check_prompts(prompts, self.model.config.vocab_size, self.model.config.max_seq_len)
-        engine = self.engine(len(prompts) * n, max(len(p) for p in prompts) + config.max_new_tokens)
+        n = len(choices)
+        longest = max(len(p) for p in prompts) + max(c.max_new_tokens for c, _ in choices)
+        engine = self.engine(len(prompts) * n, longest)
         events: deque[tuple[int, Event]] = deque()
-        seqs = [Sequence(p, config, lambda e, row=i * n + j: events.append((row, e)), sample_index=j)
-                for i, p in enumerate(prompts) for j in range(n)]
+        seqs = [Sequence(p, config, lambda e, row=i * n + j: events.append((row, e)), sample_index=index)
+                for i, p in enumerate(prompts) for j, (config, index) in enumerate(choices)]
         engine.add([seqs[i * n:(i + 1) * n] for i in range(len(prompts))], fit_budget=False)
         return engine, seqs, events
 
     def generate(self, prompts: Seq[Seq[int]], config: GenerationConfig, n: int = 1) -> list[Completion]:
-        """Every completion, row i·n + j being sample j of prompt i."""
-        engine, seqs, events = self.start(prompts, config, n)
+        """Every completion, row i·n + j being sample j of prompt i (seed + j)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        return self.generate_choices(prompts, [(config, j) for j in range(n)])
+
+    def generate_choices(self, prompts: Seq[Seq[int]], choices: Seq[tuple[GenerationConfig, int]]
+                         ) -> list[Completion]:
+        """For every prompt one completion per choice (its own options, e.g. a greedy answer and seeded samples),
+        all of a prompt's choices sharing one prefill; row i·len(choices) + j is choice j of prompt i."""
+        engine, seqs, events = self.start(prompts, choices)
         got: list[list[TokenEvent]] = [[] for _ in seqs]
         while engine.has_work():
             engine.step()
@@ -70,7 +81,7 @@ class Generator:
 
     def stream(self, prompt: Seq[int], config: GenerationConfig) -> Iterator[TokenEvent]:
         """Each token of one prompt as soon as its event is out (with an "own" probe: once it is scored)."""
-        engine, _, events = self.start([prompt], config)
+        engine, _, events = self.start([prompt], [(config, 0)])
         while engine.has_work():
             engine.step()
             while events:
