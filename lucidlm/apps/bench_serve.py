@@ -17,7 +17,7 @@ compete with the server for its interpreter lock). Three scenarios, each selecta
 - shared prefix: request A (a 500-token head + a short tail), then request B (the same head + another tail):
   B's time to first token against A's, and the prompt tokens the server's prefix cache saved.
 
-The table lists issue 15's targets beside the measured values.
+The table lists the serving targets (one engine loop, docs/ARCHITECTURE.md) beside the measured values.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ SCENARIOS = ("levels", "long-prompt", "shared-prefix")
 SETTLE_TOKENS = 8  # long prompt: every stream has this many tokens before the long request is sent
 SHORT_NEW = 4  # tokens asked by the long request and by the shared-prefix requests (their first token matters)
 PREFIX_TAIL = 16  # tokens after the shared head
-TARGET_SPEEDUP = {8: 4.0, 32: 8.0}  # issue 15: aggregate tok/s at that many clients ≥ this × one client
+TARGET_SPEEDUP = {8: 4.0, 32: 8.0}  # aggregate tok/s at that many clients ≥ this × one client
 TARGET_ITL_VS_LIBRARY = 1.10  # 1 client: ITL p50 ≤ 1.1 × the library's decode step
 TARGET_LONG_STALL = 2.0  # ITL p95 while a long prompt is prefilled ≤ 2 × the ITL p50 before it
 TARGET_PREFIX_TTFT = 1 / 3  # TTFT of the 2nd request sharing a head ≤ ⅓ of the first's
@@ -394,12 +394,12 @@ def _scenario_tables(bench: ServeBench) -> list[str]:
 
 
 def serve_table(bench: ServeBench) -> str:
-    """Markdown: the levels, the long-prompt and shared-prefix scenarios, then issue 15's targets beside the
+    """Markdown: the levels, the long-prompt and shared-prefix scenarios, then the serving targets beside the
     measured values."""
     lines = _levels_table(bench) + [""] if bench.levels else []
     lines += _scenario_tables(bench)
     targets = _target_rows(bench)
     if targets:
-        lines += ["| target (issue 15) | measured | goal | |", "|---|---:|---:|---|"]
+        lines += ["| target | measured | goal | |", "|---|---:|---:|---|"]
         lines += [f"| {what} | {x:.2f} | {goal} | {mark} |" for what, x, goal, mark in targets]
     return "\n".join(lines).rstrip()

@@ -164,7 +164,7 @@ def bench(
     With --probe: the decode-step cost of scoring every token with a probe while streaming.
     With --serve: the OpenAI server under 1, 8 and 32 concurrent streaming clients (continuous batching), a long
     prompt arriving while 32 clients stream (chunked prefill) and a 2nd request sharing a prompt head (prefix
-    caching), with issue 15's targets beside the measured values."""
+    caching), with the serving targets beside the measured values."""
     if threads:
         import torch
 

@@ -31,7 +31,7 @@ def test_every_scenario_counts_its_requests_and_tokens(tmp_path):
     table = serve_table(bench)
     assert "\n| 1 | 2 | 10 |" in table and "\n| 3 | 6 | 30 |" in table  # the levels
     assert "\n| 3 | 300 | " in table and "\n| 130 | 16 | " in table  # the long-prompt and shared-prefix rows
-    targets = table[table.index("| target (issue 15) |"):].splitlines()[2:]
+    targets = table[table.index("| target |"):].splitlines()[2:]
     assert [row.split(":")[0] for row in targets] == ["| 1 client", "| 3 streams + one 300-token prompt",
                                                       "| 2nd request sharing a 130-token head"]  # no 8/32 levels
     assert all(math.isfinite(float(row.split(" | ")[1])) for row in targets)
