@@ -156,8 +156,12 @@ class Engine:
         """Queue groups (each: the choices of one prompt, which start together). Checks everything first.
         ``fit_budget``: prompt + max_new_tokens must fit the context (else a row ends at the context, "length")."""
         for seqs in groups:
+            if not seqs:
+                raise ValueError("an empty group: a group is the choices of one prompt, at least one")
             if len(seqs) > self.max_batch:
                 raise ValueError(f"{len(seqs)} choices exceed the engine's batch of {self.max_batch}")
+            if any(list(s.prompt) != list(seqs[0].prompt) for s in seqs):  # they will share its prefill
+                raise ValueError("the sequences of a group must share one prompt (they are one request's choices)")
             for s in seqs:
                 self.check(s, fit_budget)
         with self.lock:

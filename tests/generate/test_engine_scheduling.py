@@ -119,3 +119,15 @@ def test_the_n_choices_of_a_request_share_one_prefill():
         one = Generator(model).generate([rand_prompt(10, 5)], GenerationConfig.from_kwargs(
             max_new_tokens=6, temperature=1.0, seed=3 + j))[0]
         assert c.token_ids == one.token_ids
+
+
+def test_a_group_is_the_choices_of_one_prompt():
+    engine = Engine(tiny_model(), max_batch=4, max_len=64)
+    config = GenerationConfig(max_new_tokens=4)
+    with pytest.raises(ValueError, match="share one prompt"):
+        engine.add([[collect([1, 2, 3], config)[0], collect([1, 2, 4], config)[0]]])
+    with pytest.raises(ValueError, match="exceed the engine's batch of 4"):
+        engine.add([[collect([1, 2, 3], config)[0] for _ in range(5)]])
+    with pytest.raises(ValueError, match="exceed the context of 64"):
+        engine.add([[collect([1] * 60, GenerationConfig(max_new_tokens=10))[0]]])
+    assert not engine.has_work()  # nothing was queued
