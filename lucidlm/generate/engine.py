@@ -55,6 +55,8 @@ from .token_history import TokenHistory
 log = logging.getLogger("lucidlm.engine")
 
 MIN_PREFILL_BUDGET = 16  # token positions prefilled per step while rows decode, before any step was timed
+PREFILL_SHARE = 0.75  # a long prompt's chunk per step costs this share of a decode step (ITL <= ~2x while it runs)
+SHORT_PROMPT = 256  # prompts of at most this many positions are prefilled whole, even while rows decode
 STATIC_LEN_STEP = STATIC_BUCKET  # compiled decode: cache lengths are rounded up to a multiple of this
 # compiled decode specialises on (rows, cells attended): powers of two up to the batch × buckets of the cache
 COMPILED_SHAPES = 64
@@ -121,6 +123,7 @@ class Engine:
         self.model, self.tokenizer, self.probe = model, tokenizer, probe
         self.eos_token_ids, self.pad_token_id = frozenset(eos_token_ids), pad_token_id
         self.max_batch, self.max_len, self.prefill_chunk = max_batch, max_len, prefill_chunk
+        self.short_prompt = SHORT_PROMPT
         self.compile = compile  # decode steps run as one torch.compile'd graph over a static cache
         self.device = param.device
         self.cache = KVCache(cfg, max_batch, max_len, param.dtype, self.device, chunk_size=prefill_chunk,
@@ -263,14 +266,19 @@ class Engine:
 
     def _prefill(self) -> None:
         """Chunked prefill. With no row decoding nothing waits: whole chunks until some row can decode. With rows
-        decoding, a budget of token positions that takes about as long as one of their decode steps (measured:
-        ``StepClock``), so a long prompt arriving delays each running stream by about one step, not by its whole
-        prefill (Sarathi-Serve's stall-free batching, here as separate forwards)."""
+        decoding, short prompts (at most ``short_prompt`` positions) run whole: each costs a few decode steps at
+        most, and joining the batch at once keeps it large (throughput, time to first token). A long prompt
+        advances by a budget of positions that costs a share of one decode step (measured: ``StepClock``), so it
+        delays running streams by less than a step per step, not by its whole prefill (Sarathi-Serve's stall-free
+        batching, here as separate forwards)."""
         if not self.running:
             while self.jobs and not self.running:
                 self._prefill_chunk(self.jobs[0], self.prefill_chunk)
             return
-        budget = self.clock.prefill_budget(MIN_PREFILL_BUDGET)
+        for job in [j for j in self.jobs if j.prefill.positions <= self.short_prompt]:
+            while job in self.jobs:
+                self._prefill_chunk(job, self.prefill_chunk)
+        budget = self.clock.prefill_budget(MIN_PREFILL_BUDGET, PREFILL_SHARE)
         while self.jobs and budget > 0:
             job = self.jobs[0]
             width = max(1, min(self.prefill_chunk, budget // len(job.leaders)))
@@ -283,7 +291,7 @@ class Engine:
         try:
             out = job.prefill.run_chunk(self.model, self.cache, self.layers, width)
         except Exception as e:
-            self.jobs.popleft()
+            self.jobs.remove(job)
             if not self.isolate:
                 raise
             self._retry_alone(job, e)
@@ -291,7 +299,7 @@ class Engine:
         ran = job.prefill.cursor - before
         self.clock.prefilled(start, ran * len(job.leaders))
         if job.prefill.done:
-            self.jobs.popleft()
+            self.jobs.remove(job)
             self._prefill_done(job, out)
         return ran
 
@@ -466,11 +474,11 @@ class StepClock:
         if seconds > 0 and positions > 0:
             self.prefill_rate = self._average(self.prefill_rate, positions / seconds)
 
-    def prefill_budget(self, floor: int) -> int:
-        """Positions × rows a decode step's time buys (``floor`` until both were measured)."""
+    def prefill_budget(self, floor: int, share: float = 1.0) -> int:
+        """Positions × rows that ``share`` of a decode step's time buys (``floor`` until both were measured)."""
         if self.decode_seconds is None or self.prefill_rate is None:
             return floor
-        return max(floor, int(self.decode_seconds * self.prefill_rate))
+        return max(floor, int(share * self.decode_seconds * self.prefill_rate))
 
     def _since(self, start: float) -> float:
         self._sync()

@@ -36,6 +36,11 @@ class Prefill:
     def done(self) -> bool:
         return self.cursor >= self.ids.shape[1]
 
+    @property
+    def positions(self) -> int:
+        """Positions of the padded prompts, all chunks together."""
+        return self.ids.shape[1]
+
     def run_chunk(self, model: Transformer, cache: KVCache, hidden_layers: tuple[int, ...] = (),
                   width: int | None = None) -> ModelOutput:
         """The next chunk of positions (``chunk``, or fewer: ``width``); its output covers the chunk's last position

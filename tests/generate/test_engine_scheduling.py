@@ -37,7 +37,8 @@ def test_a_long_prompt_admitted_mid_stream_is_prefilled_between_decode_steps():
     engine.add([[s] for s, _ in short])
     for _ in range(3):
         engine.step()
-    engine.clock.prefill_budget = lambda floor: 24  # what a decode step's time buys (measured: StepClock)
+    engine.clock.prefill_budget = lambda floor, share: 24  # what a share of a decode step buys (StepClock)
+    engine.short_prompt = 100  # the 120-token prompt is a long one here
     long_seq, long_events = collect(rand_prompt(120, 9), config)
     engine.add([[long_seq]])
     produced = []  # tokens the running rows got per step while the long prompt was being prefilled
@@ -57,12 +58,31 @@ def test_a_long_prompt_admitted_mid_stream_is_prefilled_between_decode_steps():
         assert [e.logprob for e in events] == pytest.approx(expected.logprobs, abs=1e-4)
 
 
+def test_a_short_prompt_admitted_mid_stream_is_prefilled_whole_in_one_step():
+    model = tiny_model()
+    config = GenerationConfig(max_new_tokens=20, ignore_eos=True)
+    engine = Engine(model, max_batch=4, max_len=256, prefill_chunk=16)
+    running, running_events = collect(rand_prompt(6, 1), config)
+    engine.add([[running]])
+    engine.step()
+    engine.clock.prefill_budget = lambda floor, share: 1  # a long prompt would get one position per step
+    short, short_events = collect(rand_prompt(40, 2), config)  # <= short_prompt: runs whole (3 chunks) at once
+    engine.add([[short]])
+    engine.step()
+    assert not engine.jobs and len(engine.running) == 2 and len(short_events) == 1
+    while engine.has_work():
+        engine.step()
+    for seq, events in [(running, running_events), (short, short_events)]:
+        assert [e.token_id for e in events] == alone(model, seq.prompt, config).token_ids
+
+
 def test_the_step_clock_budgets_what_one_decode_step_costs():
     clock = StepClock(torch.device("cpu"))
     assert clock.prefill_budget(16) == 16  # nothing measured yet
     clock.decoded(clock.start() - 0.05)  # a 50 ms decode step
     clock.prefilled(clock.start() - 0.5, 1000)  # 1000 positions in 0.5 s: 2000 per second
     assert clock.prefill_budget(16) == pytest.approx(100, abs=1)  # 50 ms buys 100 positions
+    assert clock.prefill_budget(16, share=0.5) == pytest.approx(50, abs=1)
     clock.decoded(clock.start() - 0.15)  # smoothed: 0.8 · 50 + 0.2 · 150 = 70 ms
     assert clock.decode_seconds == pytest.approx(0.07, abs=2e-3)
 

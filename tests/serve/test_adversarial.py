@@ -159,7 +159,7 @@ def test_one_poisoned_sequence_fails_alone_while_8_clients_stream(server, lm, mo
     monkeypatch.setattr(Prefill, "run_chunk", failing_chunk)
     # every waiting prompt prefilled in one step (not a decode step's worth: StepClock), so that the poisoned rows
     # are sampled in one batch with the 8
-    monkeypatch.setattr(engine.clock, "prefill_budget", lambda floor: 1_000_000)
+    monkeypatch.setattr(engine.clock, "prefill_budget", lambda floor, share: 1_000_000)
     failed_before = batcher.failed
     prompts = [f"client {i} keeps streaming" + "!" * i for i in range(8)]
 
