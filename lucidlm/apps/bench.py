@@ -79,9 +79,9 @@ def _hf_runner(hf, ids: torch.Tensor) -> Callable[[int], Callable[[], object]]:
 def _ours_runner(lm, ids: torch.Tensor, fast: bool = False) -> Callable[[int], Callable[[], object]]:
     from ..generate.generation_config import GenerationConfig
     from ..generate.offline import Generator
-    from ..model.cpu_kernels import pack_linears, unpack_linears
+    from ..model.cpu_kernels import pack_linears, packable, unpack_linears
 
-    if fast:
+    if fast and packable(lm.dtype):  # oneDNN packs bf16/fp16 only on AVX-512 CPUs: elsewhere "fast" is compile alone
         pack_linears(lm.model, rows=ids.shape[0])
     else:
         unpack_linears(lm.model)

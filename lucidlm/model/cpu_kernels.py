@@ -105,9 +105,14 @@ def use_gemv(x: torch.Tensor) -> bool:
 _PACKED: dict[int, tuple[torch.Tensor, weakref.ref, int]] = {}
 
 
+def packable(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can pack weights of ``dtype`` on this CPU (float32 always; bf16/fp16 with AVX-512 BW and up)."""
+    return dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def check_packable(dtype: torch.dtype) -> None:
     """oneDNN packs bfloat16/float16 weights only on CPUs with the instructions for them (AVX-512 BW and up)."""
-    if dtype != torch.float32 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if not packable(dtype):
         raise ValueError(f"packed {str(dtype).replace('torch.', '')} weights need a CPU with AVX-512 (oneDNN's "
                          f"reduced-precision kernels); this one has {torch.backends.cpu.get_cpu_capability()}: "
                          "use float32, or no pack_weights")
