@@ -84,7 +84,7 @@ class _Row:
         self.score: float | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: the scheduler finds and removes it by identity
 class _Job:
     """Prompts being prefilled together: one leader per distinct prompt, whose slot its followers (the other
     choices of the same request) copy when the prefill is done."""

@@ -33,15 +33,19 @@ class Generator:
     compile: bool = False  # decode steps as one torch.compile'd graph over a static cache
     prefill_chunk: int = 512
 
-    def engine(self, rows: int, tokens: int) -> Engine:
-        """An engine for ``rows`` sequences of up to ``tokens`` (prompt + new) each; a compiled one rounds the
-        cache up to a multiple of STATIC_LEN_STEP so that calls of similar lengths share compiled shapes."""
+    def engine(self, rows: int, max_len: int, **options) -> Engine:
+        """An engine over this model for ``rows`` sequences of up to ``max_len`` tokens each (``options``: the
+        server's prefix cache and failure isolation)."""
+        return Engine(self.model, max_batch=rows, max_len=max_len, eos_token_ids=self.eos_token_ids,
+                      pad_token_id=pad_id(self.tokenizer), tokenizer=self.tokenizer, probe=self.probe,
+                      prefill_chunk=self.prefill_chunk, compile=self.compile, **options)
+
+    def call_engine(self, rows: int, tokens: int) -> Engine:
+        """The engine of one library call: ``tokens`` (prompt + new) per row; a compiled one rounds the cache up to a
+        multiple of STATIC_LEN_STEP so that calls of similar lengths share compiled shapes; failures raise."""
         if self.compile:
             tokens = -(-tokens // STATIC_LEN_STEP) * STATIC_LEN_STEP
-        return Engine(self.model, max_batch=rows, max_len=min(self.model.config.max_seq_len, tokens),
-                      eos_token_ids=self.eos_token_ids, pad_token_id=pad_id(self.tokenizer),
-                      tokenizer=self.tokenizer, probe=self.probe, prefill_chunk=self.prefill_chunk,
-                      compile=self.compile, isolate_failures=False)
+        return self.engine(rows, min(self.model.config.max_seq_len, tokens), isolate_failures=False)
 
     def start(self, prompts: Seq[Seq[int]], choices: Seq[tuple[GenerationConfig, int]]
               ) -> tuple[Engine, list[Sequence], deque[tuple[int, Event]]]:
@@ -53,7 +57,7 @@ class Generator:
         prompts = check_prompts(prompts, self.model.config.vocab_size, self.model.config.max_seq_len)
         n = len(choices)
         longest = max(len(p) for p in prompts) + max(c.max_new_tokens for c, _ in choices)
-        engine = self.engine(len(prompts) * n, longest)
+        engine = self.call_engine(len(prompts) * n, longest)
         events: deque[tuple[int, Event]] = deque()
         seqs = [Sequence(p, config, lambda e, row=i * n + j: events.append((row, e)), sample_index=index)
                 for i, p in enumerate(prompts) for j, (config, index) in enumerate(choices)]

@@ -17,10 +17,8 @@ import threading
 from functools import partial
 
 from ..api import LM
-from ..generate.engine import Engine
 from ..generate.events import ErrorEvent, Event, TokenEvent
 from ..generate.sequence import Sequence
-from ..tokenizer import pad_id
 
 __all__ = ["ContinuousBatcher", "Draining", "ErrorEvent", "Event", "QueueFull", "Sequence", "TokenEvent"]
 
@@ -46,10 +44,8 @@ class ContinuousBatcher:
         gen = lm.generator(prefill_chunk)
         self.lm = lm
         self.max_len = min(cfg.max_seq_len, max_len or cfg.max_seq_len)
-        self.engine = Engine(gen.model, max_batch=max_batch, max_len=self.max_len, eos_token_ids=gen.eos_token_ids,
-                             pad_token_id=pad_id(gen.tokenizer), tokenizer=gen.tokenizer, probe=gen.probe,
-                             prefill_chunk=prefill_chunk, compile=gen.compile, prefix_cache_bytes=prefix_cache_bytes,
-                             isolate_failures=True)
+        self.engine = gen.engine(max_batch, self.max_len, prefix_cache_bytes=prefix_cache_bytes,
+                                 isolate_failures=True)
         self.max_batch, self.max_queue = max_batch, max_queue
         self._wake = threading.Condition()
         self._stop = False
