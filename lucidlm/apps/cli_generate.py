@@ -27,7 +27,9 @@ LengthPenalty = Annotated[float, typer.Option(help="beam score = logprob sum / l
 BestOf = Annotated[int, typer.Option(help="sample N completions, print the one with the best mean logprob")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")]
 Dtype = Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (the checkpoint's)")]
-Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the decode step (compiles for seconds first)")]
+Compile = Annotated[str | None, typer.Option(
+    "--compile", help="decode steps as one compiled graph: auto (default on CPU: compiled in the background, kept on "
+                      "disk), on (compile first), off")]
 Probe = Annotated[Path | None, typer.Option(help="probe directory: score every token (JSON: scores; text: risky "
                                              "tokens in red)")]
 PackWeights = Annotated[bool, typer.Option("--pack-weights", help="CPU: oneDNN-packed weights, ~2x faster matmuls, "
@@ -43,7 +45,7 @@ def _options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalt
     return options
 
 
-def _load(model: Path, device: str, dtype: str, compile: bool = False, pack_weights: bool = False,
+def _load(model: Path, device: str, dtype: str, compile: str | None = None, pack_weights: bool = False,
           probe: Path | None = None):
     from ..api import load
 
@@ -72,7 +74,7 @@ def generate_command(
     = False,
     device: Device = "auto",
     dtype: Dtype = "float32",
-    compile: Compile = False,
+    compile: Compile = None,
     pack_weights: PackWeights = False,
     probe: Probe = None,
     threshold: Annotated[float, typer.Option(help="with --probe: tokens scoring above this are shown in red")] = 0.5,
@@ -125,7 +127,7 @@ def chat_command(
     stop: Stop = None,
     device: Device = "auto",
     dtype: Dtype = "float32",
-    compile: Compile = False,
+    compile: Compile = None,
     pack_weights: PackWeights = False,
 ) -> None:
     """Talk with a model: each line you type is a user turn, the history is kept.

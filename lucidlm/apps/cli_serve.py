@@ -36,7 +36,7 @@ def serve_command(
     device: Device = "auto",
     dtype: Dtype = "float32",
     pack_weights: PackWeights = False,
-    compile: Compile = False,
+    compile: Compile = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Serve a checkpoint over HTTP with the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions,

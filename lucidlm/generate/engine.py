@@ -42,6 +42,7 @@ import torch
 from ..model.kv_cache import STATIC_BUCKET, KVCache
 from ..model.transformer import ModelOutput, Transformer
 from ..tokenizer import Tokenizer
+from .compiled_steps import CompiledStepRefused, CompiledSteps, StepShape, as_mode
 from .events import ErrorEvent, Event, TokenEvent
 from .generation_config import GenerationConfig
 from .prefill import Prefill
@@ -58,8 +59,6 @@ MIN_PREFILL_BUDGET = 16  # token positions prefilled per step while rows decode,
 PREFILL_SHARE = 0.75  # a long prompt's chunk per step costs this share of a decode step (ITL <= ~2x while it runs)
 SHORT_PROMPT = 256  # prompts of at most this many positions are prefilled whole, even while rows decode
 STATIC_LEN_STEP = STATIC_BUCKET  # compiled decode: cache lengths are rounded up to a multiple of this
-# compiled decode specialises on (rows, cells attended): powers of two up to the batch × buckets of the cache
-COMPILED_SHAPES = 64
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ class Engine:
         tokenizer: Tokenizer | None = None,
         probe: ProbeScoring | None = None,
         prefill_chunk: int = 512,
-        compile: bool = False,
+        compile: bool | str = "off",
         prefix_cache_bytes: int = 0,
         isolate_failures: bool = True,
     ) -> None:
@@ -124,10 +123,14 @@ class Engine:
         self.eos_token_ids, self.pad_token_id = frozenset(eos_token_ids), pad_token_id
         self.max_batch, self.max_len, self.prefill_chunk = max_batch, max_len, prefill_chunk
         self.short_prompt = SHORT_PROMPT
-        self.compile = compile  # decode steps run as one torch.compile'd graph over a static cache
+        # decode steps run as one compiled graph over a static cache: "on" compiles before a shape's first step,
+        # "auto" in the background (eager steps meanwhile), "off" never (generate/compiled_steps.py)
+        self.compile = as_mode(compile)
         self.device = param.device
         self.cache = KVCache(cfg, max_batch, max_len, param.dtype, self.device, chunk_size=prefill_chunk,
-                             static=compile)
+                             static=self.compile != "off")
+        self.compiled = CompiledSteps.for_model(model) if self.compile != "off" else None
+        self.compiled_steps = 0  # decode steps that ran compiled
         self.history = TokenHistory(max_batch, cfg.vocab_size, self.device)
         self.isolate = isolate_failures
         self.sample = SampleStep(self.history, self.device, isolate_failures)
@@ -179,7 +182,8 @@ class Engine:
                 "waiting": sum(len(g) for g in self.waiting), "free_slots": len(self.free),
                 "max_batch": self.max_batch, "decode_steps": self.steps, "cancelled": self.cancelled,
                 "failed": self.failed, "prefix_hits": prefix.hits if prefix else 0,
-                "prefix_tokens_saved": prefix.tokens_saved if prefix else 0}
+                "prefix_tokens_saved": prefix.tokens_saved if prefix else 0,
+                "compiling": len(self.compiled.pending) if self.compiled else 0, "compiled_steps": self.compiled_steps}
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -409,7 +413,7 @@ class Engine:
 
     def _forward_one(self, tokens: torch.Tensor, slots: list[int]) -> ModelOutput:
         """One decode forward: tokens (rows, 1) continue the sequences in ``slots``."""
-        if not self.compile:
+        if self.compiled is None:
             plan = self.cache.begin(slots, 1)
             return self.model.forward_planned(tokens, plan, self.cache, hidden_layers=self.layers)
         # A compiled step is specialised to its shapes: run a power-of-two number of rows, filling up with free
@@ -419,11 +423,22 @@ class Engine:
         spare = heapq.nsmallest(width - rows, self.free) if width - rows <= len(self.free) else []
         if width > rows and not spare:
             width = rows  # no free slots to fill with (prefills hold them): compile this width too
+        kv_len = self.cache.static_kv_len(max(self.cache.lengths[s] for s in slots) + 1)
+        shape = StepShape(self.max_batch, self.max_len, self.prefill_chunk, width, kv_len, self.layers)
+        step = self.compiled.get(shape, wait=self.compile == "on")
+        if step is None:  # not compiled (yet): this step runs eagerly, on its own rows
+            plan = self.cache.begin(slots, 1)
+            return self.model.forward_planned(tokens, plan, self.cache, hidden_layers=self.layers)
         if spare:
             slots = slots + spare
             tokens = torch.cat([tokens, tokens.new_full((len(spare), 1), self.pad_token_id)])
         plan = self.cache.begin(slots, 1)  # host-side bookkeeping stays out of the compiled graph
-        out = compiled_forward(self.model)(tokens, plan, self.cache, hidden_layers=self.layers, last_only=True)
+        try:
+            out = step(tokens, plan, self.cache)
+        except CompiledStepRefused as e:
+            self.compiled.refuse(shape, e)
+            out = self.model.forward_planned(tokens, plan, self.cache, hidden_layers=self.layers, last_only=True)
+        self.compiled_steps += 1
         if not spare:
             return out
         self.cache.reset(spare)
@@ -511,18 +526,6 @@ def check_prompts(prompts, vocab_size: int, max_len: int) -> list[list[int]]:
                              "to generate")
         out.append(p)
     return out
-
-
-def compiled_forward(model: Transformer) -> Callable[..., ModelOutput]:
-    """``model.forward_planned`` compiled with ``torch.compile``, once per model and kept on it (compiling takes
-    seconds; later engines and calls reuse it, recompiling only for new shapes)."""
-    fn = model.__dict__.get("_compiled_forward")
-    if fn is None:
-        # dynamo keeps 8 specialisations of a function by default, then runs it eagerly: a server needs more
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
-        fn = torch.compile(model.forward_planned, dynamic=False)  # static shapes: see Engine._forward_one
-        model.__dict__["_compiled_forward"] = fn
-    return fn
 
 
 def _padding_groups(entries: list[tuple], max_len: int) -> list[list[tuple]]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ..model.transformer import Transformer
 from ..tokenizer import Tokenizer, pad_id
+from .compiled_steps import as_mode
 from .engine import STATIC_LEN_STEP, Engine, ProbeScoring, check_prompts
 from .events import Completion, ErrorEvent, Event, TokenEvent
 from .generation_config import GenerationConfig
@@ -30,7 +31,7 @@ class Generator:
     tokenizer: Tokenizer | None = None
     eos_token_ids: tuple[int, ...] = ()
     probe: ProbeScoring | None = None
-    compile: bool = False  # decode steps as one torch.compile'd graph over a static cache
+    compile: bool | str = "off"  # decode steps as one compiled graph: "auto", "on" or "off" (compiled_steps.py)
     prefill_chunk: int = 512
 
     def engine(self, rows: int, max_len: int, **options) -> Engine:
@@ -43,7 +44,7 @@ class Generator:
     def call_engine(self, rows: int, tokens: int) -> Engine:
         """The engine of one library call: ``tokens`` (prompt + new) per row; a compiled one rounds the cache up to a
         multiple of STATIC_LEN_STEP so that calls of similar lengths share compiled shapes; failures raise."""
-        if self.compile:
+        if as_mode(self.compile) != "off":
             tokens = -(-tokens // STATIC_LEN_STEP) * STATIC_LEN_STEP
         return self.engine(rows, min(self.model.config.max_seq_len, tokens), isolate_failures=False)
 

@@ -18,6 +18,8 @@ Linear layers:
   machine's read bandwidth; written as an elementwise product summed over the input axis,
   ``torch.compile`` (inductor) emits one vectorised reduction loop that runs near it. Eagerly that
   form would materialise the product, so it is used only while compiling, for one row (``use_gemv``);
+- inference products through oneDNN on the plain weight (``ONEDNN_INFERENCE``): no copy, and on CPUs where
+  BLAS's small-batch GEMM is slow (MKL on AMD) about 1.4x BLAS for a batch-8 decode step and a prefill;
 - fp32 training GEMMs through oneDNN (``OneDNNLinear``): on AVX-512 CPUs where BLAS takes a generic
   path (seen: MKL on AMD EPYC) oneDNN runs the same products about twice as fast.
 """
@@ -76,7 +78,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():  # the registry is looked up at run time, inside the op
         return gemv(x, weight, bias) if use_gemv(x) else _linear_packed_op(x, weight, bias)
-    return linear_packed(x, weight, bias) if _PACKED else F.linear(x, weight, bias)
+    return linear_packed(x, weight, bias)
 
 
 # --- linear: the compiled batch-1 matrix-vector form ---------------------------------------------
@@ -152,11 +154,16 @@ def _packed_for(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def linear_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear through the weight's packed copy where one is current, else plain F.linear."""
-    packed = _packed_for(weight)
-    if packed is None or x.dtype != weight.dtype or torch.is_grad_enabled():
+    """F.linear without autograd: through the weight's packed copy where one is current, else through oneDNN on the
+    plain weight where it can (``ONEDNN_INFERENCE``), else BLAS."""
+    packed = _packed_for(weight) if _PACKED else None
+    if x.dtype != weight.dtype or torch.is_grad_enabled():
         return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if ONEDNN_INFERENCE and packable(x.dtype) and weight.is_contiguous():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 @torch.library.custom_op("lucidlm::linear_packed", mutates_args=())
@@ -225,3 +232,6 @@ class OneDNNLinear(torch.autograd.Function):
 
 
 ONEDNN_TRAINING = torch.backends.mkldnn.is_available()  # route fp32 CPU training matmuls through oneDNN
+# inference matmuls of more than one row through oneDNN on the plain weight (no copy): measured on AMD EPYC (AVX2,
+# MKL), a batch-8 decode step 1.4x and a 64-token prefill 1.45x faster than BLAS (lucidlm bench)
+ONEDNN_INFERENCE = torch.backends.mkldnn.is_available()

@@ -90,6 +90,7 @@ class KVCache:
         device: torch.device | str = "cpu",
         chunk_size: int = 512,
         static: bool = False,
+        lazy: bool = False,
     ) -> None:
         if n_slots < 1:
             raise ValueError(f"n_slots must be >= 1, got {n_slots}")
@@ -101,6 +102,8 @@ class KVCache:
         # step is reused, not recompiled (a server's long cache is not read whole for short sequences)
         self.static = static
         self.dtype, self.device = dtype, torch.device(device)
+        # lazy: cells left uninitialised (a scratch cache to compile a step on: untouched pages cost no memory)
+        self._new = torch.empty if lazy else torch.zeros
         self.layers = [self._allocate(layer) for layer in range(cfg.n_layers)]
         self.ring = [_cells(cfg, i, max_len, chunk_size) if cfg.is_sliding(i) else None for i in range(cfg.n_layers)]
         self.lengths = [0] * n_slots  # tokens written per slot (padding included); host-side, no syncs
@@ -116,7 +119,7 @@ class KVCache:
             shapes = [(self.n_slots, 1, cells, mla.kv_lora_rank), (self.n_slots, 1, cells, mla.qk_rope_head_dim)]
         else:  # (slots, kv_heads, cells, head_dim) for K and for V
             shapes = [(self.n_slots, cfg.n_kv_heads, cells, cfg.head_dim)] * 2
-        return tuple(torch.zeros(s, dtype=self.dtype, device=self.device) for s in shapes)
+        return tuple(self._new(s, dtype=self.dtype, device=self.device) for s in shapes)
 
     # --- bookkeeping -------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -205,7 +208,7 @@ class KVCache:
         static = self.static and n_new == 1  # decode steps only; prefill chunks run eagerly
         kv_len = max(starts) + n_new
         if static:
-            kv_len = min(self.max_len, -(-kv_len // STATIC_BUCKET) * STATIC_BUCKET)
+            kv_len = self.static_kv_len(kv_len)
         first = slots[0]
         contiguous = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
         if static:
@@ -218,6 +221,10 @@ class KVCache:
         key_positions = self._rows(self.positions, slot_t, contiguous)[:, :kv_len]
         self.plan = StepPlan(slot_t, seq_index, kv_len, contiguous, position_ids, masks, key_positions)
         return self.plan
+
+    def static_kv_len(self, length: int) -> int:
+        """Cells a static decode step attends over to cover ``length`` cells: a whole number of buckets."""
+        return min(self.max_len, -(-length // STATIC_BUCKET) * STATIC_BUCKET)
 
     def _ring_mask(self, seq_index: torch.Tensor, slot_t: torch.Tensor, contiguous: slice | None) -> torch.Tensor:
         """Mask over the ring's cells: which sequence index each cell holds after this write."""

@@ -1,5 +1,6 @@
-"""`lucidlm bench`'s runners on a tiny model: the "fast" lucidlm path runs in every dtype on any CPU (oneDNN packs
-bfloat16 only with AVX-512; elsewhere "fast" is the compiled step alone) and gives the eager path's tokens."""
+"""`lucidlm bench`'s runners on a tiny model: the "packed" lucidlm path runs in every dtype on any CPU (oneDNN packs
+bfloat16 only with AVX-512; elsewhere "packed" is the compiled step alone), the "default" one waits for its
+background-compiled steps and reports the wait, and both give the eager path's tokens."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def test_fast_runner_runs_on_this_cpu_and_packs_only_where_it_can(dtype, tmp_pat
     _, lm = build_pair(TINY, tmp_path, dtype)
     ids = _random_ids(TINY["vocab_size"], 1, 8)
     eager = _ours_runner(lm, ids)(4)()
-    fast_run = _ours_runner(lm, ids, fast=True)
+    fast_run = _ours_runner(lm, ids, "packed")
     assert is_packed(lm.model.blocks[0].mlp.up_proj.weight) == packable(dtype)
     fast = fast_run(4)()
     if dtype == torch.float32:  # bfloat16 paths may part on near-ties (different summation orders)
@@ -28,3 +29,14 @@ def test_fast_runner_runs_on_this_cpu_and_packs_only_where_it_can(dtype, tmp_pat
     assert [len(c.token_ids) for c in fast] == [4]
     prefill, decode, step = measure(fast_run, 1, 8, 4, 1)
     assert all(math.isfinite(x) and x > 0 for x in (prefill, decode, step))
+
+
+def test_default_runner_waits_for_its_compiled_steps(tmp_path):
+    torch._dynamo.reset()
+    _, lm = build_pair(TINY, tmp_path, torch.float32)
+    ids = _random_ids(TINY["vocab_size"], 1, 8)
+    eager = _ours_runner(lm, ids)(4)()
+    ready = {"new": 4}
+    default = _ours_runner(lm, ids, "default", ready)(4)()
+    assert [c.token_ids for c in default] == [c.token_ids for c in eager]
+    assert ready["seconds"] > 0 and ready["compiled"] + ready["loaded"] >= 1

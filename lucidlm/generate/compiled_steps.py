@@ -1,0 +1,273 @@
+"""The compiled decode step, built ahead of use and kept on disk, so that the default path is the fast one without a
+user waiting for a compiler.
+
+Why compile at all. A decode step multiplies every weight by one vector per row. Eagerly, BLAS's matrix-vector
+products stream the weights at about half the machine's read bandwidth and each of the step's ~300 small ops pays
+Python's dispatch; one ``torch.compile``'d graph (inductor) streams them near the bandwidth and has no per-op
+overhead: about 2x the tokens per second at batch 1 on CPU (``lucidlm bench``).
+
+Why not plain ``torch.compile``. It compiles on the first call, for seconds to minutes, in the caller's thread, and
+again in every new process. Here each step *shape* (the engine's cache geometry, the rows of the step and the
+cells it attends over) is compiled once per machine with ``torch.compile(...).aot_compile`` (whole graph, guards
+included), saved under ``~/.cache/lucidlm/compiled/`` (``LUCIDLM_CACHE_DIR``), and loaded from there by later
+processes in about a second. The parameters are inputs of the graph, never constants baked into it: the artefact
+holds no copy of the weights, serves any model of the same architecture, and always reads the weights as they are
+now (training, ``load_state_dict``).
+
+Modes (``load(..., compile=)``): "auto" (the default) compiles in a background thread while the engine runs the
+step eagerly, and switches over shape by shape when each is ready; "on" compiles in the caller's thread before the
+first step of a shape (benchmarks, tests); "off" never compiles. ``LUCIDLM_COMPILE`` overrides the default.
+
+The artefact's key covers everything the graph depends on: torch, Python, the CPU's instruction set, the model's
+config, dtype and device, the engine's cache geometry, the step shape and the source of lucidlm's model code.
+A step whose guards still refuse it at run time (``CompiledStepRefused``), or that cannot be compiled as one graph,
+runs eagerly from then on, with one warning in the log.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import io
+import logging
+import os
+import platform
+import queue
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import model as model_package
+from ..atomic_io import atomic_write
+from ..model.kv_cache import KVCache
+from ..model.transformer import ModelOutput, Transformer
+
+log = logging.getLogger("lucidlm.compiled_steps")
+
+MODES = ("auto", "on", "off")
+EXIT_WAIT_S = 900.0  # at most this long at exit for compiles in flight
+
+
+def default_mode() -> str:
+    """The mode ``load`` uses unless told: ``LUCIDLM_COMPILE`` (auto | on | off), else "auto"."""
+    mode = os.environ.get("LUCIDLM_COMPILE", "auto")
+    if mode not in MODES:
+        raise ValueError(f"LUCIDLM_COMPILE={mode!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
+def as_mode(compile: bool | str) -> str:
+    """True -> "on", False -> "off", or one of MODES."""
+    if isinstance(compile, bool):
+        return "on" if compile else "off"
+    if compile not in MODES:
+        raise ValueError(f"compile={compile!r}: expected one of {', '.join(MODES)} (or True / False)")
+    return compile
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LUCIDLM_CACHE_DIR") or Path.home() / ".cache" / "lucidlm"
+    return Path(root) / "compiled"
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What a compiled decode step is specialised to: the engine's cache and the step's own shape."""
+
+    slots: int  # cache slots (the engine's max_batch)
+    max_len: int  # cells per slot
+    chunk: int  # the cache's chunk_size (sliding-window rings are sized by it)
+    width: int  # rows of the step (a power of two, filled up with idle slots)
+    kv_len: int  # cells attended (a multiple of the static bucket)
+    layers: tuple[int, ...]  # hidden states returned (the probe's layer)
+
+
+class CompiledStepRefused(RuntimeError):
+    """A loaded step's guards refuse this call (something the key does not capture changed)."""
+
+
+class CompiledSteps:
+    """The compiled decode steps of one model, shape by shape (one per model: ``for_model``)."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+        self.ready: dict[StepShape, Callable[..., ModelOutput]] = {}
+        self.failed: set[StepShape] = set()
+        self.pending: set[StepShape] = set()
+        self.compiled = 0  # shapes compiled in this process
+        self.loaded = 0  # shapes loaded from disk
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[StepShape] = queue.Queue()
+        self._idle = threading.Condition(self._lock)
+        self._worker: threading.Thread | None = None
+        self._exit_hook = False
+
+    @staticmethod
+    def for_model(model: Transformer) -> CompiledSteps:
+        steps = model.__dict__.get("_compiled_steps")
+        if steps is None:
+            steps = model.__dict__["_compiled_steps"] = CompiledSteps(model)
+        return steps
+
+    def get(self, shape: StepShape, wait: bool) -> Callable[..., ModelOutput] | None:
+        """The step for ``shape``; None while it is being built in the background (``wait=False``) or if it could
+        not be built. ``wait=True`` builds it here first."""
+        with self._lock:
+            if shape in self.ready or shape in self.failed:
+                return self.ready.get(shape)
+            if not wait:
+                if shape not in self.pending:
+                    self.pending.add(shape)
+                    self._queue.put(shape)
+                    self._start_worker()
+                return None
+        self._build_and_record(shape)
+        return self.ready.get(shape)
+
+    def refuse(self, shape: StepShape, error: Exception) -> None:
+        """A ready step failed at run time: run that shape eagerly from now on."""
+        log.warning("compiled decode step %s refused (%s); running it eagerly", shape, error)
+        with self._lock:
+            self.ready.pop(shape, None)
+            self.failed.add(shape)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until no shape is waiting to be built; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self.pending, timeout)
+
+    # --- building ---------------------------------------------------------------------------------------
+    def _start_worker(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            if not self._exit_hook:
+                self._exit_hook = True
+                atexit.register(self._finish_at_exit)
+            self._worker = threading.Thread(target=self._work, name="lucidlm-compile", daemon=True)
+            self._worker.start()
+
+    def _finish_at_exit(self) -> None:
+        """A short run (one ``lucidlm generate``) ends before its steps are compiled: finish them (once per machine,
+        then they load from disk) rather than pay for an unfinished compile on every run."""
+        with self._lock:
+            left = len(self.pending)
+        if left:
+            log.warning("lucidlm: finishing the compile of %d decode step shape(s) for the next runs (once per "
+                        "machine; LUCIDLM_COMPILE=off to skip)", left)
+            self.wait(timeout=EXIT_WAIT_S)
+
+    def _work(self) -> None:
+        while True:
+            try:
+                shape = self._queue.get(timeout=5.0)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():
+                        self._worker = None
+                        return
+                continue
+            self._build_and_record(shape)
+
+    def _build_and_record(self, shape: StepShape) -> None:
+        try:
+            fn = self._build(shape)
+        except Exception as e:  # noqa: BLE001 - any failure to compile leaves the step eager, never the engine broken
+            log.warning("decode step %s could not be compiled (%s: %s); it runs eagerly", shape, type(e).__name__, e)
+            fn = None
+        with self._idle:
+            if fn is None:
+                self.failed.add(shape)
+            else:
+                self.ready[shape] = fn
+            self.pending.discard(shape)
+            self._idle.notify_all()
+
+    def _build(self, shape: StepShape) -> Callable[..., ModelOutput]:
+        path = cache_dir() / f"{artifact_key(self.model, shape)}.bin"
+        fn = _load(path, self.model) if path.exists() else None
+        if fn is not None:
+            self.loaded += 1
+        else:
+            fn = _compile(self.model, shape)
+            _save(fn, path, self.model)
+            self.compiled += 1
+        model = self.model
+
+        def step(tokens: torch.Tensor, plan, cache: KVCache) -> ModelOutput:
+            try:
+                return fn(model, tokens, plan, cache, hidden_layers=shape.layers, last_only=True)
+            except RuntimeError as e:
+                if "GuardManager check failed" in str(e):
+                    raise CompiledStepRefused(str(e)) from e
+                raise
+        return step
+
+
+def _example(model: Transformer, shape: StepShape) -> tuple[torch.Tensor, object, KVCache]:
+    """A step of ``shape`` on a scratch cache laid out like the engine's (its cells are never touched but for the
+    ones the step reads and writes, so the scratch costs little memory)."""
+    param = next(model.parameters())
+    cache = KVCache(model.config, shape.slots, shape.max_len, param.dtype, param.device, chunk_size=shape.chunk,
+                    static=True, lazy=True)
+    slots = list(range(shape.width))
+    for s in slots:
+        cache.lengths[s] = shape.kv_len - 1  # the step attends over kv_len cells
+    with torch.inference_mode():  # as the engine's step: its tokens and plan are inference tensors
+        plan = cache.begin(slots, 1)
+        tokens = torch.zeros(shape.width, device=param.device, dtype=torch.long)[:, None]
+    return tokens, plan, cache
+
+
+def _compile(model: Transformer, shape: StepShape):
+    tokens, plan, cache = _example(model, shape)
+    compiled = torch.compile(model.forward_planned, dynamic=False, fullgraph=True)
+    with torch.inference_mode():
+        return compiled.aot_compile(((tokens, plan, cache), dict(hidden_layers=shape.layers, last_only=True)))
+
+
+def _save(fn, path: Path, model: Transformer) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_write(path) as tmp:
+            fn.save_compiled_function(str(tmp), external_data={"model": model})
+    except Exception as e:  # noqa: BLE001 - an unwritable cache costs the next process a compile, nothing else
+        log.warning("could not save the compiled step to %s (%s)", path, e)
+
+
+def _load(path: Path, model: Transformer):
+    """A step saved by ``_save`` (our own cache directory, written atomically; the format is torch's pickle of the
+    compiled graph, so the directory is as trusted as inductor's own cache)."""
+    from ..model import transformer
+
+    try:
+        with open(path, "rb") as f:
+            data = io.BytesIO(f.read())
+        return torch.compiler.load_compiled_function(data, f_globals=transformer.__dict__,
+                                                     external_data={"model": model})
+    except Exception as e:  # noqa: BLE001 - a stale or foreign artefact is rebuilt, not fatal
+        log.warning("compiled step %s could not be loaded (%s); compiling it again", path, e)
+        return None
+
+
+def artifact_key(model: Transformer, shape: StepShape) -> str:
+    param = next(model.parameters())
+    parts = [torch.__version__, sys.version, platform.machine(), torch.backends.cpu.get_cpu_capability(),
+             repr(model.config), str(param.dtype), param.device.type, repr(shape), _model_source_hash(),
+             repr(sorted(type(m).__qualname__ for m in model.modules()))]  # LoRA or adapters change the graph
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+_SOURCE_HASH: list[str] = []
+
+
+def _model_source_hash() -> str:
+    """The compiled graph is lucidlm's model code: a change to it must not reuse an old artefact."""
+    if not _SOURCE_HASH:
+        digest = hashlib.sha256()
+        for f in sorted(Path(model_package.__file__).parent.glob("*.py")):
+            digest.update(f.read_bytes())
+        _SOURCE_HASH.append(digest.hexdigest())
+    return _SOURCE_HASH[0]
