@@ -12,9 +12,12 @@ file row by row (resumable from a line, bad lines raised as ``file:line: ...`` o
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .atomic_io import atomic_write
 
@@ -27,8 +30,24 @@ class JSONSyntaxError(DataError):
     """Not JSON at all: bytes that are not UTF-8, or a syntax error (``loads``, ``decode_utf8``)."""
 
 
+MAX_PARSE_DEPTH = 500  # arrays/objects inside each other that the parser is given at all
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')  # a JSON string: its brackets are text, not nesting
+_OPEN, _CLOSE = np.frombuffer(b"[{", dtype=np.uint8), np.frombuffer(b"]}", dtype=np.uint8)
+
+
+def json_depth(raw: bytes | str) -> int:
+    """How deeply arrays and objects nest in JSON text, counted before parsing: the parser recurses per level, and
+    how deep it may go moves with the interpreter's recursion limit (which compilers raise)."""
+    raw = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    codes = np.frombuffer(_STRING.sub(b'""', raw), dtype=np.uint8)
+    steps = np.isin(codes, _OPEN).astype(np.int32) - np.isin(codes, _CLOSE).astype(np.int32)
+    return int(np.cumsum(steps).max(initial=0))
+
+
 def loads(text: str) -> Any:
     """JSON text, with the failures a hostile file can cause turned into DataError (the caller adds where)."""
+    if json_depth(text) > MAX_PARSE_DEPTH:
+        raise DataError("JSON nested too deeply")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

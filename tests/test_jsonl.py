@@ -9,6 +9,7 @@ import pytest
 from lucidlm.jsonl import (
     DataError,
     JSONSyntaxError,
+    json_depth,
     parse_json,
     read_json,
     read_jsonl,
@@ -86,3 +87,19 @@ def test_read_json_names_the_file_and_accepts_a_bom(tmp_path):
     path.write_text("{oops")
     with pytest.raises(DataError, match=rf"^{path}: Expecting property name"):
         read_json(path)
+
+
+def _depth(value) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+@pytest.mark.parametrize("value", [[], {}, "[[[", {"a": [1, {"b": "]]\"[{"}], "c": [[[]]]}, [["\\", ["\\\""]]],
+                                   {"messages": [{"role": "user", "content": [{"type": "text", "text": "{[x]}"}]}]}])
+def test_the_nesting_depth_is_counted_outside_strings(value):
+    """Checked before parsing (the parser's own limit moves with the interpreter's recursion limit, which compilers
+    raise): brackets inside strings, escaped quotes included, do not count."""
+    assert json_depth(json.dumps(value).encode()) == _depth(value)

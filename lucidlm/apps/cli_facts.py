@@ -56,7 +56,7 @@ def answer(
     from ..api import load
     from ..facts.answers import answer_questions
 
-    lm = load(model, dtype=dtype, device=device)
+    lm = load(model, dtype=dtype, device=device, compile="off")  # batches of many step shapes (see apps/demo.py)
     qs = read_jsonl(questions)
     start = time.perf_counter()
     rows = answer_questions(lm, qs, samples=samples, temperature=temperature, seed=seed, batch_size=batch_size)

@@ -266,7 +266,9 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None, live
     questions = timed("questions", lambda: questions_stage(cache, config))
     lm = None
     if not (cache.fresh("answers") and cache.fresh("probe")):
-        lm = lucidlm.load(model_dir, dtype=config.dtype, device=config.device)
+        # eager: its batches come in many step shapes, whose background compiles would compete with the answers
+        # for the cores of a small machine on a cold cache
+        lm = lucidlm.load(model_dir, dtype=config.dtype, device=config.device, compile="off")
     rows = timed("answers", lambda: answers_stage(cache, config, lm, questions))
     probe_dir, report = timed("probe", lambda: probe_stage(cache, config, lm, rows))
 
@@ -292,7 +294,7 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None, live
     console.print(selective_table(report["selective"]))
     console.print(best_of_table(report["best_of_n"], config.samples))
     if live:
-        lm = lucidlm.load(model_dir, dtype=config.dtype, device=config.device, probe=probe_dir)
+        lm = lucidlm.load(model_dir, dtype=config.dtype, device=config.device, probe=probe_dir, compile="off")
         show_live(lm, read_jsonl(cache.out / "probe" / "test_questions.jsonl"), console)
     timings["total"] = time.perf_counter() - start
     summary = {"config": asdict(config), "benchmark": report, "seconds": timings}

@@ -323,10 +323,10 @@ def run_demo(out: Path, config: DemoConfig, console: Console | None = None) -> d
     world = timed("world", lambda: build_world_stage(cache, config, console))
     tokenizer = timed("tokenizer", lambda: build_tokenizer_stage(cache, config, world))
     model_dir = timed("lm", lambda: train_lm_stage(cache, config, world, tokenizer))
-    lm = lucidlm.load(model_dir, dtype=config.dtype, device=config.device)
+    lm = lucidlm.load(model_dir, dtype=config.dtype, device=config.device, compile="off")  # batches: see demo.py
     train_rows, eval_rows = timed("answers", lambda: answers_stage(cache, config, world, lm))
     probe_dir = timed("probe", lambda: probe_stage(cache, config, lm, train_rows))
-    lm = lucidlm.load(model_dir, dtype=config.dtype, device=config.device, probe=probe_dir)
+    lm = lucidlm.load(model_dir, dtype=config.dtype, device=config.device, probe=probe_dir, compile="off")
 
     began = time.perf_counter()
     reports = out / "report"

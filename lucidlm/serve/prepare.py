@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from dataclasses import dataclass
 
-import numpy as np
 from fastapi import Request
 
 from ..api import LM
 from ..generate.generation_config import GenerationConfig
+from ..jsonl import MAX_PARSE_DEPTH, json_depth
 from .errors import OpenAIError
 from .protocol import ChatCompletionRequest, CompletionRequest, parse
 
@@ -52,25 +51,10 @@ def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON value")  # Python's json reads NaN and Infinity; JSON has neither
 
 
-MAX_JSON_DEPTH = 100  # arrays/objects inside each other; a request needs a handful (a JSON schema a few dozen)
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')  # a JSON string: its brackets are text, not nesting
-
-
-def json_depth(raw: bytes) -> int:
-    """How deeply arrays and objects nest in ``raw`` (checked before parsing: the parser recurses, and how deep it
-    may go depends on the interpreter's recursion limit, which other libraries raise)."""
-    codes = np.frombuffer(_STRING.sub(b'""', raw), dtype=np.uint8)
-    steps = np.isin(codes, _OPEN).astype(np.int32) - np.isin(codes, _CLOSE).astype(np.int32)
-    return int(np.cumsum(steps).max(initial=0))
-
-
-_OPEN, _CLOSE = np.frombuffer(b"[{", dtype=np.uint8), np.frombuffer(b"]}", dtype=np.uint8)
-
-
 def parse_json(raw: bytes) -> object:
-    if json_depth(raw) > MAX_JSON_DEPTH:
+    if json_depth(raw) > MAX_PARSE_DEPTH:
         raise OpenAIError(400, f"the request body is not valid JSON: it is nested too deeply (more than "
-                               f"{MAX_JSON_DEPTH} levels)")
+                               f"{MAX_PARSE_DEPTH} levels)")
     try:
         return json.loads(raw, parse_constant=_no_constant)
     except RecursionError:

@@ -469,21 +469,3 @@ def test_connections_beyond_the_limit_are_answered_503(lm):
         for sock in held:
             sock.close()
         s.close()
-
-
-def _depth(value) -> int:
-    if isinstance(value, dict):
-        return 1 + max(map(_depth, value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max(map(_depth, value), default=0)
-    return 0
-
-
-@pytest.mark.parametrize("value", [[], {}, "[[[", {"a": [1, {"b": "]]\"[{"}], "c": [[[]]]}, [["\\", ["\\\""]]],
-                                   {"messages": [{"role": "user", "content": [{"type": "text", "text": "{[x]}"}]}]}])
-def test_the_nesting_depth_is_counted_outside_strings(value):
-    """Checked before parsing (the parser's own limit moves with the interpreter's recursion limit, which compilers
-    raise): brackets inside strings, escaped quotes included, do not count."""
-    from lucidlm.serve.prepare import json_depth
-
-    assert json_depth(json.dumps(value).encode()) == _depth(value)
