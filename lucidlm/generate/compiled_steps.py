@@ -129,11 +129,12 @@ class CompiledSteps:
         return self.ready.get(shape)
 
     def refuse(self, shape: StepShape, error: Exception) -> None:
-        """A ready step failed at run time: run that shape eagerly from now on."""
+        """A ready step failed at run time: run that shape eagerly from now on, and drop its artefact from disk."""
         log.warning("compiled decode step %s refused (%s); running it eagerly", shape, error)
         with self._lock:
             self.ready.pop(shape, None)
             self.failed.add(shape)
+        artifact_path(self.model, shape).unlink(missing_ok=True)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until no shape is waiting to be built; False on timeout."""
@@ -186,7 +187,7 @@ class CompiledSteps:
             self._idle.notify_all()
 
     def _build(self, shape: StepShape) -> Callable[..., ModelOutput]:
-        path = cache_dir() / f"{artifact_key(self.model, shape)}.bin"
+        path = artifact_path(self.model, shape)
         fn = _load(path, self.model) if path.exists() else None
         if fn is not None:
             self.loaded += 1
@@ -210,8 +211,9 @@ def _example(model: Transformer, shape: StepShape) -> tuple[torch.Tensor, object
     """A step of ``shape`` on a scratch cache laid out like the engine's (its cells are never touched but for the
     ones the step reads and writes, so the scratch costs little memory)."""
     param = next(model.parameters())
-    cache = KVCache(model.config, shape.slots, shape.max_len, param.dtype, param.device, chunk_size=shape.chunk,
-                    static=True, lazy=True)
+    with torch.inference_mode(False):  # as the engine's cache, built outside its steps (guards see the difference)
+        cache = KVCache(model.config, shape.slots, shape.max_len, param.dtype, param.device, chunk_size=shape.chunk,
+                        static=True, lazy=True)
     slots = list(range(shape.width))
     for s in slots:
         cache.lengths[s] = shape.kv_len - 1  # the step attends over kv_len cells
@@ -252,6 +254,10 @@ def _load(path: Path, model: Transformer):
         return None
 
 
+def artifact_path(model: Transformer, shape: StepShape) -> Path:
+    return cache_dir() / f"{artifact_key(model, shape)}.bin"
+
+
 def artifact_key(model: Transformer, shape: StepShape) -> str:
     param = next(model.parameters())
     parts = [torch.__version__, sys.version, platform.machine(), torch.backends.cpu.get_cpu_capability(),
@@ -267,7 +273,7 @@ def _model_source_hash() -> str:
     """The compiled graph is lucidlm's model code: a change to it must not reuse an old artefact."""
     if not _SOURCE_HASH:
         digest = hashlib.sha256()
-        for f in sorted(Path(model_package.__file__).parent.glob("*.py")):
+        for f in [*sorted(Path(model_package.__file__).parent.glob("*.py")), Path(__file__)]:  # + how it is traced
             digest.update(f.read_bytes())
         _SOURCE_HASH.append(digest.hexdigest())
     return _SOURCE_HASH[0]

@@ -435,10 +435,10 @@ class Engine:
         plan = self.cache.begin(slots, 1)  # host-side bookkeeping stays out of the compiled graph
         try:
             out = step(tokens, plan, self.cache)
+            self.compiled_steps += 1
         except CompiledStepRefused as e:
             self.compiled.refuse(shape, e)
             out = self.model.forward_planned(tokens, plan, self.cache, hidden_layers=self.layers, last_only=True)
-        self.compiled_steps += 1
         if not spare:
             return out
         self.cache.reset(spare)

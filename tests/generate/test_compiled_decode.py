@@ -8,6 +8,7 @@ import torch
 from test_engine import capture_hidden
 from tiny_lm import random_probe, tiny_lm, tiny_model
 
+from lucidlm.generate.compiled_steps import CompiledSteps
 from lucidlm.generate.generation_config import GenerationConfig
 from lucidlm.generate.offline import Generator
 from lucidlm.model.cpu_kernels import pack_linears, unpack_linears
@@ -37,6 +38,8 @@ def test_compiled_and_packed_decode_equal_eager():
         assert compiled[i].token_ids == e.token_ids
         assert packed[i].token_ids == e.token_ids and packed[i].finish_reason == e.finish_reason
         torch.testing.assert_close(packed[i].logprobs, e.logprobs, atol=1e-4, rtol=0)
+    steps = CompiledSteps.for_model(model)
+    assert steps.ready and not steps.failed  # the steps ran compiled, none refused (then they would run eagerly)
     rows = [h.shape[0] for h in seen]  # filler rows are cut from the outputs the probe reads
     assert rows[0] == 3 and rows[-1] < 3  # shrank: other compiled shapes
 
@@ -50,6 +53,7 @@ def test_compiled_step_hidden_states_match_eager():
     probe, compiled_seen = capture_hidden(layer=1)
     compiled = Generator(model, compile=True, probe=probe).generate([PROMPTS[0]], config)
     assert eager[0].token_ids == compiled[0].token_ids and len(eager_seen) == len(compiled_seen) == 4
+    assert CompiledSteps.for_model(model).ready and not CompiledSteps.for_model(model).failed
     for a, b in zip(eager_seen, compiled_seen):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
