@@ -39,7 +39,7 @@ class LM:
     family: Family | None = None
     hf_config: dict | None = None
     generation_defaults: dict = field(default_factory=dict)  # the checkpoint's generation_config.json
-    compile_decode: bool | str = "off"  # decode steps as one compiled graph: "auto" | "on" | "off" (see load)
+    compile_decode: bool | str = "off"  # decode steps as one compiled graph: "on" | "off" (see load)
     probe: LoadedProbe | None = None  # hallucination probe: generate/stream then score every token
 
     @property
@@ -145,9 +145,9 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: 
     dtype: "float32", "bfloat16", "float16" or "auto" (the checkpoint's own). device: "auto"
     picks CUDA when available, else CPU.
     compile: decode steps as one compiled graph (about 2x the tokens per second of eager steps at
-    batch 1 on CPU): "auto" compiles each step shape in the background while steps run eagerly and
-    keeps it on disk for later processes (the default on CPU, or ``LUCIDLM_COMPILE``); "on" / True
-    compiles before a shape's first step; "off" / False never (the default on CUDA). See
+    batch 1 on CPU): "on" / True (the default on CPU, or ``LUCIDLM_COMPILE``) builds each step shape
+    before its first step, loaded from ~/.cache/lucidlm/compiled in about a second or compiled once per
+    machine (tens of seconds) and saved there; "off" / False never (the default on CUDA). See
     generate/compiled_steps.py.
     adapter: a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to apply.
     probe: a probe directory (probe_config.json + probe_head.safetensors [+ its LoRA adapter]): then

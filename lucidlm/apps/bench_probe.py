@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from ..generate.compiled_steps import CompiledSteps
 from ..probe.probe import LoadedProbe, ProbeConfig, ProbeHead
 from .bench import LLAMA_125M
 
@@ -71,10 +70,8 @@ def run_probe_bench(prompt: int = 64, new: int = 64, repeats: int = 7, dtype: st
         for name in ("plain", "probe") if r % 2 == 0 else ("probe", "plain"):
             lm.probe = probe if name == "probe" else None
             one, full = _stream_seconds(lm, ids, 1), _stream_seconds(lm, ids, new)
-            if r > 0:  # the first round warms up (and starts the background compile of both steps)
+            if r > 0:  # the first round warms up (and builds the compiled steps)
                 steps[name].append((full - one) / (new - 1))
-        if r == 0:
-            CompiledSteps.for_model(lm.model).wait()
     plain, probed = statistics.median(steps["plain"]), statistics.median(steps["probe"])
     head_s = _head_seconds(probe.head, lm.config.dim, lm.dtype)
     return {"head_us": 1e6 * head_s, "head_percent": 100 * head_s / plain,

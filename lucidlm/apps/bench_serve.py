@@ -155,17 +155,6 @@ async def _wait_idle(http, timeout: float = 120.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def _wait_compiled(url: str, timeout: float = 1800.0) -> None:
-    """Until the server's background compiles of decode steps are done (the default path measured as it runs
-    once warm, not while it still steps eagerly)."""
-    async with _client(url, 1) as http:
-        deadline = time.perf_counter() + timeout
-        while (await _health(http)).get("compiling", 0):
-            if time.perf_counter() > deadline:
-                raise RuntimeError(f"the server is still compiling decode steps after {timeout:.0f} s")
-            await asyncio.sleep(0.5)
-
-
 def _random_prompt(rng: np.random.Generator, vocab: int, n: int) -> list[int]:
     return rng.integers(0, vocab, n).tolist()
 
@@ -236,12 +225,10 @@ async def _run_shared_prefix(url: str, head: int, vocab: int) -> SharedPrefix:
 def _library_step(lm, prompt_len: int, new: int, repeats: int = 3) -> float:
     """Seconds per decode step of ``lm.stream`` (the library's default path) at batch 1: median over runs of
     (time of ``new`` tokens − time of 1 token) ÷ (new − 1)."""
-    from ..generate.compiled_steps import CompiledSteps
     from .bench_probe import _stream_seconds
 
     ids = _random_prompt(np.random.default_rng(1), lm.config.vocab_size, prompt_len)
-    _stream_seconds(lm, ids, new)  # warm-up: starts the background compile of its decode steps
-    CompiledSteps.for_model(lm.model).wait()
+    _stream_seconds(lm, ids, new)  # warm-up: builds its compiled decode steps
     return statistics.median((_stream_seconds(lm, ids, new) - _stream_seconds(lm, ids, 1)) / (new - 1)
                              for _ in range(repeats))
 
@@ -288,8 +275,7 @@ def run_serve_bench(model: Path | None = None, clients: tuple[int, ...] = (1, 8,
         with _server_process(model, max_batch, max_len, dtype, start_timeout, Path(tmp) / "server.log") as url:
             asyncio.run(_run_level(url, 1, 1, prompt, min(new, 8), vocab, seed=1))  # warm-up: first-call costs
             for c in clients if "levels" in scenarios else ():
-                asyncio.run(_run_level(url, c, 1, prompt, new, vocab, seed=2))  # its step shapes, compiled
-                asyncio.run(_wait_compiled(url))
+                asyncio.run(_run_level(url, c, 1, prompt, new, vocab, seed=2))  # builds its step shapes
                 level = asyncio.run(_run_level(url, c, requests_per_client, prompt, new, vocab))
                 level.bound_tok_s = c * bandwidth / bytes_per_step[c]
                 print_fn(f"{c:>3} clients: {level.tok_s:8.1f} tok/s")

@@ -28,8 +28,8 @@ BestOf = Annotated[int, typer.Option(help="sample N completions, print the one w
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")]
 Dtype = Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (the checkpoint's)")]
 Compile = Annotated[str | None, typer.Option(
-    "--compile", help="decode steps as one compiled graph: auto (default on CPU: compiled in the background, kept on "
-                      "disk), on (compile first), off")]
+    "--compile", help="decode steps as one compiled graph: on (default on CPU: loaded from ~/.cache/lucidlm, or "
+                      "compiled once per machine and kept there) or off")]
 Probe = Annotated[Path | None, typer.Option(help="probe directory: score every token (JSON: scores; text: risky "
                                              "tokens in red)")]
 PackWeights = Annotated[bool, typer.Option("--pack-weights", help="CPU: oneDNN-packed weights, ~2x faster matmuls, "

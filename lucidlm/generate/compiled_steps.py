@@ -6,17 +6,19 @@ products stream the weights at about half the machine's read bandwidth and each 
 Python's dispatch; one ``torch.compile``'d graph (inductor) streams them near the bandwidth and has no per-op
 overhead: about 2x the tokens per second at batch 1 on CPU (``lucidlm bench``).
 
-Why not plain ``torch.compile``. It compiles on the first call, for seconds to minutes, in the caller's thread, and
-again in every new process. Here each step *shape* (the engine's cache geometry, the rows of the step and the
+Why not plain ``torch.compile``. It compiles on the first call, for seconds to minutes, again in every new
+process. Here each step *shape* (the engine's cache geometry, the rows of the step and the
 cells it attends over) is compiled once per machine with ``torch.compile(...).aot_compile`` (whole graph, guards
 included), saved under ``~/.cache/lucidlm/compiled/`` (``LUCIDLM_CACHE_DIR``), and loaded from there by later
 processes in about a second. The parameters are inputs of the graph, never constants baked into it: the artefact
 holds no copy of the weights, serves any model of the same architecture, and always reads the weights as they are
 now (training, ``load_state_dict``).
 
-Modes (``load(..., compile=)``): "auto" (the default) compiles in a background thread while the engine runs the
-step eagerly, and switches over shape by shape when each is ready; "on" compiles in the caller's thread before the
-first step of a shape (benchmarks, tests); "off" never compiles. ``LUCIDLM_COMPILE`` overrides the default.
+Modes (``load(..., compile=)``): "on" (the default on CPU) builds a shape before its first step, in the caller's
+thread: loaded from disk in about a second, or, once per machine, compiled (tens of seconds; logged); "off" never
+compiles. ``LUCIDLM_COMPILE`` overrides the default. (Compiling in a background thread while steps run eagerly was
+tried and dropped: torch's tracer patches ``nn.Module.__call__`` process-wide while it runs, which breaks an eager
+forward in another thread.)
 
 The artefact's key covers everything the graph depends on: torch, Python, the CPU's instruction set, the model's
 config, dtype and device, the engine's cache geometry, the step shape and the source of lucidlm's model code.
@@ -26,15 +28,13 @@ runs eagerly from then on, with one warning in the log.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import io
 import logging
 import os
 import platform
-import queue
 import sys
-import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,13 +48,12 @@ from ..model.transformer import ModelOutput, Transformer
 
 log = logging.getLogger("lucidlm.compiled_steps")
 
-MODES = ("auto", "on", "off")
-EXIT_WAIT_S = 900.0  # at most this long at exit for compiles in flight
+MODES = ("on", "off")
 
 
 def default_mode() -> str:
-    """The mode ``load`` uses unless told: ``LUCIDLM_COMPILE`` (auto | on | off), else "auto"."""
-    mode = os.environ.get("LUCIDLM_COMPILE", "auto")
+    """The mode ``load`` uses on CPU unless told: ``LUCIDLM_COMPILE`` (on | off), else "on"."""
+    mode = os.environ.get("LUCIDLM_COMPILE", "on")
     if mode not in MODES:
         raise ValueError(f"LUCIDLM_COMPILE={mode!r}: expected one of {', '.join(MODES)}")
     return mode
@@ -97,14 +96,9 @@ class CompiledSteps:
         self.model = model
         self.ready: dict[StepShape, Callable[..., ModelOutput]] = {}
         self.failed: set[StepShape] = set()
-        self.pending: set[StepShape] = set()
         self.compiled = 0  # shapes compiled in this process
         self.loaded = 0  # shapes loaded from disk
-        self._lock = threading.Lock()
-        self._queue: queue.Queue[StepShape] = queue.Queue()
-        self._idle = threading.Condition(self._lock)
-        self._worker: threading.Thread | None = None
-        self._exit_hook = False
+        self.seconds = 0.0  # spent building them
 
     @staticmethod
     def for_model(model: Transformer) -> CompiledSteps:
@@ -113,78 +107,25 @@ class CompiledSteps:
             steps = model.__dict__["_compiled_steps"] = CompiledSteps(model)
         return steps
 
-    def get(self, shape: StepShape, wait: bool) -> Callable[..., ModelOutput] | None:
-        """The step for ``shape``; None while it is being built in the background (``wait=False``) or if it could
-        not be built. ``wait=True`` builds it here first."""
-        with self._lock:
-            if shape in self.ready or shape in self.failed:
-                return self.ready.get(shape)
-            if not wait:
-                if shape not in self.pending:
-                    self.pending.add(shape)
-                    self._queue.put(shape)
-                    self._start_worker()
-                return None
-        self._build_and_record(shape)
+    def get(self, shape: StepShape) -> Callable[..., ModelOutput] | None:
+        """The step for ``shape``, built on first use; None if it cannot be built (then the step runs eagerly)."""
+        if shape not in self.ready and shape not in self.failed:
+            start = time.perf_counter()
+            try:
+                self.ready[shape] = self._build(shape)
+            except Exception as e:  # noqa: BLE001 - a step that cannot be compiled runs eagerly, the engine goes on
+                log.warning("decode step %s could not be compiled (%s: %s); it runs eagerly", shape,
+                            type(e).__name__, e)
+                self.failed.add(shape)
+            self.seconds += time.perf_counter() - start
         return self.ready.get(shape)
 
     def refuse(self, shape: StepShape, error: Exception) -> None:
         """A ready step failed at run time: run that shape eagerly from now on, and drop its artefact from disk."""
         log.warning("compiled decode step %s refused (%s); running it eagerly", shape, error)
-        with self._lock:
-            self.ready.pop(shape, None)
-            self.failed.add(shape)
+        self.ready.pop(shape, None)
+        self.failed.add(shape)
         artifact_path(self.model, shape).unlink(missing_ok=True)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until no shape is waiting to be built; False on timeout."""
-        with self._idle:
-            return self._idle.wait_for(lambda: not self.pending, timeout)
-
-    # --- building ---------------------------------------------------------------------------------------
-    def _start_worker(self) -> None:
-        if self._worker is None or not self._worker.is_alive():
-            if not self._exit_hook:
-                self._exit_hook = True
-                atexit.register(self._finish_at_exit)
-            self._worker = threading.Thread(target=self._work, name="lucidlm-compile", daemon=True)
-            self._worker.start()
-
-    def _finish_at_exit(self) -> None:
-        """A short run (one ``lucidlm generate``) ends before its steps are compiled: finish them (once per machine,
-        then they load from disk) rather than pay for an unfinished compile on every run."""
-        with self._lock:
-            left = len(self.pending)
-        if left:
-            log.warning("lucidlm: finishing the compile of %d decode step shape(s) for the next runs (once per "
-                        "machine; LUCIDLM_COMPILE=off to skip)", left)
-            self.wait(timeout=EXIT_WAIT_S)
-
-    def _work(self) -> None:
-        while True:
-            try:
-                shape = self._queue.get(timeout=5.0)
-            except queue.Empty:
-                with self._lock:
-                    if self._queue.empty():
-                        self._worker = None
-                        return
-                continue
-            self._build_and_record(shape)
-
-    def _build_and_record(self, shape: StepShape) -> None:
-        try:
-            fn = self._build(shape)
-        except Exception as e:  # noqa: BLE001 - any failure to compile leaves the step eager, never the engine broken
-            log.warning("decode step %s could not be compiled (%s: %s); it runs eagerly", shape, type(e).__name__, e)
-            fn = None
-        with self._idle:
-            if fn is None:
-                self.failed.add(shape)
-            else:
-                self.ready[shape] = fn
-            self.pending.discard(shape)
-            self._idle.notify_all()
 
     def _build(self, shape: StepShape) -> Callable[..., ModelOutput]:
         path = artifact_path(self.model, shape)
@@ -192,6 +133,9 @@ class CompiledSteps:
         if fn is not None:
             self.loaded += 1
         else:
+            log.warning("lucidlm: compiling the decode step for %d row(s) over %d cells (once per machine and shape; "
+                        "later runs load it from %s; LUCIDLM_COMPILE=off to skip)", shape.width, shape.kv_len,
+                        cache_dir())
             fn = _compile(self.model, shape)
             _save(fn, path, self.model)
             self.compiled += 1

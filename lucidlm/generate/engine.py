@@ -123,8 +123,8 @@ class Engine:
         self.eos_token_ids, self.pad_token_id = frozenset(eos_token_ids), pad_token_id
         self.max_batch, self.max_len, self.prefill_chunk = max_batch, max_len, prefill_chunk
         self.short_prompt = SHORT_PROMPT
-        # decode steps run as one compiled graph over a static cache: "on" compiles before a shape's first step,
-        # "auto" in the background (eager steps meanwhile), "off" never (generate/compiled_steps.py)
+        # decode steps run as one compiled graph over a static cache: "on" builds each shape before its first step
+        # (loaded from disk, or compiled once per machine), "off" never (generate/compiled_steps.py)
         self.compile = as_mode(compile)
         self.device = param.device
         self.cache = KVCache(cfg, max_batch, max_len, param.dtype, self.device, chunk_size=prefill_chunk,
@@ -183,7 +183,7 @@ class Engine:
                 "max_batch": self.max_batch, "decode_steps": self.steps, "cancelled": self.cancelled,
                 "failed": self.failed, "prefix_hits": prefix.hits if prefix else 0,
                 "prefix_tokens_saved": prefix.tokens_saved if prefix else 0,
-                "compiling": len(self.compiled.pending) if self.compiled else 0, "compiled_steps": self.compiled_steps}
+                "compiled_steps": self.compiled_steps}
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -425,8 +425,8 @@ class Engine:
             width = rows  # no free slots to fill with (prefills hold them): compile this width too
         kv_len = self.cache.static_kv_len(max(self.cache.lengths[s] for s in slots) + 1)
         shape = StepShape(self.max_batch, self.max_len, self.prefill_chunk, width, kv_len, self.layers)
-        step = self.compiled.get(shape, wait=self.compile == "on")
-        if step is None:  # not compiled (yet): this step runs eagerly, on its own rows
+        step = self.compiled.get(shape)
+        if step is None:  # could not be compiled: this step runs eagerly, on its own rows
             plan = self.cache.begin(slots, 1)
             return self.model.forward_planned(tokens, plan, self.cache, hidden_layers=self.layers)
         if spare:

@@ -31,7 +31,7 @@ class Generator:
     tokenizer: Tokenizer | None = None
     eos_token_ids: tuple[int, ...] = ()
     probe: ProbeScoring | None = None
-    compile: bool | str = "off"  # decode steps as one compiled graph: "auto", "on" or "off" (compiled_steps.py)
+    compile: bool | str = "off"  # decode steps as one compiled graph: "on" or "off" (compiled_steps.py)
     prefill_chunk: int = 512
 
     def engine(self, rows: int, max_len: int, **options) -> Engine:

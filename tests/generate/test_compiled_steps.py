@@ -1,7 +1,6 @@
-"""Compiled decode steps built ahead of use (generate/compiled_steps.py): "auto" runs eagerly until the background
-compile is ready and then switches over with the same tokens; a step saved to disk is loaded by another model of the
-same architecture without compiling, reads that model's weights (never a copy) and follows changes to them; a step
-whose guards refuse a call falls back to eager."""
+"""Compiled decode steps (generate/compiled_steps.py): built on first use with the eager engine's tokens; a step saved
+to disk is loaded by another model of the same architecture without compiling, reads that model's weights (never a
+copy) and follows changes to them; a step whose guards refuse a call falls back to eager."""
 
 from __future__ import annotations
 
@@ -35,19 +34,16 @@ def model():
     return tiny_model("llama-125m", seed=3, n_layers=2)
 
 
-def test_auto_runs_eagerly_until_the_background_compile_is_ready_then_compiled_with_the_same_tokens(model):
+def test_steps_are_built_on_first_use_and_give_the_eager_tokens(model):
     eager, _ = _run(Generator(model))
-    first, engine = _run(Generator(model, compile="auto"))
-    assert first == eager
+    compiled, engine = _run(Generator(model, compile="on"))
     steps = CompiledSteps.for_model(model)
-    assert steps.wait(timeout=600) and steps.ready and not steps.failed
-    assert steps.compiled + steps.loaded == len(steps.ready)
-    second, engine = _run(Generator(model, compile="auto"))
-    assert second == eager and engine.compiled_steps == engine.steps > 0
+    assert compiled == eager and engine.compiled_steps == engine.steps > 0
+    assert steps.ready and not steps.failed and steps.compiled + steps.loaded == len(steps.ready)
 
 
 def test_a_saved_step_serves_another_model_of_the_architecture_with_its_own_current_weights(model):
-    CompiledSteps.for_model(model).wait(timeout=600)
+    _run(Generator(model, compile="on"))  # its artefacts on disk
     other = tiny_model("llama-125m", seed=4, n_layers=2)  # other weights, same shapes: its artefact is on disk
     eager, _ = _run(Generator(other))
     compiled, engine = _run(Generator(other, compile="on"))
@@ -77,7 +73,7 @@ def test_a_refused_step_falls_back_to_eager(model):
         steps.ready[shape] = refusing
     try:
         got, engine = _run(gen)
-        assert got == eager and steps.failed and not steps.ready
+        assert got == eager and steps.failed and not steps.ready and engine.compiled_steps == 0
     finally:
         steps.failed.clear()
 
@@ -93,8 +89,8 @@ def test_the_key_separates_what_the_graph_depends_on(model):
 
 
 def test_modes_are_checked():
-    assert as_mode(True) == "on" and as_mode(False) == "off" and as_mode("auto") == "auto"
-    with pytest.raises(ValueError, match="compile='fast'.*auto, on, off"):
+    assert as_mode(True) == "on" and as_mode(False) == "off" and as_mode("on") == "on"
+    with pytest.raises(ValueError, match="compile='fast'.*on, off"):
         as_mode("fast")
 
 
