@@ -46,7 +46,7 @@ def json_depth(raw: bytes | str) -> int:
 
 def loads(text: str) -> Any:
     """JSON text, with the failures a hostile file can cause turned into DataError (the caller adds where)."""
-    if json_depth(text) > MAX_PARSE_DEPTH:
+    if text.count("[") + text.count("{") > MAX_PARSE_DEPTH and json_depth(text) > MAX_PARSE_DEPTH:  # few: shallow
         raise DataError("JSON nested too deeply")
     try:
         return json.loads(text)

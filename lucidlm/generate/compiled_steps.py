@@ -28,6 +28,7 @@ runs eagerly from then on, with one warning in the log.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -210,14 +211,10 @@ def artifact_key(model: Transformer, shape: StepShape) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
-_SOURCE_HASH: list[str] = []
-
-
+@functools.cache
 def _model_source_hash() -> str:
     """The compiled graph is lucidlm's model code: a change to it must not reuse an old artefact."""
-    if not _SOURCE_HASH:
-        digest = hashlib.sha256()
-        for f in [*sorted(Path(model_package.__file__).parent.glob("*.py")), Path(__file__)]:  # + how it is traced
-            digest.update(f.read_bytes())
-        _SOURCE_HASH.append(digest.hexdigest())
-    return _SOURCE_HASH[0]
+    digest = hashlib.sha256()
+    for f in [*sorted(Path(model_package.__file__).parent.glob("*.py")), Path(__file__)]:  # + how it is traced
+        digest.update(f.read_bytes())
+    return digest.hexdigest()

@@ -414,8 +414,7 @@ class Engine:
     def _forward_one(self, tokens: torch.Tensor, slots: list[int]) -> ModelOutput:
         """One decode forward: tokens (rows, 1) continue the sequences in ``slots``."""
         if self.compiled is None:
-            plan = self.cache.begin(slots, 1)
-            return self.model.forward_planned(tokens, plan, self.cache, hidden_layers=self.layers)
+            return self._forward_eager(tokens, slots)
         # A compiled step is specialised to its shapes: run a power-of-two number of rows, filling up with free
         # slots (reset afterwards) and dropping their outputs, so the batch compiles for a handful of widths.
         rows = len(slots)
@@ -427,8 +426,7 @@ class Engine:
         shape = StepShape(self.max_batch, self.max_len, self.prefill_chunk, width, kv_len, self.layers)
         step = self.compiled.get(shape)
         if step is None:  # could not be compiled: this step runs eagerly, on its own rows
-            plan = self.cache.begin(slots, 1)
-            return self.model.forward_planned(tokens, plan, self.cache, hidden_layers=self.layers)
+            return self._forward_eager(tokens, slots)
         if spare:
             slots = slots + spare
             tokens = torch.cat([tokens, tokens.new_full((len(spare), 1), self.pad_token_id)])
@@ -443,6 +441,10 @@ class Engine:
             return out
         self.cache.reset(spare)
         return ModelOutput(out.logits[:rows], {k: h[:rows] for k, h in out.hidden_states.items()})
+
+    def _forward_eager(self, tokens: torch.Tensor, slots: list[int]) -> ModelOutput:
+        plan = self.cache.begin(slots, 1)
+        return self.model.forward_planned(tokens, plan, self.cache, hidden_layers=self.layers)
 
     def _scores(self, out: ModelOutput) -> list[float] | None:
         if self.probe is None:

@@ -26,6 +26,7 @@ Linear layers:
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -107,6 +108,7 @@ def use_gemv(x: torch.Tensor) -> bool:
 _PACKED: dict[int, tuple[torch.Tensor, weakref.ref, int]] = {}
 
 
+@functools.cache  # asked on every inference product: the CPU's answer does not change
 def packable(dtype: torch.dtype) -> bool:
     """Whether oneDNN can pack weights of ``dtype`` on this CPU (float32 always; bf16/fp16 with AVX-512 BW and up)."""
     return dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -24,7 +24,7 @@ layer calls ``update`` with its new K/V and attends over what it returns.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -103,8 +103,8 @@ class KVCache:
         self.static = static
         self.dtype, self.device = dtype, torch.device(device)
         # lazy: cells left uninitialised (a scratch cache to compile a step on: untouched pages cost no memory)
-        self._new = torch.empty if lazy else torch.zeros
-        self.layers = [self._allocate(layer) for layer in range(cfg.n_layers)]
+        new = torch.empty if lazy else torch.zeros
+        self.layers = [self._allocate(layer, new) for layer in range(cfg.n_layers)]
         self.ring = [_cells(cfg, i, max_len, chunk_size) if cfg.is_sliding(i) else None for i in range(cfg.n_layers)]
         self.lengths = [0] * n_slots  # tokens written per slot (padding included); host-side, no syncs
         self.next_position = torch.zeros(n_slots, dtype=torch.long, device=self.device)  # real tokens seen
@@ -112,14 +112,14 @@ class KVCache:
         self.positions = torch.zeros(n_slots, max_len, dtype=torch.long, device=self.device)
         self.plan: StepPlan | None = None
 
-    def _allocate(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _allocate(self, layer: int, new: Callable[..., torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, cells = self.cfg, _cells(self.cfg, layer, self.max_len, self.chunk_size)
         if cfg.mla is not None:  # (slots, 1, cells, rank) latent and (slots, 1, cells, rope) key
             mla = cfg.mla
             shapes = [(self.n_slots, 1, cells, mla.kv_lora_rank), (self.n_slots, 1, cells, mla.qk_rope_head_dim)]
         else:  # (slots, kv_heads, cells, head_dim) for K and for V
             shapes = [(self.n_slots, cfg.n_kv_heads, cells, cfg.head_dim)] * 2
-        return tuple(self._new(s, dtype=self.dtype, device=self.device) for s in shapes)
+        return tuple(new(s, dtype=self.dtype, device=self.device) for s in shapes)
 
     # --- bookkeeping -------------------------------------------------------------------------
     def nbytes(self) -> int:

@@ -52,7 +52,7 @@ def _no_constant(name: str) -> float:
 
 
 def parse_json(raw: bytes) -> object:
-    if json_depth(raw) > MAX_PARSE_DEPTH:
+    if raw.count(b"[") + raw.count(b"{") > MAX_PARSE_DEPTH and json_depth(raw) > MAX_PARSE_DEPTH:
         raise OpenAIError(400, f"the request body is not valid JSON: it is nested too deeply (more than "
                                f"{MAX_PARSE_DEPTH} levels)")
     try:
