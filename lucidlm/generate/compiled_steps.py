@@ -121,6 +121,16 @@ class CompiledSteps:
             self.seconds += time.perf_counter() - start
         return self.ready.get(shape)
 
+    def preload(self, shapes: list[StepShape]) -> int:
+        """Load the shapes among ``shapes`` that are on disk already (never compiles); how many were loaded.
+
+        A server calls this before it serves, so that no request waits on a load (about half a second each)."""
+        before = self.loaded
+        for shape in shapes:
+            if shape not in self.ready and shape not in self.failed and artifact_path(self.model, shape).exists():
+                self.get(shape)
+        return self.loaded - before
+
     def refuse(self, shape: StepShape, error: Exception) -> None:
         """A ready step failed at run time: run that shape eagerly from now on, and drop its artefact from disk."""
         log.warning("compiled decode step %s refused (%s); running it eagerly", shape, error)

@@ -149,6 +149,18 @@ class Engine:
         self.failed = 0  # sequences ended by a failure of their own (the others went on)
 
     # --- the outside ------------------------------------------------------------------------------------
+    def preload_compiled(self) -> int:
+        """Load every compiled step of this engine's shapes that is on disk already; how many. (A server calls it
+        before serving, so no request waits on a load; shapes not on disk are still compiled on first use.)"""
+        if self.compiled is None:
+            return 0
+        widths = sorted({1 << i for i in range(self.max_batch.bit_length()) if 1 << i <= self.max_batch}
+                        | {self.max_batch})
+        kv_lens = sorted({self.cache.static_kv_len(n) for n in range(1, self.max_len + 1, STATIC_BUCKET)}
+                         | {self.cache.static_kv_len(self.max_len)})
+        return self.compiled.preload([StepShape(self.max_batch, self.max_len, self.prefill_chunk, w, kv, self.layers)
+                                      for w in widths for kv in kv_lens])
+
     def check(self, seq: Sequence, fit_budget: bool = True) -> None:
         """Raise ValueError, naming the problem, for a sequence this engine cannot run (before any compute)."""
         check_prompts([seq.prompt], self.model.config.vocab_size, self.max_len)

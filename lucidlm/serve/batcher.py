@@ -17,6 +17,7 @@ import threading
 from functools import partial
 
 from ..api import LM
+from ..generate.compiled_steps import cache_dir
 from ..generate.events import ErrorEvent, Event, TokenEvent
 from ..generate.sequence import Sequence
 
@@ -55,6 +56,9 @@ class ContinuousBatcher:
 
     # --- the outside: submit, cancel, stop ------------------------------------------------------------
     def start(self) -> ContinuousBatcher:
+        loaded = self.engine.preload_compiled()  # before serving: no request waits on loading a step
+        if loaded:
+            log.info("loaded %d compiled decode step(s) from %s", loaded, cache_dir())
         self.thread.start()
         return self
 

@@ -60,6 +60,19 @@ def test_a_saved_step_serves_another_model_of_the_architecture_with_its_own_curr
     assert compiled == eager and engine.compiled_steps > 0
 
 
+def test_preloading_loads_the_engines_shapes_on_disk_and_compiles_none(model):
+    _run(Generator(model, compile="on"))  # the shapes these prompts step through are on disk
+    on_disk = set(CompiledSteps.for_model(model).ready)
+    other = tiny_model("llama-125m", seed=5, n_layers=2)
+    longest = max(map(len, PROMPTS)) + CONFIG.max_new_tokens
+    engine = Generator(other, compile="on").call_engine(len(PROMPTS), longest)  # the geometry _run's engine had
+    assert engine.preload_compiled() == len(on_disk)  # those, and no other shape compiled
+    steps = CompiledSteps.for_model(other)
+    assert set(steps.ready) == on_disk and steps.compiled == 0
+    assert engine.preload_compiled() == 0  # already in memory
+    assert Generator(other).call_engine(len(PROMPTS), longest).preload_compiled() == 0  # compile="off": none
+
+
 def test_a_refused_step_falls_back_to_eager(model):
     gen = Generator(model, compile="on")
     eager, _ = _run(Generator(model))
