@@ -202,8 +202,11 @@ def _load(path: Path, model: Transformer):
     try:
         with open(path, "rb") as f:
             data = io.BytesIO(f.read())
-        return torch.compiler.load_compiled_function(data, f_globals=transformer.__dict__,
-                                                     external_data={"model": model})
+        # in inference mode, as the steps run: the guards' dispatch-key checks take the thread's mode at load time
+        # (loaded outside it, every step's inference tensors would fail them)
+        with torch.inference_mode():
+            return torch.compiler.load_compiled_function(data, f_globals=transformer.__dict__,
+                                                         external_data={"model": model})
     except Exception as e:  # noqa: BLE001 - a stale or foreign artefact is rebuilt, not fatal
         log.warning("compiled step %s could not be loaded (%s); compiling it again", path, e)
         return None

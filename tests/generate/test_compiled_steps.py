@@ -70,6 +70,10 @@ def test_preloading_loads_the_engines_shapes_on_disk_and_compiles_none(model):
     steps = CompiledSteps.for_model(other)
     assert set(steps.ready) == on_disk and steps.compiled == 0
     assert engine.preload_compiled() == 0  # already in memory
+    # and the loaded steps run (loaded outside inference mode, their guards once refused every step)
+    eager, _ = _run(Generator(other))
+    compiled, engine = _run(Generator(other, compile="on"))
+    assert compiled == eager and engine.compiled_steps == engine.steps > 0 and not steps.failed
     assert Generator(other).call_engine(len(PROMPTS), longest).preload_compiled() == 0  # compile="off": none
 
 
