@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint import load_model, save_model
 from .checkpoint.family import Family
-from .checkpoint.loader import load_tokenizer
+from .checkpoint.loader import check_quantize, load_tokenizer
 from .checkpoint.local_models import resolve_model_path
 from .config import ModelConfig
 from .device import resolve_device
@@ -23,6 +23,7 @@ from .generate.offline import Generator
 from .generate.strategies import AnswerExtractor, Scorer, Vote, last_number, mean_logprob
 from .generate.text_generation import Prompt
 from .model.cpu_kernels import pack_linears
+from .model.quantize import quantize_model
 from .model.transformer import Transformer
 from .probe.probe import LoadedProbe, attach_probe, score_tokens
 from .tokenizer import Tokenizer
@@ -137,7 +138,7 @@ class LM:
 
 def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: str | torch.device = "auto", *,
          adapter: str | Path | None = None, probe: str | Path | None = None,
-         compile: bool | str | None = None, pack_weights: bool = False) -> LM:
+         compile: bool | str | None = None, pack_weights: bool = False, quantize: str = "none") -> LM:
     """Load a Hugging Face-format checkpoint directory (config.json + safetensors + tokenizer.json), a GGUF
     file (or a directory holding one), or a named local model (``"smollm2-135m-instruct"``, see
     checkpoint/local_models.py). A GGUF model's ``save`` writes the Hugging Face layout.
@@ -154,13 +155,24 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: 
     ``generate``/``stream`` give every token a hallucination score and ``token_scores`` scores a text.
     pack_weights: (CPU) keep a copy of every linear weight in oneDNN's blocked layout, which it
     multiplies about twice as fast as the plain one, for prefill and decode; costs the weights' size again.
+    quantize: (CPU) weight-only quantized linear layers, read as integers by torch's kernels: "gguf" keeps a GGUF
+    file's Q8_0 / Q4_0 / Q4_1 weights as stored, "int8" / "int4" quantize any checkpoint (per-row int8; 4-bit in
+    groups of 32 with a scale and minimum, as Q4_1); "none" (the default) reads float weights. The embedding stays
+    float; a quantized model does not train. See model/quantized_linear.py.
     """
     path = resolve_model_path(path)
     target = resolve_device(device)
     mode = as_mode(compile) if compile is not None else default_mode() if torch.device(target).type == "cpu" else "off"
     if pack_weights and torch.device(target).type != "cpu":
         raise ValueError(f"pack_weights is a CPU layout (oneDNN); the device is {target}")
-    loaded = load_model(path, dtype=dtype, device=target)
+    if pack_weights and quantize != "none":
+        raise ValueError(f"pack_weights packs float weights; quantize={quantize!r} keeps them as integers: choose one")
+    check_quantize(quantize, target)
+    if quantize == "gguf" and adapter is not None:
+        raise ValueError("a LoRA adapter on GGUF-quantized weights is not supported: quantize='int8' or 'int4' "
+                         "(applied after the adapter), or 'none'")
+    # int8 / int4 quantize after an adapter or probe is attached, so that LoRA wraps float layers first
+    loaded = load_model(path, dtype=dtype, device=target, quantize="gguf" if quantize == "gguf" else "none")
     if adapter is not None:
         from .checkpoint.peft_adapter import load_adapter
 
@@ -169,6 +181,8 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: 
     attached = None
     if probe is not None:
         attached = attach_probe(loaded.model, probe, loaded.family)
+    if quantize in ("int8", "int4"):
+        quantize_model(loaded.model, quantize)
     if pack_weights:
         pack_linears(loaded.model)
     tokenizer, defaults = load_tokenizer(path, loaded.config)  # files read and token ids checked in checkpoint/

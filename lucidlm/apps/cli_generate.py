@@ -34,6 +34,8 @@ Probe = Annotated[Path | None, typer.Option(help="probe directory: score every t
                                              "tokens in red)")]
 PackWeights = Annotated[bool, typer.Option("--pack-weights", help="CPU: oneDNN-packed weights, ~2x faster matmuls, "
                                            "twice the weight memory")]
+Quantize = Annotated[str, typer.Option(help="CPU: none, gguf (keep a GGUF file's Q8_0/Q4_0/Q4_1 weights), int8 or "
+                                       "int4 (weight-only quantized linear layers)")]
 
 
 def _options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams,
@@ -46,10 +48,11 @@ def _options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalt
 
 
 def _load(model: Path, device: str, dtype: str, compile: str | None = None, pack_weights: bool = False,
-          probe: Path | None = None):
+          probe: Path | None = None, quantize: str = "none"):
     from ..api import load
 
-    lm = load(model, dtype=dtype, device=device, compile=compile, pack_weights=pack_weights, probe=probe)
+    lm = load(model, dtype=dtype, device=device, compile=compile, pack_weights=pack_weights, probe=probe,
+              quantize=quantize)
     if lm.tokenizer is None:
         raise ValueError(f"{model}: no tokenizer.json, so text prompts cannot be encoded")
     return lm
@@ -76,6 +79,7 @@ def generate_command(
     dtype: Dtype = "float32",
     compile: Compile = None,
     pack_weights: PackWeights = False,
+    quantize: Quantize = "none",
     probe: Probe = None,
     threshold: Annotated[float, typer.Option(help="with --probe: tokens scoring above this are shown in red")] = 0.5,
 ) -> None:
@@ -85,7 +89,7 @@ def generate_command(
     options = _options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams,
                        length_penalty)
     GenerationConfig.from_kwargs(**options)  # bad options fail before the model loads
-    lm = _load(model, device, dtype, compile, pack_weights, probe)
+    lm = _load(model, device, dtype, compile, pack_weights, probe, quantize)
     inputs = [_chat_ids(lm, p) if chat else p for p in prompts]
     if as_json or num_beams > 1 or best_of > 1:  # whole results: one batch
         results = lm.generate(inputs, best_of=best_of, **options)
@@ -129,6 +133,7 @@ def chat_command(
     dtype: Dtype = "float32",
     compile: Compile = None,
     pack_weights: PackWeights = False,
+    quantize: Quantize = "none",
 ) -> None:
     """Talk with a model: each line you type is a user turn, the history is kept.
 
@@ -138,7 +143,7 @@ def chat_command(
 
     options = _options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, 1, 1.0)
     GenerationConfig.from_kwargs(**options)
-    lm = _load(model, device, dtype, compile, pack_weights)
+    lm = _load(model, device, dtype, compile, pack_weights, quantize=quantize)
     if lm.tokenizer.chat_template is None:
         raise ValueError(f"{model}: tokenizer_config.json has no chat_template; use `lucidlm generate` instead")
     try:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .cli_generate import Compile, Device, Dtype, Model, PackWeights
+from .cli_generate import Compile, Device, Dtype, Model, PackWeights, Quantize
 
 
 def serve_command(
@@ -36,6 +36,7 @@ def serve_command(
     device: Device = "auto",
     dtype: Dtype = "float32",
     pack_weights: PackWeights = False,
+    quantize: Quantize = "none",
     compile: Compile = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
@@ -47,7 +48,7 @@ def serve_command(
     from ..serve.server import build_server
 
     lm = load(model, dtype=dtype, device=device, adapter=adapter, probe=probe, pack_weights=pack_weights,
-              compile=compile)
+              compile=compile, quantize=quantize)
     config = ServeConfig(model_name=served_model_name or Path(model).resolve().name, max_batch=max_batch,
                          max_queue=max_queue, max_len=max_model_len, max_prompts=max_prompts,
                          max_connections=max_connections, header_timeout=header_timeout, body_timeout=body_timeout)

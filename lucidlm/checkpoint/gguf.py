@@ -182,6 +182,17 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: cannot dequantize tensor {name!r} ({e})") from e
         return torch.from_numpy(np.require(out, np.float32, ["C", "W"])).reshape(info.shape)  # copies a mapped view
 
+    def read_blocks(self, name: str) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """A 2-D Q8_0 / Q4_0 / Q4_1 tensor as stored: (scheme name, q, d, m) of ``split_blocks``, as tensors;
+        None for any other type (read it with ``read``)."""
+        info = self.tensors[name]
+        if info.qtype not in QUANTIZED_SCHEMES or len(info.dims) != 2:
+            return None
+        raw = np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset).reshape(info.dims[1], -1)
+        q, d, m = split_blocks(raw, info.qtype)
+        return (QUANTIZED_SCHEMES[info.qtype], torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(d),
+                None if m is None else torch.from_numpy(m))
+
 
 # --- dequantization ----------------------------------------------------------------------------
 # The common types with whole-tensor numpy expressions: gguf.quants' kernels work in row groups and take
@@ -191,15 +202,16 @@ class GGUFFile:
 F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
 FAST_TYPES = (F32, F16, Q4_0, Q4_1, Q8_0, BF16)
 BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
+QUANTIZED_SCHEMES = {Q8_0: "q8_0", Q4_0: "q4_0", Q4_1: "q4_1"}  # kept quantized: model/quantized_linear.py
 
 
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
-    return blocks[:, start:start + 2].copy().view(np.float16).astype(np.float32)
+    return blocks[:, start:start + 2].copy().view(np.float16).astype(np.float32)[:, 0]
 
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """A block's 16 bytes -> its 32 4-bit values: low nibbles are elements 0-15, high ones 16-31."""
-    return np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.float32)
+    """A block's 16 bytes -> its 32 4-bit values (uint8): low nibbles are elements 0-15, high ones 16-31."""
+    return np.concatenate([qs & 15, qs >> 4], axis=1)
 
 
 def dequantize_fast(raw: np.ndarray, qtype: int) -> torch.Tensor:
@@ -212,15 +224,29 @@ def dequantize_fast(raw: np.ndarray, qtype: int) -> torch.Tensor:
     elif qtype == BF16:  # bfloat16 is the high half of a float32
         out = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     else:
-        blocks = raw.reshape(-1, BLOCK_BYTES[qtype])
-        d = _f16(blocks, 0)
+        q, d, m = split_blocks(raw, qtype)
+        q = q.reshape(*d.shape, -1).astype(np.float32)  # (rows, blocks, 32)
         if qtype == Q8_0:
-            out = d * blocks[:, 2:].view(np.int8).astype(np.float32)
+            out = d[..., None] * q
         elif qtype == Q4_0:
-            out = d * (_nibbles(blocks[:, 2:]) - 8)
+            out = d[..., None] * (q - 8)
         else:
-            out = d * _nibbles(blocks[:, 4:]) + _f16(blocks, 2)
+            out = d[..., None] * q + m[..., None]
     return torch.from_numpy(out.reshape(rows, -1))
+
+
+def split_blocks(raw: np.ndarray, qtype: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(rows, row bytes) uint8 of Q8_0 / Q4_0 / Q4_1 -> the integers q (rows, row values: int8, or 0..15 as uint8),
+    the scales d and, for Q4_1, the minimums m (rows, blocks of 32) in float32: Q8_0 is d·q, Q4_0 d·(q − 8),
+    Q4_1 d·q + m."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(-1, BLOCK_BYTES[qtype])
+    d = _f16(blocks, 0).reshape(rows, -1)
+    if qtype == Q8_0:
+        return blocks[:, 2:].view(np.int8).reshape(rows, -1), d, None
+    if qtype == Q4_0:
+        return _nibbles(blocks[:, 2:]).reshape(rows, -1), d, None
+    return _nibbles(blocks[:, 4:]).reshape(rows, -1), d, _f16(blocks, 2).reshape(rows, -1)
 
 
 def _type_name(qtype: int) -> str:
@@ -491,6 +517,15 @@ class GGUFTensors:
 
     def nbytes(self, name: str) -> int:
         return self.file.tensors[self._source[name]].nbytes
+
+    def get_blocks(self, name: str) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """A weight kept quantized (``GGUFFile.read_blocks``), rows in Hugging Face's order; None if it is not."""
+        blocks = self.file.read_blocks(self._source[name])
+        proj = name.rsplit(".", 2)[-2]
+        if blocks is None or not (self.arch.permute_qk and proj in self._heads):
+            return blocks
+        kind, *tensors = blocks
+        return kind, *(None if t is None else unpermute(t, self._heads[proj]) for t in tensors)
 
     def get(self, name: str) -> torch.Tensor:
         t = self.file.read(self._source[name])

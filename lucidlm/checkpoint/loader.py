@@ -15,12 +15,15 @@ import torch
 
 from ..config import MAX_EOS_IDS, ModelConfig
 from ..jsonl import write_json
+from ..model.linear import Linear
+from ..model.quantize import fits, quantizable, quantize_model, replace
+from ..model.quantized_linear import QuantizedLinear, scheme
 from ..model.transformer import Transformer
 from ..progress import progress_bar
 from ..tokenizer import Tokenizer
 from . import bloom, deepseek, gemma3, gpt2, llama_family, native
 from .errors import CheckpointError
-from .family import Family, Rule
+from .family import Family, Rule, same
 from .files import checkpoint_file, has_file, read_json
 from .gguf import GGUFTensors, find_gguf, gguf_hf_config, gguf_tokenizer_and_defaults, open_gguf
 from .local_models import resolve_model_path
@@ -121,13 +124,20 @@ def _check(reader: SafetensorsReader, rules: list[Rule], ours: dict[str, torch.T
 
 
 def load_model(directory: str | Path, dtype: str | torch.dtype | None = "float32",
-               device: str | torch.device = "cpu", progress: bool | None = None) -> Loaded:
+               device: str | torch.device = "cpu", progress: bool | None = None, quantize: str = "none") -> Loaded:
     """directory: a checkpoint directory, a .gguf file (or a directory holding one) or a named local model.
-    progress: draw a bar while reading (None: for checkpoints over 256 MiB on a terminal)."""
+    progress: draw a bar while reading (None: for checkpoints over 256 MiB on a terminal).
+    quantize: "none" (float weights), "gguf" (a GGUF file's Q8_0 / Q4_0 / Q4_1 linear weights stay as they are
+    stored; others are read as float), or "int8" / "int4" (every linear layer quantized after reading; see
+    model/quantized_linear.py)."""
+    check_quantize(quantize, device)
     directory = resolve_model_path(directory)
     hf, family, cfg = read_hf_config(directory)
     torch_dtype = resolve_dtype(dtype, cfg)
     file = find_gguf(directory)
+    if quantize == "gguf" and file is None:
+        raise ValueError(f"quantize='gguf' keeps a GGUF file's quantized weights; {directory} is not GGUF "
+                         "(quantize='int8' or 'int4' quantizes any checkpoint)")
     reader = SafetensorsReader(directory) if file is None else GGUFTensors(file, hf)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -141,19 +151,60 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = "float32
         progress = False  # small checkpoints load in a blink; None leaves it to whether stderr is a terminal
     with progress_bar(total, f"loading {Path(directory).name}", progress, unit_bytes=True) as advance:
         for rule in rules:
+            if quantize == "gguf" and _keep_quantized(model, reader, rule, torch_dtype, state):
+                advance(sum(reader.nbytes(n) for n in rule.theirs))
+                continue
             converted = rule.to_ours([reader.get(n) for n in rule.theirs])
             for name, t in zip(rule.ours, converted):
                 # router statistics stay float32, like the reference implementations keep them
                 keep_fp32 = name.endswith("e_score_correction_bias")
                 state[name] = t.to(device=device, dtype=torch.float32 if keep_fp32 else torch_dtype).contiguous()
             advance(sum(reader.nbytes(n) for n in rule.theirs))
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and isinstance(model.lm_head, Linear):
         state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     model.init_buffers(device)
     model.eval()
+    if quantize in ("int8", "int4"):
+        quantize_model(model, quantize)
     return Loaded(model, cfg, family, hf)
+
+
+QUANTIZE = ("none", "gguf", "int8", "int4")
+
+
+def check_quantize(quantize: str, device: str | torch.device) -> None:
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(QUANTIZE)}")
+    if quantize != "none" and torch.device(device).type != "cpu":
+        raise ValueError(f"quantized weights run on CPU (torch's int8/int4 CPU kernels); the device is {device}")
+
+
+def _keep_quantized(model: Transformer, reader, rule: Rule, dtype: torch.dtype, state: dict) -> bool:
+    """A linear weight the GGUF file stores as Q8_0 / Q4_0 / Q4_1: its layer becomes a ``QuantizedLinear`` of those
+    integers and scales (its buffers go into ``state``); False for anything else. A tied lm_head gets the
+    quantized embedding's blocks, as llama.cpp multiplies by them; the lookup keeps the float embedding."""
+    name = rule.ours[0]
+    if len(rule.ours) != 1 or rule.to_ours is not same or not name.endswith(".weight"):
+        return False
+    tied_head = name == "embed.weight" and model.config.tie_embeddings
+    target = "lm_head" if tied_head else name.removesuffix(".weight")
+    if not quantizable(target, model.get_submodule(target)):
+        return False
+    blocks = reader.get_blocks(rule.theirs[0])
+    if blocks is None:
+        return False
+    kind, q, d, m = blocks
+    linear = model.get_submodule(target)
+    if not fits(scheme(kind), linear.in_features, linear.out_features):
+        return False  # read as float (torch's int4 packing wants rows in 16s)
+    layer = QuantizedLinear(linear.in_features, linear.out_features, scheme(kind), None, q, d.to(dtype),
+                            None if m is None else m.to(dtype))
+    layer.bias = linear.bias  # meta until the state assigns it (biases have rules of their own)
+    replace(model, target, layer)
+    state.update({f"{target}.{k}": v for k, v in layer.state_dict().items() if k != "bias"})
+    return not tied_head  # the embedding itself is still read, as float, for the lookup
 
 
 def load_tokenizer(directory: str | Path, cfg: ModelConfig) -> tuple[Tokenizer | None, dict]:

@@ -220,7 +220,7 @@ def artifact_key(model: Transformer, shape: StepShape) -> str:
     param = next(model.parameters())
     parts = [torch.__version__, sys.version, platform.machine(), torch.backends.cpu.get_cpu_capability(),
              repr(model.config), str(param.dtype), param.device.type, repr(shape), _model_source_hash(),
-             repr(sorted(type(m).__qualname__ for m in model.modules()))]  # LoRA or adapters change the graph
+             repr(model)]  # every module and its settings: LoRA, adapters or quantized layers change the graph
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 

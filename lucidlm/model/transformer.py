@@ -100,7 +100,7 @@ class Transformer(nn.Module):
         self.alibi = alibi_slopes(cfg.n_heads).to(device) if cfg.positions == "alibi" else None
 
     def tie_weights(self) -> None:
-        if self.config.tie_embeddings:
+        if self.config.tie_embeddings and isinstance(self.lm_head, Linear):  # a quantized head holds its own copy
             self.lm_head.weight = self.embed.weight
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..device import resolve_device
+from ..model.quantize import require_float
 from .checkpointing import (
     checkpoint_root,
     ensure_writable_dir,
@@ -114,6 +115,7 @@ class Trainer:
         run_info: what defines the run beyond TrainConfig (model config, data files...); a resume
         with different values is refused."""
         config.validate()
+        require_float(model, "training")  # integer weights have no gradient: named before any step
         self.config = config
         self.device = torch.device(resolve_device(config.device))
         if config.precision == "fp16" and self.device.type != "cuda":

@@ -13,6 +13,7 @@ from live_server import probed_tiny_lm
 from waiting import HANG_GUARD
 
 from lucidlm.generate.generation_config import GenerationConfig
+from lucidlm.model.quantize import quantize_model
 from lucidlm.serve.batcher import ContinuousBatcher, Draining, ErrorEvent, QueueFull, Sequence, TokenEvent
 
 
@@ -214,3 +215,19 @@ def test_the_compiled_decode_step_serves_the_same_tokens(lm):
         alone = lm.generate(prompt, **{k: v for k, v in opts.items() if k != "n"})[0]
         assert sink.ids == alone.token_ids, prompt
         assert [e.logprob for e in sink.events] == pytest.approx(alone.logprobs, abs=1e-4)
+
+
+@pytest.mark.parametrize("compile_decode", [False, True])
+def test_a_quantized_model_serves_the_librarys_tokens(compile_decode):
+    """int8 weights (model/quantized_linear.py) in the server: the same engine, so the same tokens and scores as
+    lm.generate of the same quantized model, eager and with compiled steps."""
+    lm = probed_tiny_lm()
+    quantize_model(lm.model, "int8")
+    cases = [("Hello", dict(max_new_tokens=12, ignore_eos=True)),
+             (PROMPTS[3], dict(max_new_tokens=9, temperature=1.0, seed=2, ignore_eos=True))]
+    lm.compile_decode = compile_decode
+    sinks = serve_all(lm, cases, max_len=128)
+    for (prompt, opts), sink in zip(cases, sinks):
+        alone = lm.generate(prompt, **opts)[0]
+        assert sink.ids == alone.token_ids, prompt
+        assert [e.score for e in sink.events] == pytest.approx(alone.scores, abs=1e-5)

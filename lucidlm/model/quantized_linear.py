@@ -1,0 +1,141 @@
+"""Weight-only quantized linear layers: y = x · Ŵᵀ + b, where Ŵ = scale · (q − offset) is kept in memory as the
+integers q and one scale (and zero) per group of ``group`` consecutive input weights of an output row.
+
+Decoding one token reads every weight once, so its speed is the bytes of the weights: 8-bit weights read a
+quarter of float32's, 4-bit an eighth (plus the scales). Activations stay in the model's float type; only the
+weights are integers ("weight-only", as llama.cpp's CPU path and torchao's int8/int4 weight-only).
+
+Schemes (``QuantScheme``), each the layout of a GGUF type or of ``load(quantize=...)``:
+
+- ``int8`` (``group=0``): symmetric, one scale per output row, Ŵ = s·q, q ∈ [−127, 127]. torch's
+  ``_weight_int8pack_mm`` (its CPU kernel reads the int8 weight directly).
+- ``q8_0``: symmetric int8 in groups of 32 (GGUF Q8_0; Q6_K's 6-bit values in groups of 16 fit it too).
+- ``int4`` / ``q4_1``: asymmetric 4-bit in groups of 32, Ŵ = s·q + m, q ∈ [0, 15] (GGUF Q4_1).
+- ``q4_0``: symmetric 4-bit in groups of 32, Ŵ = s·(q − 8) (GGUF Q4_0).
+  The 4-bit ones run torch's ``_weight_int4pack_mm_for_cpu`` (tinygemm's layout), whose formula is
+  Ŵ = s·(q − 8) + z: Q4_0 is z = 0, Q4_1 is z = m + 8s.
+
+``QuantizedLinear.dequantize()`` is Ŵ in float32: the reference the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    name: str
+    bits: int  # 8 or 4
+    group: int  # input weights sharing one scale; 0: the whole row
+    asymmetric: bool  # a zero (minimum) per group besides the scale
+
+
+SCHEMES = {s.name: s for s in (
+    QuantScheme("int8", 8, 0, False),
+    QuantScheme("q8_0", 8, 32, False),
+    QuantScheme("int4", 4, 32, True),
+    QuantScheme("q4_1", 4, 32, True),
+    QuantScheme("q4_0", 4, 32, False),
+)}
+INT4_TILES = 2  # tinygemm's inner K tiles (the packing torch's CPU kernel expects)
+
+
+def scheme(name: str) -> QuantScheme:
+    if name not in SCHEMES:
+        raise ValueError(f"unknown quantization {name!r}; supported: {', '.join(SCHEMES)}")
+    return SCHEMES[name]
+
+
+class QuantizedLinear(nn.Module):
+    """A ``Linear`` whose weight is stored quantized (buffers, not parameters: nothing here trains)."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, bias: torch.Tensor | None,
+                 q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> None:
+        """``q`` (out, in) integers (int8 for 8 bits; 0..15 as int32 for 4), ``scale`` and ``zero``
+        (out, in / group) float, per the scheme's formula (module docstring)."""
+        super().__init__()
+        group = scheme.group or in_features
+        if in_features % group:
+            raise ValueError(f"{scheme.name} needs in_features ({in_features}) divisible by its group of {group}")
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        if scheme.bits == 8:
+            self.register_buffer("qweight", q.to(torch.int8).contiguous())  # (out, in)
+            self.register_buffer("scale", scale.contiguous())  # (out, in / group)
+        else:
+            z = zero if zero is not None else torch.zeros_like(scale)  # torch's int4 formula: s·(q − 8) + z
+            if scheme.asymmetric:  # stored as s·q + m: z = m + 8s
+                z = z + 8 * scale
+            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                q.to(torch.int32).contiguous(), INT4_TILES))
+            self.register_buffer("scale_zero", torch.stack([scale.t(), z.t()], -1).contiguous())  # (in/g, out, 2)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
+
+    @property
+    def group(self) -> int:
+        return self.scheme.group or self.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"a {self.scheme.name}-quantized linear does not train (its weights are integers); "
+                               "load the model without quantize= to fine-tune it")
+        rows = x.reshape(-1, self.in_features)
+        if self.scheme.bits == 4:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qweight, self.group,
+                                                           self.scale_zero.to(x.dtype))
+        elif self.scheme.group == 0:
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scale[:, 0].to(x.dtype))
+        else:
+            y = grouped_int8_linear(rows, self.qweight, self.scale, self.group)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dequantize(self) -> torch.Tensor:
+        """Ŵ (out, in) in float32, from what is stored."""
+        if self.scheme.bits == 8:
+            return (self.qweight.float().view(self.out_features, -1, self.group)
+                    * self.scale.float()[..., None]).view(self.out_features, self.in_features)
+        eye = torch.eye(self.in_features, dtype=torch.float32, device=self.qweight.device)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group,
+                                                          self.scale_zero.float()).t().contiguous()
+
+
+def grouped_int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """x (rows, in) · (scale ⊙ q)ᵀ for int8 q (out, in) with one scale per ``group`` inputs of a row."""
+    out, k = q.shape
+    if torch.compiler.is_compiling() and x.shape[0] == 1:  # decode: one fused loop streaming the int8 weights
+        partial = (q.view(out, k // group, group).to(x.dtype) * x.view(1, k // group, group)).sum(-1)  # (out, G)
+        return (partial * scale.to(x.dtype)).sum(-1)[None]
+    w = (q.view(out, k // group, group).to(x.dtype) * scale.to(x.dtype)[..., None]).view(out, k)
+    return F.linear(x, w)
+
+
+def quantize_weight(weight: torch.Tensor, s: QuantScheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest quantization of a float weight (out, in) -> (q, scale, zero) in the scheme's formula."""
+    w = weight.detach().float()
+    out, k = w.shape
+    g = w.view(out, k // (s.group or k), -1)  # (out, groups, group)
+    if s.bits == 8:
+        scale = g.abs().amax(-1) / 127
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        q = (g / scale[..., None]).round().clamp(-127, 127).to(torch.int8).view(out, k)
+        return q, scale, None
+    if s.asymmetric:
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = (hi - lo) / 15
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15)
+        return q.to(torch.int32).view(out, k), scale, lo
+    # Q4_0's rule (llama.cpp): the weight of largest magnitude maps to q − 8 = −8 exactly, so s takes its sign
+    extreme = g.gather(-1, g.abs().argmax(-1, keepdim=True))[..., 0]
+    scale = extreme / -8
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = ((g / scale[..., None]).round() + 8).clamp(0, 15)
+    return q.to(torch.int32).view(out, k), scale, None

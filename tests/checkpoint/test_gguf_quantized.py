@@ -1,0 +1,93 @@
+"""GGUF weights kept quantized (``load_model(..., quantize="gguf")``): a tiny random model written with the gguf
+package's writer at Q8_0 / Q4_0 / Q4_1 loads with its linear layers as those integers and scales, holds exactly
+the weights the file's blocks describe (gguf.quants' own dequantization), predicts the logits of its dequantized
+copy and generates its greedy tokens; any checkpoint quantizes to int8 / int4 on load; bad requests are named."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf_models import write_gguf
+
+import lucidlm
+from lucidlm.api import LM
+from lucidlm.checkpoint.gguf import GGUFTensors
+from lucidlm.checkpoint.loader import load_model, load_tokenizer
+from lucidlm.model.quantize import is_quantized
+from lucidlm.model.quantized_linear import QuantizedLinear
+from lucidlm.train.trainer import TrainConfig, Trainer
+
+SCHEME = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module", params=list(SCHEME))
+def written(request, tmp_path_factory):
+    qtype = request.param
+    m = write_gguf(tmp_path_factory.mktemp(qtype) / "m.gguf", "qwen2", qtype, with_dequantized=False)
+    return qtype, m.path
+
+
+def _layers(model) -> dict[str, QuantizedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def test_linear_layers_hold_the_files_blocks(written):
+    qtype, path = written
+    model = load_model(path, quantize="gguf").model
+    layers = _layers(model)
+    assert set(layers) == {n for n, _ in model.named_modules() if n.endswith("_proj")} | {"lm_head"}
+    assert {m.scheme.name for m in layers.values()} == {SCHEME[qtype]}
+    reader = GGUFTensors(path)
+    f = reader.file
+    for name in ("blocks.0.attn.q_proj", "blocks.1.mlp.down_proj", "lm_head"):
+        theirs = {"blocks.0.attn.q_proj": "model.layers.0.self_attn.q_proj.weight",
+                  "blocks.1.mlp.down_proj": "model.layers.1.mlp.down_proj.weight", "lm_head": "lm_head.weight"}[name]
+        info = f.tensors[reader._source[theirs]]
+        raw = np.frombuffer(f._map, np.uint8, info.nbytes, info.offset).reshape(info.dims[1], -1)
+        want = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(raw, info.qtype)))  # the reference
+        torch.testing.assert_close(layers[name].dequantize(), want, atol=1e-6, rtol=1e-6)
+
+
+def test_logits_and_greedy_tokens_are_the_dequantized_models(written):
+    qtype, path = written
+    kept, dequantized = load_model(path, quantize="gguf"), load_model(path, quantize="none")
+    assert is_quantized(kept.model) and not is_quantized(dequantized.model)
+    tok, defaults = load_tokenizer(path, kept.config)
+    lms = [LM(x.model, tok, x.config, path, x.family, x.hf_config, defaults, compile_decode="off")
+           for x in (kept, dequantized)]
+    ids = torch.tensor([tok.encode(PROMPT)])
+    with torch.no_grad():
+        torch.testing.assert_close(lms[0].model(ids), lms[1].model(ids), atol=2e-4, rtol=1e-4)
+    a, b = (lm.generate(PROMPT, max_new_tokens=32, ignore_eos=True)[0] for lm in lms)  # greedy
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 32
+
+
+def test_any_checkpoint_quantizes_on_load(written):
+    _, path = written
+    for kind, schemes in (("int8", {"int8"}), ("int4", {"int4"})):
+        model = load_model(path, quantize=kind).model
+        assert {m.scheme.name for m in _layers(model).values()} == schemes
+
+
+def test_bad_requests_are_named(written, tmp_path):
+    _, path = written
+    with pytest.raises(ValueError, match="quantize='int3': expected one of none, gguf, int8, int4"):
+        load_model(path, quantize="int3")
+    with pytest.raises(ValueError, match="quantized weights run on CPU"):
+        load_model(path, quantize="gguf", device="meta")
+
+
+def test_the_api_loads_quantized_and_refuses_what_does_not_combine(written, tmp_path):
+    _, path = written
+    lm = lucidlm.load(path, quantize="int8", compile="off")
+    assert {m.scheme.name for m in _layers(lm.model).values()} == {"int8"}
+    assert len(lm.generate(PROMPT, max_new_tokens=4, ignore_eos=True)[0].token_ids) == 4
+    with pytest.raises(ValueError, match="pack_weights packs float weights"):
+        lucidlm.load(path, quantize="int8", pack_weights=True)
+    with pytest.raises(ValueError, match="LoRA adapter on GGUF-quantized weights is not supported"):
+        lucidlm.load(path, quantize="gguf", adapter=tmp_path)
+    with pytest.raises(ValueError, match="training needs float weights"):
+        Trainer(lm.model, TrainConfig(), [])

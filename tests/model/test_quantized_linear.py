@@ -1,0 +1,101 @@
+"""Weight-only quantized linears (model/quantized_linear.py): each scheme's kernel equals the product with the
+weight its formula describes, computed here from the stored integers and scales; round-to-nearest quantization
+stays within half a step of the float weight; model/quantize.py swaps a model's linears and refuses what it cannot
+hold or train."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_lm import tiny_model
+
+from lucidlm.model.quantize import is_quantized, quantize_model, require_float
+from lucidlm.model.quantized_linear import SCHEMES, QuantizedLinear, quantize_weight, scheme
+
+OUT, IN = 48, 96  # three groups of 32 per row; rows a multiple of 16 (torch's int4 packing)
+
+
+def formula(name: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """Ŵ (out, in) from the scheme's formula, written out: Q8_0/int8 s·q, Q4_0 s·(q − 8), Q4_1/int4 s·q + m."""
+    s = scheme(name)
+    group = s.group or q.shape[1]
+    per = lambda t: t.float().repeat_interleave(group, dim=1)  # noqa: E731 - one value per weight
+    if s.bits == 8:
+        return q.float() * per(scale)
+    if s.asymmetric:
+        return q.float() * per(scale) + per(zero)
+    return (q.float() - 8) * per(scale)
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+@pytest.mark.parametrize("rows", [1, 5])
+def test_the_kernel_equals_the_product_with_the_formulas_weight(name, rows):
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(OUT, IN, generator=g), torch.randn(OUT, generator=g)
+    q, scale, zero = quantize_weight(weight, scheme(name))
+    layer = QuantizedLinear(IN, OUT, scheme(name), bias, q, scale, zero)
+    x = torch.randn(2, rows, IN, generator=g)
+    w = formula(name, q, scale, zero)
+    torch.testing.assert_close(layer(x), x @ w.t() + bias, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(layer.dequantize(), w, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_round_to_nearest_is_within_half_a_step(name):
+    weight = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(1))
+    s = scheme(name)
+    q, scale, zero = quantize_weight(weight, s)
+    step = scale.abs().repeat_interleave(s.group or IN, dim=1)
+    error = (formula(name, q, scale, zero) - weight).abs()
+    bound = step / 2
+    if name == "q4_0":  # llama.cpp's rule maps the extreme to −8: its opposite can reach +8, clamped to +7
+        bound = torch.where(q == 15, step, bound)
+    assert bool((error <= bound + 1e-6).all())
+    levels = (-127, 127) if s.bits == 8 else (0, 15)
+    assert q.min() >= levels[0] and q.max() <= levels[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["int8", "q8_0", "int4"])
+def test_reduced_precision_activations(name, dtype):
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(OUT, IN, generator=g)
+    q, scale, zero = quantize_weight(weight, scheme(name))
+    layer = QuantizedLinear(IN, OUT, scheme(name), None, q, scale.to(dtype), None if zero is None else zero.to(dtype))
+    x = torch.randn(3, IN, generator=g)
+    want = x @ formula(name, q, scale, zero).t()
+    got = layer(x.to(dtype))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=0.15, rtol=0.02)  # activations rounded to 8 / 11 bits
+
+
+def test_quantizing_a_model_keeps_its_predictions_close():
+    model = tiny_model("llama-125m", seed=0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(ids)
+        swapped = quantize_model(model, "int8")
+        after = model(ids)
+    assert swapped == 7 * model.config.n_layers + 1 and is_quantized(model)  # every projection and the head
+    assert type(model.embed).__name__ == "Embedding" and model.embed.weight.dtype == torch.float32  # stays float
+    assert float(torch.nn.functional.cosine_similarity(after.flatten(), before.flatten(), dim=0)) > 0.999
+
+
+def test_a_layer_the_scheme_cannot_hold_is_named_before_anything_changes():
+    model = tiny_model("llama-125m", seed=0, vocab_size=100)  # the head's 100 rows are not a multiple of 16
+    with pytest.raises(ValueError, match=r"lm_head \(100x.*int4"):
+        quantize_model(model, "int4")
+    assert not is_quantized(model)
+    with pytest.raises(ValueError, match="unknown quantization 'int3'; supported: int8, q8_0"):
+        quantize_model(model, "int3")
+
+
+def test_a_quantized_model_refuses_training_by_name():
+    model = tiny_model("llama-125m", seed=0)
+    quantize_model(model, "int8")
+    with pytest.raises(ValueError, match=r"fine-tuning needs float weights, but blocks\.0\.attn\.q_proj is "
+                                         "int8-quantized"):
+        require_float(model, "fine-tuning")
+    x = torch.randn(1, 3, model.config.dim, requires_grad=True)
+    with pytest.raises(RuntimeError, match="does not train"):
+        model.blocks[0].attn.q_proj(x)
