@@ -48,7 +48,9 @@ def test_linear_layers_hold_the_files_blocks(written):
         info = f.tensors[reader._source[theirs]]
         raw = np.frombuffer(f._map, np.uint8, info.nbytes, info.offset).reshape(info.dims[1], -1)
         want = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(raw, info.qtype)))  # the reference
-        torch.testing.assert_close(layers[name].dequantize(), want, atol=1e-6, rtol=1e-6)
+        # Q8_0 exactly; the 4-bit kernel's scales are bfloat16 (the file's are float16): within that rounding
+        atol = 1e-6 if qtype == "Q8_0" else float(want.abs().max()) * 2**-8
+        torch.testing.assert_close(layers[name].dequantize(), want, atol=atol, rtol=0)
 
 
 def test_logits_and_greedy_tokens_are_the_dequantized_models(written):
@@ -60,9 +62,18 @@ def test_logits_and_greedy_tokens_are_the_dequantized_models(written):
            for x in (kept, dequantized)]
     ids = torch.tensor([tok.encode(PROMPT)])
     with torch.no_grad():
-        torch.testing.assert_close(lms[0].model(ids), lms[1].model(ids), atol=2e-4, rtol=1e-4)
+        ours, theirs = lms[0].model(ids), lms[1].model(ids)
+    # Q8_0 runs in float32; the 4-bit kernels in bfloat16 (model/quantized_linear.py): within its rounding
+    atol = 2e-4 if qtype == "Q8_0" else 0.02 * float(theirs.abs().max())
+    torch.testing.assert_close(ours, theirs, atol=atol, rtol=0)
     a, b = (lm.generate(PROMPT, max_new_tokens=32, ignore_eos=True)[0] for lm in lms)  # greedy
-    assert a.token_ids == b.token_ids and len(a.token_ids) == 32
+    assert len(a.token_ids) == len(b.token_ids) == 32
+    same = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), 32)
+    if same < 32:  # allowed only at a near-tie of the dequantized model, which then picked another token
+        with torch.no_grad():
+            step = lms[1].model(torch.tensor([tok.encode(PROMPT) + b.token_ids[:same]]))[0, -1]
+        gap = float(step[b.token_ids[same]] - step[a.token_ids[same]])
+        assert gap < 0.01 * float(step.abs().max()), f"{qtype}: token {same} differs by a logit gap of {gap}"
 
 
 def test_any_checkpoint_quantizes_on_load(written):

@@ -10,7 +10,7 @@ import torch
 from tiny_lm import tiny_model
 
 from lucidlm.model.quantize import is_quantized, quantize_model, require_float
-from lucidlm.model.quantized_linear import SCHEMES, QuantizedLinear, quantize_weight, scheme
+from lucidlm.model.quantized_linear import KERNEL_DTYPE, SCHEMES, QuantizedLinear, quantize_weight, scheme
 
 OUT, IN = 48, 96  # three groups of 32 per row; rows a multiple of 16 (torch's int4 packing)
 
@@ -27,6 +27,18 @@ def formula(name: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor 
     return (q.float() - 8) * per(scale)
 
 
+def stored(name: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """The weight the layer holds: the kernels' scales are bfloat16 (their operand), the 4-bit kernel's form is
+    s·(q − 8) + z; Q8_0 (a float product) keeps its scales as given."""
+    if name == "q8_0":
+        return formula(name, q, scale, zero)
+    if name == "int8":
+        return formula(name, q, scale.to(KERNEL_DTYPE), zero)
+    z = torch.zeros_like(scale) if zero is None else zero + 8 * scale
+    bf = lambda t: t.to(KERNEL_DTYPE).float()  # noqa: E731
+    return formula("q4_0", q, bf(scale), None) + bf(z).repeat_interleave(32, dim=1)
+
+
 @pytest.mark.parametrize("name", list(SCHEMES))
 @pytest.mark.parametrize("rows", [1, 5])
 def test_the_kernel_equals_the_product_with_the_formulas_weight(name, rows):
@@ -35,9 +47,16 @@ def test_the_kernel_equals_the_product_with_the_formulas_weight(name, rows):
     q, scale, zero = quantize_weight(weight, scheme(name))
     layer = QuantizedLinear(IN, OUT, scheme(name), bias, q, scale, zero)
     x = torch.randn(2, rows, IN, generator=g)
-    w = formula(name, q, scale, zero)
-    torch.testing.assert_close(layer(x), x @ w.t() + bias, atol=1e-4, rtol=1e-5)
+    w = stored(name, q, scale, zero)
     torch.testing.assert_close(layer.dequantize(), w, atol=1e-5, rtol=1e-6)
+    if name == "q8_0":  # a float32 product (no torch kernel)
+        torch.testing.assert_close(layer(x), x @ w.t() + bias, atol=1e-4, rtol=1e-5)
+        return
+    # the kernels take bfloat16 input and round their output to it: exact up to those two roundings
+    want = x.to(KERNEL_DTYPE).double() @ w.double().t()
+    got = layer(x) - bias
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=2**-8)
 
 
 @pytest.mark.parametrize("name", list(SCHEMES))
@@ -63,7 +82,7 @@ def test_reduced_precision_activations(name, dtype):
     q, scale, zero = quantize_weight(weight, scheme(name))
     layer = QuantizedLinear(IN, OUT, scheme(name), None, q, scale.to(dtype), None if zero is None else zero.to(dtype))
     x = torch.randn(3, IN, generator=g)
-    want = x @ formula(name, q, scale, zero).t()
+    want = x @ stored(name, q, scale.to(dtype), None if zero is None else zero.to(dtype)).t()
     got = layer(x.to(dtype))
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), want, atol=0.15, rtol=0.02)  # activations rounded to 8 / 11 bits
