@@ -141,13 +141,16 @@ def bench(
     = False,
     probe: Annotated[bool, typer.Option("--probe", help="measure what a hallucination probe adds to a streaming "
                                                         "decode step")] = False,
+    quant: Annotated[bool, typer.Option("--quant", help="quantized weights per format: decode/prefill tok/s, "
+                                                        "perplexity, greedy agreement with bf16 (--model: default "
+                                                        "smollm2-135m-instruct)")] = False,
     serve: Annotated[bool, typer.Option("--serve", help="measure the HTTP server: aggregate tok/s, time to first "
                                                         "token and inter-token latency per number of clients")]
     = False,
     clients: Annotated[list[int] | None, typer.Option(help="with --serve: concurrent clients (repeatable; "
                                                            "default 1, 8, 32)")] = None,
     model: Annotated[Path | None, typer.Option(help="with --serve: checkpoint to serve (default: a random "
-                                                    "Llama-shaped 125M)")] = None,
+                                                    "Llama-shaped 125M); with --quant: the model to quantize")] = None,
     scenario: Annotated[list[str] | None, typer.Option(help="with --serve: levels (1/8/32 clients), long-prompt "
                                                             "(a long prompt arrives while clients stream), "
                                                             "shared-prefix (2nd request reuses a prompt head); "
@@ -169,6 +172,14 @@ def bench(
         import torch
 
         torch.set_num_threads(threads)
+    if quant:
+        from .bench_quant import quant_table, run_quant_bench
+
+        name = str(model or "smollm2-135m-instruct")
+        rows, bandwidth = run_quant_bench(name, prompt, min(new, 64), repeats,
+                                          print_fn=lambda s: typer.echo(s, err=True))
+        typer.echo(quant_table(rows, bandwidth, name))
+        return
     if serve:
         from .bench_serve import SCENARIOS, run_serve_bench, serve_table
 

@@ -127,9 +127,9 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = "float32
                device: str | torch.device = "cpu", progress: bool | None = None, quantize: str = "none") -> Loaded:
     """directory: a checkpoint directory, a .gguf file (or a directory holding one) or a named local model.
     progress: draw a bar while reading (None: for checkpoints over 256 MiB on a terminal).
-    quantize: "none" (float weights), "gguf" (a GGUF file's Q8_0 / Q4_0 / Q4_1 linear weights stay as they are
-    stored; others are read as float), or "int8" / "int4" (every linear layer quantized after reading; see
-    model/quantized_linear.py)."""
+    quantize: "none" (float weights), "gguf" (a GGUF file's Q4_0 / Q4_1 linear weights stay as they are stored;
+    others, Q8_0 included until it has a kernel faster than the float product, are read as float), or "int8" /
+    "int4" (every linear layer quantized after reading; see model/quantized_linear.py)."""
     check_quantize(quantize, device)
     directory = resolve_model_path(directory)
     hf, family, cfg = read_hf_config(directory)
@@ -182,7 +182,7 @@ def check_quantize(quantize: str, device: str | torch.device) -> None:
 
 
 def _keep_quantized(model: Transformer, reader, rule: Rule, dtype: torch.dtype, state: dict) -> bool:
-    """A linear weight the GGUF file stores as Q8_0 / Q4_0 / Q4_1: its layer becomes a ``QuantizedLinear`` of those
+    """A linear weight the GGUF file stores as Q4_0 / Q4_1: its layer becomes a ``QuantizedLinear`` of those
     integers and scales (its buffers go into ``state``); False for anything else. A tied lm_head gets the
     quantized embedding's blocks, as llama.cpp multiplies by them; the lookup keeps the float embedding."""
     name = rule.ours[0]
@@ -196,6 +196,8 @@ def _keep_quantized(model: Transformer, reader, rule: Rule, dtype: torch.dtype, 
     if blocks is None:
         return False
     kind, q, d, m = blocks
+    if kind == "q8_0":  # no torch kernel for int8 in groups: slower than the float weight, so read as float for now
+        return False
     linear = model.get_submodule(target)
     if not fits(scheme(kind), linear.in_features, linear.out_features):
         return False  # read as float (torch's int4 packing wants rows in 16s)

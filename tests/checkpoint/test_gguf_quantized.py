@@ -1,5 +1,6 @@
 """GGUF weights kept quantized (``load_model(..., quantize="gguf")``): a tiny random model written with the gguf
-package's writer at Q8_0 / Q4_0 / Q4_1 loads with its linear layers as those integers and scales, holds exactly
+package's writer at Q4_0 / Q4_1 loads with its linear layers as those integers and scales (Q8_0, which has no fast
+kernel yet, as float), holds exactly
 the weights the file's blocks describe (gguf.quants' own dequantization), predicts the logits of its dequantized
 copy and generates its greedy tokens; any checkpoint quantizes to int8 / int4 on load; bad requests are named."""
 
@@ -38,6 +39,9 @@ def test_linear_layers_hold_the_files_blocks(written):
     qtype, path = written
     model = load_model(path, quantize="gguf").model
     layers = _layers(model)
+    if qtype == "Q8_0":  # read as float until int8 in groups has a kernel faster than the float product
+        assert not layers
+        return
     assert set(layers) == {n for n, _ in model.named_modules() if n.endswith("_proj")} | {"lm_head"}
     assert {m.scheme.name for m in layers.values()} == {SCHEME[qtype]}
     reader = GGUFTensors(path)
@@ -56,7 +60,7 @@ def test_linear_layers_hold_the_files_blocks(written):
 def test_logits_and_greedy_tokens_are_the_dequantized_models(written):
     qtype, path = written
     kept, dequantized = load_model(path, quantize="gguf"), load_model(path, quantize="none")
-    assert is_quantized(kept.model) and not is_quantized(dequantized.model)
+    assert is_quantized(kept.model) == (qtype != "Q8_0") and not is_quantized(dequantized.model)
     tok, defaults = load_tokenizer(path, kept.config)
     lms = [LM(x.model, tok, x.config, path, x.family, x.hf_config, defaults, compile_decode="off")
            for x in (kept, dequantized)]

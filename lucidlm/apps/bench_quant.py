@@ -1,0 +1,165 @@
+"""``lucidlm bench --quant``: what quantized weights buy (decode and prefill speed, bytes) and cost (perplexity,
+greedy agreement), per format, measured side by side in one run on one model.
+
+Formats: the float32 and bfloat16 models, ``quantize="int8"`` / ``"int4"`` (model/quantized_linear.py), and, for a
+GGUF file, its own quantized weights as stored (``quantize="gguf"``). Every format is loaded from the same file,
+with the engine's default decode path (compiled steps). Columns:
+
+- decode tok/s at batch 1 and the aggregate at batch 8, prefill tok/s of the prompts (``bench.measure``);
+- bound: measured read bandwidth ÷ the bytes one batch-1 decode step reads (weights and scales, the head's
+  weight even when tied to the embedding, the KV cache at mid-generation), and the share of it reached;
+- perplexity on a fixed English text the project never trains on (CPython's LICENSE), in windows;
+- greedy agreement: the fraction of 256 greedy tokens, over fixed prompts, equal position by position to the
+  bfloat16 model's (the reference the issue asks for).
+
+The probe's span AUROC per format is not measured yet (it needs the facts benchmark's answers per format).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .bench import _ours_runner, measure, read_bandwidth
+
+PROMPTS = ["The history of the printing press", "Photosynthesis is the process by which",
+           "A short story about a lighthouse keeper:", "The three laws of thermodynamics are"]
+AGREEMENT_TOKENS = 256
+PERPLEXITY_WINDOW = 256
+PERPLEXITY_TOKENS = 2048
+
+
+@dataclass
+class QuantRow:
+    label: str
+    weight_bytes: int  # read by one batch-1 decode step (weights and scales, not the embedding lookup)
+    decode_1: float  # tok/s
+    decode_8: float  # aggregate tok/s
+    prefill: float  # tok/s
+    bound_1: float  # tok/s at batch 1
+    perplexity: float
+    agreement: float  # of AGREEMENT_TOKENS × prompts greedy tokens equal to the bfloat16 model's
+
+
+def formats(path: Path) -> list[tuple[str, dict]]:
+    """(label, lucidlm.load options) of every format this model can be measured in."""
+    from ..checkpoint.gguf import find_gguf, open_gguf
+    from ..checkpoint.local_models import resolve_model_path
+
+    out = [("float32", dict(dtype="float32")), ("bfloat16", dict(dtype="bfloat16")),
+           ("int8", dict(dtype="float32", quantize="int8")), ("int4", dict(dtype="float32", quantize="int4"))]
+    file = find_gguf(resolve_model_path(path))
+    if file is not None:
+        kinds = sorted({t for t in _linear_types(open_gguf(file))})
+        out.append((f"GGUF as stored ({', '.join(kinds)})", dict(dtype="float32", quantize="gguf")))
+    return out
+
+
+def _linear_types(f) -> list[str]:
+    from ..checkpoint.gguf import _type_name
+
+    return [_type_name(i.qtype) for n, i in f.tensors.items() if len(i.dims) == 2 and not n.startswith("token_embd")]
+
+
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights (and quantized layers' integers and scales) one decode step reads: everything but the
+    embedding, which is only gathered, except that a head tied to it reads all of it."""
+    from ..model.quantized_linear import QuantizedLinear
+
+    total, seen = 0, set()
+    for name, module in model.named_modules():
+        tensors = list(module.parameters(recurse=False))
+        if isinstance(module, QuantizedLinear):
+            tensors += list(module.buffers(recurse=False))
+        for t in tensors:
+            if name == "embed" or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total  # a tied head's weight is counted under lm_head (the embedding module is skipped)
+
+
+def perplexity(lm, text: str) -> float:
+    """exp(mean next-token loss) over non-overlapping windows of the text's first PERPLEXITY_TOKENS tokens."""
+    ids = lm.encode(text)[:PERPLEXITY_TOKENS]
+    losses, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(ids) - 1, PERPLEXITY_WINDOW):
+            window = torch.tensor([ids[start:start + PERPLEXITY_WINDOW + 1]], device=lm.device)
+            if window.shape[1] < 2:
+                break
+            logits = lm.model(window[:, :-1]).float()
+            losses += float(torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum"))
+            count += window.shape[1] - 1
+    return math.exp(losses / count)
+
+
+def reference_text() -> str:
+    """CPython's LICENSE: fixed English prose (history and legal text) shipped with every interpreter."""
+    for base in (Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}",
+                 Path(sys.base_prefix)):
+        if (base / "LICENSE.txt").exists():
+            return (base / "LICENSE.txt").read_text(errors="replace")
+    raise FileNotFoundError(f"no LICENSE.txt under {sys.base_prefix}: the perplexity text")
+
+
+def greedy(lm) -> list[list[int]]:
+    """Eager steps: the tokens do not depend on the path, and compiling this batch's shapes would cost minutes."""
+    mode, lm.compile_decode = lm.compile_decode, "off"
+    try:
+        return [c.token_ids for c in lm.generate(PROMPTS, max_new_tokens=AGREEMENT_TOKENS, ignore_eos=True)]
+    finally:
+        lm.compile_decode = mode
+
+
+def agreement(ours: list[list[int]], reference: list[list[int]]) -> float:
+    same = sum(a == b for x, y in zip(ours, reference) for a, b in zip(x, y))
+    return same / sum(len(y) for y in reference)
+
+
+def run_quant_bench(model: str | Path = "smollm2-135m-instruct", prompt: int = 64, new: int = 64, repeats: int = 3,
+                    print_fn: Callable[[str], None] = print, way: str = "default") -> tuple[list[QuantRow], float]:
+    """way: the decode path timed ("default": compiled steps; the tests use "eager")."""
+    from ..api import load
+
+    bandwidth = read_bandwidth()
+    text = reference_text()
+    loaded = [(label, load(model, **options)) for label, options in formats(Path(model))]
+    reference = greedy(dict(loaded)["bfloat16"])
+    rows = []
+    for label, lm in loaded:
+        ids1 = torch.tensor([lm.encode(PROMPTS[0])[:prompt]])
+        ids8 = torch.randint(0, lm.config.vocab_size, (8, prompt), generator=torch.Generator().manual_seed(1))
+        prefill, decode_1, _ = measure(_ours_runner(lm, ids1, way), 1, ids1.shape[1], new, repeats)
+        _, decode_8, _ = measure(_ours_runner(lm, ids8, way), 8, prompt, new, repeats)
+        weights = decode_weight_bytes(lm.model)
+        cfg, itemsize = lm.config, lm.model.embed.weight.element_size()
+        kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize * (prompt + new // 2)
+        rows.append(QuantRow(label, weights, decode_1, decode_8, prefill, bandwidth / (weights + kv),
+                             perplexity(lm, text), agreement(greedy(lm), reference)))
+        print_fn(f"done: {label}")
+    return rows, bandwidth
+
+
+def quant_table(rows: list[QuantRow], bandwidth: float, model: str) -> str:
+    base = next(r for r in rows if r.label == "bfloat16")
+    lines = [f"Quantized weights on {model} (one run; decode and prefill with the default path, compiled steps)", "",
+             "| format | weights read per token MB | decode tok/s b1 | % of bound | decode tok/s b8 | prefill tok/s "
+             "| perplexity | Δ vs bf16 | greedy agreement with bf16 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.label} | {r.weight_bytes / 1e6:.0f} | {r.decode_1:.1f} "
+                     f"| {100 * r.decode_1 / r.bound_1:.0f}% "
+                     f"| {r.decode_8:.1f} | {r.prefill:.0f} | {r.perplexity:.3f} "
+                     f"| {100 * (r.perplexity / base.perplexity - 1):+.2f}% | {100 * r.agreement:.1f}% |")
+    lines += ["", f"bound = measured read bandwidth ({bandwidth / 1e9:.1f} GB/s) ÷ the bytes a batch-1 decode step "
+              "reads (weights and scales, the KV cache at mid-generation). Perplexity: CPython's LICENSE, "
+              f"{PERPLEXITY_TOKENS} tokens in windows of {PERPLEXITY_WINDOW}. Greedy agreement: {AGREEMENT_TOKENS} "
+              f"tokens × {len(PROMPTS)} prompts, position by position."]
+    return "\n".join(lines)
+

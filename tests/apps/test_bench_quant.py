@@ -1,0 +1,41 @@
+"""``lucidlm bench --quant`` (apps/bench_quant.py) on a tiny GGUF model: a row per format with its own bytes,
+speed, perplexity and agreement; the bytes a decode step reads counted by hand; agreement position by position."""
+
+from __future__ import annotations
+
+import math
+
+from gguf_models import write_gguf
+
+from lucidlm.api import load
+from lucidlm.apps.bench_quant import agreement, decode_weight_bytes, quant_table, run_quant_bench
+
+
+def test_agreement_is_position_by_position():
+    assert agreement([[1, 2, 3], [4]], [[1, 2, 4], [4]]) == 0.75
+
+
+def test_decode_bytes_count_every_weight_but_the_lookup_and_a_tied_head_in_full(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", "llama", "Q4_1", with_dequantized=False).path  # tied head
+    lm = load(path, compile="off")
+    model = lm.model
+    embed = model.embed.weight.numel() * 4
+    params = sum(p.numel() * 4 for p in model.parameters())  # the tied head is the embedding: counted once here
+    assert decode_weight_bytes(model) == params - embed + embed  # everything but the lookup, plus the head in full
+    quantized = load(path, compile="off", quantize="int4")
+    assert decode_weight_bytes(quantized.model) < decode_weight_bytes(model) / 4
+
+
+def test_a_row_per_format_and_the_table(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", "qwen2", "Q4_0", with_dequantized=False).path
+    rows, bandwidth = run_quant_bench(path, prompt=8, new=4, repeats=1, print_fn=lambda s: None, way="eager")
+    labels = [r.label for r in rows]
+    assert labels == ["float32", "bfloat16", "int8", "int4", "GGUF as stored (Q4_0)"]
+    by = {r.label: r for r in rows}
+    assert by["bfloat16"].agreement == 1.0  # the reference itself
+    assert by["int8"].weight_bytes < by["bfloat16"].weight_bytes < by["float32"].weight_bytes
+    assert by["int4"].weight_bytes < by["int8"].weight_bytes
+    assert all(math.isfinite(r.perplexity) and r.perplexity > 1 and r.decode_1 > 0 and r.decode_8 > 0 for r in rows)
+    assert abs(by["float32"].perplexity / by["bfloat16"].perplexity - 1) < 0.05
+    table = quant_table(rows, bandwidth, "tiny")
+    assert table.count("\n| ") == len(rows) + 1 and "GGUF as stored (Q4_0)" in table
