@@ -17,6 +17,7 @@ The probe's span AUROC per format is not measured yet (it needs the facts benchm
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 from collections.abc import Callable
@@ -122,11 +123,55 @@ def agreement(ours: list[list[int]], reference: list[list[int]]) -> float:
     return same / sum(len(y) for y in reference)
 
 
+LLAMACPP_INSTALL = ("pip install 'lucidlm[llamacpp]' (llama-cpp-python, which builds llama.cpp from source: a C++ "
+                    "compiler and a few minutes)")
+
+
+def llamacpp_row(model: str | Path, prompt: int, new: int, repeats: int, bandwidth: float) -> QuantRow:
+    """llama.cpp on the very same GGUF file, same threads and token counts: batch-1 decode and prefill tok/s (its
+    Python API decodes one sequence; perplexity and agreement are lucidlm's columns)."""
+    import time
+
+    from ..checkpoint.gguf import find_gguf
+    from ..checkpoint.local_models import resolve_model_path
+
+    file = find_gguf(resolve_model_path(model))
+    if file is None:
+        raise ValueError(f"--llamacpp runs llama.cpp on a GGUF file; {model} is not one")
+    try:
+        import llama_cpp
+    except ImportError:
+        raise RuntimeError(f"--llamacpp needs llama-cpp-python: {LLAMACPP_INSTALL}") from None
+    threads = torch.get_num_threads()
+    llm = llama_cpp.Llama(model_path=str(file), n_threads=threads, n_threads_batch=threads, n_ctx=prompt + new + 8,
+                          verbose=False)
+    ids = llm.tokenize(PROMPTS[0].encode(), add_bos=False)[:prompt]
+
+    def run(n: int) -> float:
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(ids)
+        for _ in range(n - 1):
+            llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])  # greedy, as lucidlm's runs
+        return time.perf_counter() - start
+
+    run(2)  # warm-up
+    t1 = sorted(run(1) for _ in range(repeats))[repeats // 2]
+    tn = sorted(run(new) for _ in range(repeats))[repeats // 2]
+    weights = file.stat().st_size  # every tensor is read per token but the embedding's other rows: an upper bound
+    return QuantRow(f"llama.cpp {llama_cpp.__version__} (the file as stored)", weights, (new - 1) / (tn - t1),
+                    float("nan"), len(ids) / t1, bandwidth / weights, float("nan"), float("nan"))
+
+
 def run_quant_bench(model: str | Path = "smollm2-135m-instruct", prompt: int = 64, new: int = 64, repeats: int = 3,
-                    print_fn: Callable[[str], None] = print, way: str = "default") -> tuple[list[QuantRow], float]:
-    """way: the decode path timed ("default": compiled steps; the tests use "eager")."""
+                    print_fn: Callable[[str], None] = print, way: str = "default", llamacpp: bool = False
+                    ) -> tuple[list[QuantRow], float]:
+    """way: the decode path timed ("default": compiled steps; the tests use "eager"). llamacpp: add llama.cpp's
+    row on the same file (checked before anything is measured)."""
     from ..api import load
 
+    if llamacpp:
+        _check_llamacpp(model)
     bandwidth = read_bandwidth()
     text = reference_text()
     loaded = [(label, load(model, **options)) for label, options in formats(Path(model))]
@@ -143,7 +188,20 @@ def run_quant_bench(model: str | Path = "smollm2-135m-instruct", prompt: int = 6
         rows.append(QuantRow(label, weights, decode_1, decode_8, prefill, bandwidth / (weights + kv),
                              perplexity(lm, text), agreement(greedy(lm), reference)))
         print_fn(f"done: {label}")
+    if llamacpp:
+        rows.append(llamacpp_row(model, prompt, new, repeats, bandwidth))
+        print_fn("done: llama.cpp")
     return rows, bandwidth
+
+
+def _check_llamacpp(model: str | Path) -> None:
+    from ..checkpoint.gguf import find_gguf
+    from ..checkpoint.local_models import resolve_model_path
+
+    if find_gguf(resolve_model_path(model)) is None:
+        raise ValueError(f"--llamacpp runs llama.cpp on a GGUF file; {model} is not one")
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise RuntimeError(f"--llamacpp needs llama-cpp-python: {LLAMACPP_INSTALL}")
 
 
 def quant_table(rows: list[QuantRow], bandwidth: float, model: str) -> str:
@@ -152,11 +210,14 @@ def quant_table(rows: list[QuantRow], bandwidth: float, model: str) -> str:
              "| format | weights read per token MB | decode tok/s b1 | % of bound | decode tok/s b8 | prefill tok/s "
              "| perplexity | Δ vs bf16 | greedy agreement with bf16 |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    def cell(x: float, spec: str, unit: str = "") -> str:
+        return "—" if math.isnan(x) else format(x, spec) + unit
+
     for r in rows:
         lines.append(f"| {r.label} | {r.weight_bytes / 1e6:.0f} | {r.decode_1:.1f} "
-                     f"| {100 * r.decode_1 / r.bound_1:.0f}% "
-                     f"| {r.decode_8:.1f} | {r.prefill:.0f} | {r.perplexity:.3f} "
-                     f"| {100 * (r.perplexity / base.perplexity - 1):+.2f}% | {100 * r.agreement:.1f}% |")
+                     f"| {100 * r.decode_1 / r.bound_1:.0f}% | {cell(r.decode_8, '.1f')} | {r.prefill:.0f} "
+                     f"| {cell(r.perplexity, '.3f')} | {cell(100 * (r.perplexity / base.perplexity - 1), '+.2f', '%')} "
+                     f"| {cell(100 * r.agreement, '.1f', '%')} |")
     lines += ["", f"bound = measured read bandwidth ({bandwidth / 1e9:.1f} GB/s) ÷ the bytes a batch-1 decode step "
               "reads (weights and scales, the KV cache at mid-generation). Perplexity: CPython's LICENSE, "
               f"{PERPLEXITY_TOKENS} tokens in windows of {PERPLEXITY_WINDOW}. Greedy agreement: {AGREEMENT_TOKENS} "

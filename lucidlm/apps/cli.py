@@ -144,6 +144,9 @@ def bench(
     quant: Annotated[bool, typer.Option("--quant", help="quantized weights per format: decode/prefill tok/s, "
                                                         "perplexity, greedy agreement with bf16 (--model: default "
                                                         "smollm2-135m-instruct)")] = False,
+    llamacpp: Annotated[bool, typer.Option("--llamacpp", help="with --quant: llama.cpp on the same GGUF file, "
+                                                              "beside lucidlm (pip install 'lucidlm[llamacpp]')")]
+    = False,
     serve: Annotated[bool, typer.Option("--serve", help="measure the HTTP server: aggregate tok/s, time to first "
                                                         "token and inter-token latency per number of clients")]
     = False,
@@ -177,7 +180,7 @@ def bench(
 
         name = str(model or "smollm2-135m-instruct")
         rows, bandwidth = run_quant_bench(name, prompt, min(new, 64), repeats,
-                                          print_fn=lambda s: typer.echo(s, err=True))
+                                          print_fn=lambda s: typer.echo(s, err=True), llamacpp=llamacpp)
         typer.echo(quant_table(rows, bandwidth, name))
         return
     if serve:

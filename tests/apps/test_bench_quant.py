@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from gguf_models import write_gguf
 
 from lucidlm.api import load
@@ -39,3 +40,18 @@ def test_a_row_per_format_and_the_table(tmp_path):
     assert abs(by["float32"].perplexity / by["bfloat16"].perplexity - 1) < 0.05
     table = quant_table(rows, bandwidth, "tiny")
     assert table.count("\n| ") == len(rows) + 1 and "GGUF as stored (Q4_0)" in table
+
+
+def test_llamacpp_is_asked_for_by_name_before_anything_is_measured(tmp_path, monkeypatch):
+    import lucidlm.apps.bench_quant as bench_quant
+
+    path = write_gguf(tmp_path / "m.gguf", "qwen2", "Q4_0", with_dequantized=False).path
+    real = bench_quant.importlib.util.find_spec
+    monkeypatch.setattr(bench_quant.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    with pytest.raises(RuntimeError, match=r"llama-cpp-python: pip install 'lucidlm\[llamacpp\]'"):
+        run_quant_bench(path, llamacpp=True, print_fn=lambda s: None)
+    hf = tmp_path / "hf"
+    load(path, compile="off").save(hf)
+    with pytest.raises(ValueError, match="llama.cpp on a GGUF file"):
+        run_quant_bench(hf, llamacpp=True, print_fn=lambda s: None)
