@@ -145,7 +145,7 @@ def llamacpp_row(model: str | Path, prompt: int, new: int, repeats: int, bandwid
     threads = torch.get_num_threads()
     llm = llama_cpp.Llama(model_path=str(file), n_threads=threads, n_threads_batch=threads, n_ctx=prompt + new + 8,
                           verbose=False)
-    ids = llm.tokenize(PROMPTS[0].encode(), add_bos=False)[:prompt]
+    ids = llm.tokenize(reference_text().encode(), add_bos=False)[:prompt]  # lucidlm's prompt: the same tokens
 
     def run(n: int) -> float:
         llm.reset()
@@ -178,7 +178,7 @@ def run_quant_bench(model: str | Path = "smollm2-135m-instruct", prompt: int = 6
     reference = greedy(dict(loaded)["bfloat16"])
     rows = []
     for label, lm in loaded:
-        ids1 = torch.tensor([lm.encode(PROMPTS[0])[:prompt]])
+        ids1 = torch.tensor([lm.encode(text)[:prompt]])  # a prompt of ``prompt`` tokens (llama.cpp's too)
         ids8 = torch.randint(0, lm.config.vocab_size, (8, prompt), generator=torch.Generator().manual_seed(1))
         prefill, decode_1, _ = measure(_ours_runner(lm, ids1, way), 1, ids1.shape[1], new, repeats)
         _, decode_8, _ = measure(_ours_runner(lm, ids8, way), 8, prompt, new, repeats)
