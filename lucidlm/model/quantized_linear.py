@@ -9,7 +9,8 @@ Schemes (``QuantScheme``), each the layout of a GGUF type or of ``load(quantize=
 
 - ``int8`` (``group=0``): symmetric, one scale per output row, Ŵ = s·q, q ∈ [−127, 127]. torch's
   ``_weight_int8pack_mm`` (its CPU kernel reads the int8 weight directly).
-- ``q8_0``: symmetric int8 in groups of 32 (GGUF Q8_0; Q6_K's 6-bit values in groups of 16 fit it too).
+- ``q8_0``: symmetric int8 in groups of 32 (GGUF Q8_0). No torch kernel holds int8 in groups: a float product,
+  slower than the float weight, so the GGUF loader reads Q8_0 as float for now (``grouped_int8_linear``).
 - ``int4`` / ``q4_1``: asymmetric 4-bit in groups of 32, Ŵ = s·q + m, q ∈ [0, 15] (GGUF Q4_1).
 - ``q4_0``: symmetric 4-bit in groups of 32, Ŵ = s·(q − 8) (GGUF Q4_0).
   The 4-bit ones run torch's ``_weight_int4pack_mm_for_cpu`` (tinygemm's layout), whose formula is
