@@ -52,12 +52,29 @@ def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 7) -> float:
 
 
 def decode_bytes(model: torch.nn.Module, batch: int, context: int) -> int:
-    """Bytes read by one decode step: weights (the embedding is only gathered) + the KV cache."""
+    """Bytes read by one decode step: weights (``decode_weight_bytes``) + the KV cache."""
     cfg = model.config
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embed"))
-    itemsize = next(model.parameters()).element_size()
+    itemsize = model.embed.weight.element_size()
     kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize * context * batch
-    return weights + kv
+    return decode_weight_bytes(model) + kv
+
+
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights (and quantized layers' integers and scales) one decode step reads: everything but the
+    embedding, which is only gathered; a head tied to it is counted under lm_head, in full."""
+    from ..model.quantized_linear import QuantizedLinear
+
+    total, seen = 0, set()
+    for name, module in model.named_modules():
+        tensors = list(module.parameters(recurse=False))
+        if isinstance(module, QuantizedLinear):
+            tensors += list(module.buffers(recurse=False))
+        for t in tensors:
+            if name == "embed" or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import _ours_runner, measure, read_bandwidth
+from .bench import _ours_runner, decode_bytes, decode_weight_bytes, measure, read_bandwidth
 
 PROMPTS = ["The history of the printing press", "Photosynthesis is the process by which",
            "A short story about a lighthouse keeper:", "The three laws of thermodynamics are"]
@@ -65,24 +65,6 @@ def _linear_types(f) -> list[str]:
     from ..checkpoint.gguf import _type_name
 
     return [_type_name(i.qtype) for n, i in f.tensors.items() if len(i.dims) == 2 and not n.startswith("token_embd")]
-
-
-def decode_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights (and quantized layers' integers and scales) one decode step reads: everything but the
-    embedding, which is only gathered, except that a head tied to it reads all of it."""
-    from ..model.quantized_linear import QuantizedLinear
-
-    total, seen = 0, set()
-    for name, module in model.named_modules():
-        tensors = list(module.parameters(recurse=False))
-        if isinstance(module, QuantizedLinear):
-            tensors += list(module.buffers(recurse=False))
-        for t in tensors:
-            if name == "embed" or t.data_ptr() in seen:
-                continue
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total  # a tied head's weight is counted under lm_head (the embedding module is skipped)
 
 
 def perplexity(lm, text: str) -> float:
@@ -127,21 +109,13 @@ LLAMACPP_INSTALL = ("pip install 'lucidlm[llamacpp]' (llama-cpp-python, which bu
                     "compiler and a few minutes)")
 
 
-def llamacpp_row(model: str | Path, prompt: int, new: int, repeats: int, bandwidth: float) -> QuantRow:
-    """llama.cpp on the very same GGUF file, same threads and token counts: batch-1 decode and prefill tok/s (its
-    Python API decodes one sequence; perplexity and agreement are lucidlm's columns)."""
+def llamacpp_row(file: Path, prompt: int, new: int, repeats: int, bandwidth: float) -> QuantRow:
+    """llama.cpp on the very same GGUF file (``llamacpp_file``), same threads and token counts: batch-1 decode and
+    prefill tok/s (its Python API decodes one sequence; perplexity and agreement are lucidlm's columns)."""
     import time
 
-    from ..checkpoint.gguf import find_gguf
-    from ..checkpoint.local_models import resolve_model_path
+    import llama_cpp
 
-    file = find_gguf(resolve_model_path(model))
-    if file is None:
-        raise ValueError(f"--llamacpp runs llama.cpp on a GGUF file; {model} is not one")
-    try:
-        import llama_cpp
-    except ImportError:
-        raise RuntimeError(f"--llamacpp needs llama-cpp-python: {LLAMACPP_INSTALL}") from None
     threads = torch.get_num_threads()
     llm = llama_cpp.Llama(model_path=str(file), n_threads=threads, n_threads_batch=threads, n_ctx=prompt + new + 8,
                           verbose=False)
@@ -170,8 +144,7 @@ def run_quant_bench(model: str | Path = "smollm2-135m-instruct", prompt: int = 6
     row on the same file (checked before anything is measured)."""
     from ..api import load
 
-    if llamacpp:
-        _check_llamacpp(model)
+    llamacpp_at = llamacpp_file(model) if llamacpp else None  # before anything is measured
     bandwidth = read_bandwidth()
     text = reference_text()
     loaded = [(label, load(model, **options)) for label, options in formats(Path(model))]
@@ -182,26 +155,27 @@ def run_quant_bench(model: str | Path = "smollm2-135m-instruct", prompt: int = 6
         ids8 = torch.randint(0, lm.config.vocab_size, (8, prompt), generator=torch.Generator().manual_seed(1))
         prefill, decode_1, _ = measure(_ours_runner(lm, ids1, way), 1, ids1.shape[1], new, repeats)
         _, decode_8, _ = measure(_ours_runner(lm, ids8, way), 8, prompt, new, repeats)
-        weights = decode_weight_bytes(lm.model)
-        cfg, itemsize = lm.config, lm.model.embed.weight.element_size()
-        kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize * (prompt + new // 2)
-        rows.append(QuantRow(label, weights, decode_1, decode_8, prefill, bandwidth / (weights + kv),
+        bound = bandwidth / decode_bytes(lm.model, 1, prompt + new // 2)
+        rows.append(QuantRow(label, decode_weight_bytes(lm.model), decode_1, decode_8, prefill, bound,
                              perplexity(lm, text), agreement(greedy(lm), reference)))
         print_fn(f"done: {label}")
-    if llamacpp:
-        rows.append(llamacpp_row(model, prompt, new, repeats, bandwidth))
+    if llamacpp_at is not None:
+        rows.append(llamacpp_row(llamacpp_at, prompt, new, repeats, bandwidth))
         print_fn("done: llama.cpp")
     return rows, bandwidth
 
 
-def _check_llamacpp(model: str | Path) -> None:
+def llamacpp_file(model: str | Path) -> Path:
+    """The GGUF file llama.cpp will run, once llama-cpp-python is known to be installed (else a named error)."""
     from ..checkpoint.gguf import find_gguf
     from ..checkpoint.local_models import resolve_model_path
 
-    if find_gguf(resolve_model_path(model)) is None:
+    file = find_gguf(resolve_model_path(model))
+    if file is None:
         raise ValueError(f"--llamacpp runs llama.cpp on a GGUF file; {model} is not one")
     if importlib.util.find_spec("llama_cpp") is None:
         raise RuntimeError(f"--llamacpp needs llama-cpp-python: {LLAMACPP_INSTALL}")
+    return file
 
 
 def quant_table(rows: list[QuantRow], bandwidth: float, model: str) -> str:

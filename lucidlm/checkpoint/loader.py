@@ -196,8 +196,6 @@ def _keep_quantized(model: Transformer, reader, rule: Rule, dtype: torch.dtype, 
     if blocks is None:
         return False
     kind, q, d, m = blocks
-    if kind == "q8_0":  # no torch kernel for int8 in groups: slower than the float weight, so read as float for now
-        return False
     linear = model.get_submodule(target)
     if not fits(scheme(kind), linear.in_features, linear.out_features):
         return False  # read as float (torch's int4 packing wants rows in 16s)

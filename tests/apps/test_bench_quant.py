@@ -9,7 +9,8 @@ import pytest
 from gguf_models import write_gguf
 
 from lucidlm.api import load
-from lucidlm.apps.bench_quant import agreement, decode_weight_bytes, quant_table, run_quant_bench
+from lucidlm.apps.bench import decode_weight_bytes
+from lucidlm.apps.bench_quant import agreement, quant_table, run_quant_bench
 
 
 def test_agreement_is_position_by_position():
