@@ -183,7 +183,7 @@ class GGUFFile:
         return torch.from_numpy(np.require(out, np.float32, ["C", "W"])).reshape(info.shape)  # copies a mapped view
 
     def read_blocks(self, name: str) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-        """A 2-D Q4_0 / Q4_1 tensor as stored: (scheme name, q, d, m) of ``split_blocks``, as tensors;
+        """A 2-D Q4_0 / Q4_1 / Q8_0 tensor as stored: (scheme name, q, d, m) of ``split_blocks``, as tensors;
         None for any other type (read it with ``read``)."""
         info = self.tensors[name]
         if info.qtype not in QUANTIZED_SCHEMES or len(info.dims) != 2:
@@ -202,9 +202,8 @@ class GGUFFile:
 F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
 FAST_TYPES = (F32, F16, Q4_0, Q4_1, Q8_0, BF16)
 BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
-# kept quantized (model/quantized_linear.py); Q8_0 is read as float: no torch kernel holds int8 in groups, and a
-# float product of it is slower than the float weight
-QUANTIZED_SCHEMES = {Q4_0: "q4_0", Q4_1: "q4_1"}
+# kept quantized by load(quantize="gguf") (model/quantized_linear.py)
+QUANTIZED_SCHEMES = {Q4_0: "q4_0", Q4_1: "q4_1", Q8_0: "q8_0"}
 
 
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:

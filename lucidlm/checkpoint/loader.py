@@ -17,7 +17,7 @@ from ..config import MAX_EOS_IDS, ModelConfig
 from ..jsonl import write_json
 from ..model.linear import Linear
 from ..model.quantize import fits, quantizable, quantize_model, replace
-from ..model.quantized_linear import QuantizedLinear, scheme
+from ..model.quantized_linear import QuantizedLinear, choose_kernel, scheme
 from ..model.transformer import Transformer
 from ..progress import progress_bar
 from ..tokenizer import Tokenizer
@@ -127,9 +127,9 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = "float32
                device: str | torch.device = "cpu", progress: bool | None = None, quantize: str = "none") -> Loaded:
     """directory: a checkpoint directory, a .gguf file (or a directory holding one) or a named local model.
     progress: draw a bar while reading (None: for checkpoints over 256 MiB on a terminal).
-    quantize: "none" (float weights), "gguf" (a GGUF file's Q4_0 / Q4_1 linear weights stay as they are stored;
-    others, Q8_0 included until it has a kernel faster than the float product, are read as float), or "int8" /
-    "int4" (every linear layer quantized after reading; see model/quantized_linear.py)."""
+    quantize: "none" (float weights), "gguf" (a GGUF file's Q4_0 / Q4_1 / Q8_0 linear weights stay as they are
+    stored; other types are read as float, and Q8_0 too where only torch's kernels run: they have none for it), or
+    "int8" / "int4" (every linear layer quantized after reading; see model/quantized_linear.py)."""
     check_quantize(quantize, device)
     directory = resolve_model_path(directory)
     hf, family, cfg = read_hf_config(directory)
@@ -182,7 +182,7 @@ def check_quantize(quantize: str, device: str | torch.device) -> None:
 
 
 def _keep_quantized(model: Transformer, reader, rule: Rule, dtype: torch.dtype, state: dict) -> bool:
-    """A linear weight the GGUF file stores as Q4_0 / Q4_1: its layer becomes a ``QuantizedLinear`` of those
+    """A linear weight the GGUF file stores as Q4_0 / Q4_1 / Q8_0: its layer becomes a ``QuantizedLinear`` of those
     integers and scales (its buffers go into ``state``); False for anything else. A tied lm_head gets the
     quantized embedding's blocks, as llama.cpp multiplies by them; the lookup keeps the float embedding."""
     name = rule.ours[0]
@@ -199,6 +199,8 @@ def _keep_quantized(model: Transformer, reader, rule: Rule, dtype: torch.dtype, 
     linear = model.get_submodule(target)
     if not fits(scheme(kind), linear.in_features, linear.out_features):
         return False  # read as float (torch's int4 packing wants rows in 16s)
+    if kind == "q8_0" and choose_kernel(linear.in_features) == "torch":
+        return False  # torch has no kernel for int8 in groups: float is faster
     layer = QuantizedLinear(linear.in_features, linear.out_features, scheme(kind), None, q, d.to(dtype),
                             None if m is None else m.to(dtype))
     layer.bias = linear.bias  # meta until the state assigns it (biases have rules of their own)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from .linear import Linear
-from .quantized_linear import QuantizedLinear, QuantScheme, quantize_weight, scheme
+from .quantized_linear import QuantizedLinear, QuantScheme, fits, quantize_weight, scheme
 
 # Linear layers whose weight the model reads directly besides multiplying by it (MLA absorbs kv_b_proj into
 # its queries and outputs): they stay float
@@ -33,16 +33,11 @@ def quantize_model(model: nn.Module, name: str) -> int:
     return len(targets)
 
 
-def fits(s: QuantScheme, in_features: int, out_features: int) -> bool:
-    """Whether a layer of this shape can hold ``s``: whole groups, and torch's int4 packing wants rows in 16s."""
-    return not (s.group and in_features % s.group) and not (s.bits == 4 and out_features % 16)
-
-
 def check_fits(name: str, in_features: int, out_features: int, s: QuantScheme) -> None:
     if not fits(s, in_features, out_features):
         raise ValueError(f"{name} ({out_features}x{in_features}) cannot be {s.name}-quantized: it needs in_features "
-                         f"a multiple of {s.group or 1}" + (" and out_features of 16 (torch's int4 packing)"
-                                                            if s.bits == 4 else ""))
+                         f"a multiple of {s.group or 1}" + (", and out_features a multiple of 16 with torch's int4 "
+                                                            "kernel" if s.bits == 4 else ""))
 
 
 def replace(model: nn.Module, name: str, module: nn.Module) -> None:

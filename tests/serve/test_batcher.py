@@ -230,4 +230,6 @@ def test_a_quantized_model_serves_the_librarys_tokens(compile_decode):
     for (prompt, opts), sink in zip(cases, sinks):
         alone = lm.generate(prompt, **opts)[0]
         assert sink.ids == alone.token_ids, prompt
-        assert [e.score for e in sink.events] == pytest.approx(alone.scores, abs=1e-5)
+        # lucidlm's kernels round activations to 16-bit integers per block: batching's float noise (~1e-7) can
+        # move one rounding by a level (1/65534 of the block's largest), seen as ~1e-5 in a score
+        assert [e.score for e in sink.events] == pytest.approx(alone.scores, abs=1e-4)
