@@ -65,11 +65,11 @@ def _register_shapes() -> None:
 def q4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
     """x (rows, in) float32 · Ŵᵀ, Ŵ = scale·q + minimum per block of 32; qweight (out, in / 2) uint8, byte j of a
     block holding q_j in its low nibble and q_{j+16} in its high one (GGUF's order); scale, minimum (out, in / 32)
-    float16. -> (rows, out) float32."""
+    float16 held as int16 bit patterns. -> (rows, out) float32."""
     return torch.ops.lucidlm_quant.q4_linear(x, qweight, scale, minimum)
 
 
 def q8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (rows, in) float32 · Ŵᵀ, Ŵ = scale·q; qweight (out, in) int8, scale (out, groups) float16, each group
-    a whole number of blocks of 32 (one group: a scale per row). -> (rows, out) float32."""
+    """x (rows, in) float32 · Ŵᵀ, Ŵ = scale·q; qweight (out, in) int8, scale (out, in / 32) or (out, 1): float16
+    per block of 32 or per row, held as int16 bit patterns. -> (rows, out) float32."""
     return torch.ops.lucidlm_quant.q8_linear(x, qweight, scale)

@@ -149,10 +149,9 @@ class QuantizedLinear(nn.Module):
 
     def _lucidlm(self, rows: torch.Tensor) -> torch.Tensor:
         rows = rows.float().contiguous()
-        scale = self.scale.view(torch.float16)
         if self.scheme.bits == 4:
-            return quantized_kernels.q4_linear(rows, self.qweight, scale, self.minimum.view(torch.float16))
-        return quantized_kernels.q8_linear(rows, self.qweight, scale)
+            return quantized_kernels.q4_linear(rows, self.qweight, self.scale, self.minimum)
+        return quantized_kernels.q8_linear(rows, self.qweight, self.scale)
 
     def _torch(self, rows: torch.Tensor) -> torch.Tensor:
         if self.scheme.bits == 4:  # scale_zero: (in / group, out, 2), kept in KERNEL_DTYPE

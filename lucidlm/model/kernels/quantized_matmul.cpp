@@ -62,39 +62,37 @@ struct Activations {
   const int16_t* row(int64_t t) const { return q.data() + t * k; }
 };
 
-// 4-bit rows, Ŵ = d·q + m per block: byte j of a block holds weight j in its low nibble, j + 16 in its high
-struct Q4Rows {
+// One 4-bit weight row, Ŵ = d·q + m per block: byte j of a block holds q_j in its low nibble, q_{j+16} in its
+// high one (GGUF's order). Pointers are the row's own, so that the loops keep them in registers.
+struct Q4Row {
   static constexpr bool has_minimum = true;
-  const uint8_t* q;  // (N, K / 2)
-  const uint16_t* d;  // (N, K / 32) float16
-  const uint16_t* m;  // (N, K / 32) float16
-  int64_t blocks_per_row;
+  const uint8_t* q;  // (K / 2)
+  const uint16_t* d;  // (K / 32) float16
+  const uint16_t* m;  // (K / 32) float16
 
-  // the block's 32 integers as int16 lanes, weights 0..15 then 16..31; returns d
-  inline float block(int64_t n, int64_t b, __m256i w[2]) const {
-    const __m256i bytes = _mm256_cvtepu8_epi16(
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (n * blocks_per_row + b) * 16)));
-    w[0] = _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F));
-    w[1] = _mm256_srli_epi16(bytes, 4);
-    return half(d[n * blocks_per_row + b]);
+  // block b's 32 integers as int16 lanes (w0: q_0..q_15, w1: q_16..q_31); returns its scale
+  inline float load(int64_t b, __m256i& w0, __m256i& w1) const {
+    const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * b)));
+    w0 = _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F));
+    w1 = _mm256_srli_epi16(bytes, 4);
+    return half(d[b]);
   }
-  inline const uint16_t* minimum(int64_t n) const { return m + n * blocks_per_row; }
 };
 
-// 8-bit rows, Ŵ = d·q, one float16 scale per `blocks_per_scale` blocks of the row
-struct Q8Rows {
+// One 8-bit weight row, Ŵ = d·q: a scale per block (Q8_0) or one for the row (d_step 0)
+struct Q8Row {
   static constexpr bool has_minimum = false;
-  const int8_t* q;  // (N, K)
-  const uint16_t* d;  // (N, scales_per_row) float16
-  int64_t k, scales_per_row, blocks_per_scale;
+  const int8_t* q;  // (K)
+  const uint16_t* d;  // (K / 32) or (1) float16
+  int64_t d_step;  // 1 or 0
+  const uint16_t* m = nullptr;
 
-  inline float block(int64_t n, int64_t b, __m256i w[2]) const {
-    const int8_t* p = q + n * k + kBlock * b;
-    w[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    w[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
-    return half(d[n * scales_per_row + b / blocks_per_scale]);
+  inline float load(int64_t b, __m256i& w0, __m256i& w1) const {
+    const int8_t* p = q + kBlock * b;
+    w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+    return half(d[b * d_step]);
   }
-  inline const uint16_t* minimum(int64_t) const { return nullptr; }
 };
 
 // Σ_b minimum[b] · sum[b] over a row's blocks (the 4-bit formula's m · Σx term)
@@ -109,62 +107,82 @@ inline float minimum_term(const uint16_t* m, const float* sum, int64_t blocks) {
   return s;
 }
 
-// y[t, n] for T activation rows from row t0 and one weight row n: per block, 16 integer products summed in
-// pairs by madd (exact in int32), then scaled by d · scale_x in float. The weight block is unpacked once for
-// the T rows; two sums per row alternate between blocks to hide the multiply-add's latency.
-// acc[t] += (Σ_j q_j · xq_j) · d · scale_x over block b of T activation rows from row t0 and weight row n: 16
-// integer products summed in pairs by madd (exact in int32), then one float multiply-add. The weight block is
-// unpacked once for the T rows.
-template <int T, typename Rows>
-inline void add_block(const Rows& rows, int64_t n, const Activations& a, int64_t t0, int64_t b, __m256 acc[T]) {
-  const int64_t blocks = a.k / kBlock;
-  __m256i w[2];
-  const float d = rows.block(n, b, w);
-  for (int t = 0; t < T; ++t) {
-    const int16_t* xq = a.row(t0 + t) + kBlock * b;
-    const __m256i s = _mm256_add_epi32(
-        _mm256_madd_epi16(w[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
-        _mm256_madd_epi16(w[1], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16))));
-    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * a.scale[(t0 + t) * blocks + b]), acc[t]);
-  }
+// (Σ_j q_j · xq_j) · d · scale_x of one block and one activation row: 16 integer products summed in pairs by
+// madd (exact in int32), then one float multiply-add into acc
+inline __m256 add_block(__m256i w0, __m256i w1, float d, const int16_t* xq, float x_scale, __m256 acc) {
+  const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
+                                     _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16))));
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * x_scale), acc);
 }
 
-// y[t, n] for T activation rows from row t0 and one weight row n. Even and odd blocks go to two sums per row
-// (written out, so both stay in registers), which hides the multiply-add's latency.
-template <int T, typename Rows>
-inline void dot_rows(const Rows& rows, int64_t n, const Activations& a, int64_t t0, float* y, int64_t ldy) {
+template <typename Row>
+inline float finish(const Row& w, __m256 acc, const Activations& a, int64_t t, int64_t blocks) {
+  float v = hsum(acc);
+  if constexpr (Row::has_minimum) v += minimum_term(w.m, a.sum.data() + t * blocks, blocks);
+  return v;
+}
+
+// y[t, n] of one activation row t: even and odd blocks go to two sums, hiding the multiply-add's latency
+template <typename Row>
+inline void dot_one(const Row& w, const Activations& a, int64_t t, float* y) {
   const int64_t blocks = a.k / kBlock;
-  __m256 even[T], odd[T];
-  for (int t = 0; t < T; ++t) even[t] = odd[t] = _mm256_setzero_ps();
+  const int16_t* xq = a.row(t);
+  const float* xs = a.scale.data() + t * blocks;
+  __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+  __m256i w0, w1;
   int64_t b = 0;
   for (; b + 2 <= blocks; b += 2) {
-    add_block<T>(rows, n, a, t0, b, even);
-    add_block<T>(rows, n, a, t0, b + 1, odd);
+    float d = w.load(b, w0, w1);
+    even = add_block(w0, w1, d, xq + kBlock * b, xs[b], even);
+    d = w.load(b + 1, w0, w1);
+    odd = add_block(w0, w1, d, xq + kBlock * (b + 1), xs[b + 1], odd);
   }
-  if (b < blocks) add_block<T>(rows, n, a, t0, b, even);
-  for (int t = 0; t < T; ++t) {
-    float v = hsum(_mm256_add_ps(even[t], odd[t]));
-    if constexpr (Rows::has_minimum) v += minimum_term(rows.minimum(n), a.sum.data() + (t0 + t) * blocks, blocks);
-    y[(t0 + t) * ldy + n] = v;
+  if (b < blocks) {
+    const float d = w.load(b, w0, w1);
+    even = add_block(w0, w1, d, xq + kBlock * b, xs[b], even);
   }
+  *y = finish(w, _mm256_add_ps(even, odd), a, t, blocks);
 }
 
-template <typename Rows>
-at::Tensor linear(const at::Tensor& x, const Rows& rows, int64_t n_out) {
+// y[t0 .. t0 + 3, n]: the weight block is unpacked once for four activation rows (four independent sums)
+template <typename Row>
+inline void dot_four(const Row& w, const Activations& a, int64_t t0, float* y, int64_t ldy) {
+  const int64_t blocks = a.k / kBlock, k = a.k;
+  const int16_t* xq = a.row(t0);
+  const float* xs = a.scale.data() + t0 * blocks;
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i w0, w1;
+    const float d = w.load(b, w0, w1);
+    const int16_t* x = xq + kBlock * b;
+    s0 = add_block(w0, w1, d, x, xs[b], s0);
+    s1 = add_block(w0, w1, d, x + k, xs[b + blocks], s1);
+    s2 = add_block(w0, w1, d, x + 2 * k, xs[b + 2 * blocks], s2);
+    s3 = add_block(w0, w1, d, x + 3 * k, xs[b + 3 * blocks], s3);
+  }
+  y[0] = finish(w, s0, a, t0, blocks);
+  y[ldy] = finish(w, s1, a, t0 + 1, blocks);
+  y[2 * ldy] = finish(w, s2, a, t0 + 2, blocks);
+  y[3 * ldy] = finish(w, s3, a, t0 + 3, blocks);
+}
+
+// y = x · Ŵᵀ; row(n) gives weight row n. Threads split the output rows (each reads its share of the weights);
+// activation rows go in passes of kRowsStep, so that a thread's weights are read from cache after the first.
+template <typename RowOf>
+at::Tensor linear(const at::Tensor& x, RowOf row, int64_t n_out) {
   const int64_t m_rows = x.size(0), k = x.size(1);
   const Activations a(x.data_ptr<float>(), m_rows, k);
   at::Tensor y = at::empty({m_rows, n_out}, x.options());
   float* yp = y.data_ptr<float>();
-  // threads split the output rows (each reads its share of the weights); grain: enough rows to be worth a thread
-  const int64_t grain = std::max<int64_t>(1, 65536 / k);
+  const int64_t grain = std::max<int64_t>(1, 65536 / k);  // enough rows to be worth a thread
   at::parallel_for(0, n_out, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < m_rows; m0 += kRowsStep) {
       const int64_t m1 = std::min(m_rows, m0 + kRowsStep);
       for (int64_t n = n0; n < n1; ++n) {
+        const auto w = row(n);
         int64_t t = m0;
-        for (; t + 4 <= m1; t += 4) dot_rows<4>(rows, n, a, t, yp, n_out);
-        if (t + 2 <= m1) { dot_rows<2>(rows, n, a, t, yp, n_out); t += 2; }
-        if (t < m1) dot_rows<1>(rows, n, a, t, yp, n_out);
+        for (; t + 4 <= m1; t += 4) dot_four(w, a, t, yp + t * n_out + n, n_out);
+        for (; t < m1; ++t) dot_one(w, a, t, yp + t * n_out + n);
       }
     }
   });
@@ -178,29 +196,35 @@ void check_activations(const at::Tensor& x, int64_t k) {
               " inputs, the weight ", k, " (a multiple of 32)");
 }
 
+// float16 scales arrive as their int16 bit patterns (the layer's buffers: model.to(dtype) leaves them alone)
+const uint16_t* float16_bits(const at::Tensor& t, int64_t rows, int64_t cols, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kShort && t.is_contiguous() && t.dim() == 2 && t.size(0) == rows &&
+                  t.size(1) == cols,
+              what, " must be contiguous int16 (float16 bit patterns) of shape (", rows, ", ", cols, ")");
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<int16_t>());
+}
+
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                      const at::Tensor& minimum) {
-  const int64_t n = qweight.size(0), k = 2 * qweight.size(1);
+  const int64_t n = qweight.size(0), k = 2 * qweight.size(1), blocks = k / kBlock;
   check_activations(x, k);
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous(), "q4_linear: qweight must be uint8");
-  for (const at::Tensor* t : {&scale, &minimum})
-    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->size(0) == n && t->size(1) == k / kBlock,
-                "q4_linear: scale and minimum must be contiguous float16 (out, in / 32)");
-  const Q4Rows rows{qweight.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>()),
-                    reinterpret_cast<const uint16_t*>(minimum.data_ptr<at::Half>()), k / kBlock};
-  return linear(x, rows, n);
+  const uint8_t* q = qweight.data_ptr<uint8_t>();
+  const uint16_t* d = float16_bits(scale, n, blocks, "q4_linear: scale");
+  const uint16_t* m = float16_bits(minimum, n, blocks, "q4_linear: minimum");
+  return linear(x, [=](int64_t r) { return Q4Row{q + r * (k / 2), d + r * blocks, m + r * blocks}; }, n);
 }
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale) {
-  const int64_t n = qweight.size(0), k = qweight.size(1);
+  const int64_t n = qweight.size(0), k = qweight.size(1), blocks = k / kBlock;
   check_activations(x, k);
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.is_contiguous(), "q8_linear: qweight must be int8");
-  TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.size(0) == n &&
-                  (k / kBlock) % scale.size(1) == 0,
-              "q8_linear: scale must be contiguous float16 (out, groups), each group whole blocks of 32");
-  const Q8Rows rows{qweight.data_ptr<int8_t>(), reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>()), k,
-                    scale.size(1), (k / kBlock) / scale.size(1)};
-  return linear(x, rows, n);
+  TORCH_CHECK(scale.dim() == 2 && (scale.size(1) == 1 || scale.size(1) == blocks),
+              "q8_linear: one scale per row or per block of 32");
+  const int64_t per_row = scale.size(1);
+  const uint16_t* d = float16_bits(scale, n, per_row, "q8_linear: scale");
+  const int8_t* q = qweight.data_ptr<int8_t>();
+  return linear(x, [=](int64_t r) { return Q8Row{q + r * k, d + r * per_row, per_row == 1 ? 0 : 1}; }, n);
 }
 
 }  // namespace
