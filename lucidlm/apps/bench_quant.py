@@ -10,9 +10,10 @@ with the engine's default decode path (compiled steps). Columns:
   weight even when tied to the embedding, the KV cache at mid-generation), and the share of it reached;
 - perplexity on a fixed English text the project never trains on (CPython's LICENSE), in windows;
 - greedy agreement: the fraction of 256 greedy tokens, over fixed prompts, equal position by position to the
-  bfloat16 model's (the reference the issue asks for).
-
-The probe's span AUROC per format is not measured yet (it needs the facts benchmark's answers per format).
+  bfloat16 model's (the reference the issue asks for);
+- the main job's probe per format (``demo``: a finished ``lucidlm demo`` directory): the float32-trained probe
+  reading each format's states on the demo's held-out test answers, span-max AUROC with a 95% bootstrap CI over
+  entities, beside the format's own NLL (probe/benchmark.held_out_auroc). The answers stay the float model's.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class QuantRow:
     bound_1: float  # tok/s at batch 1
     perplexity: float
     agreement: float  # of AGREEMENT_TOKENS × prompts greedy tokens equal to the bfloat16 model's
+    probe: dict | None = None  # {"probe": auroc_ci, "nll": auroc_ci} on the demo's test claims (None: no demo)
 
 
 def formats(path: Path) -> list[tuple[str, dict]]:
@@ -138,13 +140,15 @@ def llamacpp_row(file: Path, prompt: int, new: int, repeats: int, bandwidth: flo
 
 
 def run_quant_bench(model: str | Path = "smollm2-135m-instruct", prompt: int = 64, new: int = 64, repeats: int = 3,
-                    print_fn: Callable[[str], None] = print, way: str = "default", llamacpp: bool = False
-                    ) -> tuple[list[QuantRow], float]:
+                    print_fn: Callable[[str], None] = print, way: str = "default", llamacpp: bool = False,
+                    demo: Path | None = None) -> tuple[list[QuantRow], float]:
     """way: the decode path timed ("default": compiled steps; the tests use "eager"). llamacpp: add llama.cpp's
-    row on the same file (checked before anything is measured)."""
+    row on the same file (checked before anything is measured). demo: a finished demo of this model, whose
+    probe is measured per format."""
     from ..api import load
 
     llamacpp_at = llamacpp_file(model) if llamacpp else None  # before anything is measured
+    held_out = demo_probe(demo) if demo is not None else None
     bandwidth = read_bandwidth()
     text = reference_text()
     loaded = [(label, load(model, **options)) for label, options in formats(Path(model))]
@@ -157,12 +161,33 @@ def run_quant_bench(model: str | Path = "smollm2-135m-instruct", prompt: int = 6
         _, decode_8, _ = measure(_ours_runner(lm, ids8, way), 8, prompt, new, repeats)
         bound = bandwidth / decode_bytes(lm.model, 1, prompt + new // 2)
         rows.append(QuantRow(label, decode_weight_bytes(lm.model), decode_1, decode_8, prefill, bound,
-                             perplexity(lm, text), agreement(greedy(lm), reference)))
+                             perplexity(lm, text), agreement(greedy(lm), reference),
+                             None if held_out is None else probe_auroc(lm, *held_out)))
         print_fn(f"done: {label}")
     if llamacpp_at is not None:
         rows.append(llamacpp_row(llamacpp_at, prompt, new, repeats, bandwidth))
         print_fn("done: llama.cpp")
     return rows, bandwidth
+
+
+def demo_probe(demo: Path):
+    """(probe head, its config, the demo's test answers) of a finished demo directory (else a named error)."""
+    from ..probe.probe import load_probe
+    from .demo import held_out
+
+    directory, test_rows = held_out(Path(demo))
+    head, config = load_probe(directory)
+    return head, config, test_rows
+
+
+def probe_auroc(lm, head, config, test_rows: list[dict]) -> dict:
+    from ..probe.benchmark import held_out_auroc
+    from ..tokenizer import pad_id
+
+    if config.hidden_size != lm.config.dim:
+        raise ValueError(f"the demo's probe reads {config.hidden_size}-wide states; this model's are {lm.config.dim}")
+    with torch.inference_mode():
+        return held_out_auroc(lm.model, lm.tokenizer, head, config, test_rows, pad_id(lm.tokenizer))
 
 
 def llamacpp_file(model: str | Path) -> Path:
@@ -182,8 +207,8 @@ def quant_table(rows: list[QuantRow], bandwidth: float, model: str) -> str:
     base = next(r for r in rows if r.label == "bfloat16")
     lines = [f"Quantized weights on {model} (one run; decode and prefill with the default path, compiled steps)", "",
              "| format | weights read per token MB | decode tok/s b1 | % of bound | decode tok/s b8 | prefill tok/s "
-             "| perplexity | Δ vs bf16 | greedy agreement with bf16 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| perplexity | Δ vs bf16 | greedy agreement with bf16 | probe AUROC [95% CI] | NLL AUROC |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     def cell(x: float, spec: str, unit: str = "") -> str:
         return "—" if math.isnan(x) else format(x, spec) + unit
 
@@ -191,10 +216,22 @@ def quant_table(rows: list[QuantRow], bandwidth: float, model: str) -> str:
         lines.append(f"| {r.label} | {r.weight_bytes / 1e6:.0f} | {r.decode_1:.1f} "
                      f"| {100 * r.decode_1 / r.bound_1:.0f}% | {cell(r.decode_8, '.1f')} | {r.prefill:.0f} "
                      f"| {cell(r.perplexity, '.3f')} | {cell(100 * (r.perplexity / base.perplexity - 1), '+.2f', '%')} "
-                     f"| {cell(100 * r.agreement, '.1f', '%')} |")
+                     f"| {cell(100 * r.agreement, '.1f', '%')} | {auroc_cell(r.probe, 'probe')} "
+                     f"| {auroc_cell(r.probe, 'nll')} |")
     lines += ["", f"bound = measured read bandwidth ({bandwidth / 1e9:.1f} GB/s) ÷ the bytes a batch-1 decode step "
               "reads (weights and scales, the KV cache at mid-generation). Perplexity: CPython's LICENSE, "
               f"{PERPLEXITY_TOKENS} tokens in windows of {PERPLEXITY_WINDOW}. Greedy agreement: {AGREEMENT_TOKENS} "
               f"tokens × {len(PROMPTS)} prompts, position by position."]
+    probed = next((r.probe for r in rows if r.probe), None)
+    lines.append(f"Probe: the main job's probe on its {probed['probe']['n']} held-out greedy claims "
+                 f"({probed['probe']['positives']} not supported), read from each format's states; AUROC 95% CI over "
+                 "entities." if probed else "Probe: — (no finished demo: run `lucidlm demo`, then --demo runs/demo).")
     return "\n".join(lines)
+
+
+def auroc_cell(probe: dict | None, method: str) -> str:
+    if not probe:
+        return "—"
+    a = probe[method]
+    return f"{a['auroc']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}]" if method == "probe" else f"{a['auroc']:.3f}"
 

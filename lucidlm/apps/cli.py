@@ -147,6 +147,9 @@ def bench(
     llamacpp: Annotated[bool, typer.Option("--llamacpp", help="with --quant: llama.cpp on the same GGUF file, "
                                                               "beside lucidlm (pip install 'lucidlm[llamacpp]')")]
     = False,
+    demo: Annotated[Path | None, typer.Option(help="with --quant: a finished `lucidlm demo` directory of the model, "
+                                                   "whose probe is measured per format (default: runs/demo when "
+                                                   "it holds one and --model is the demo's)")] = None,
     serve: Annotated[bool, typer.Option("--serve", help="measure the HTTP server: aggregate tok/s, time to first "
                                                         "token and inter-token latency per number of clients")]
     = False,
@@ -179,8 +182,10 @@ def bench(
         from .bench_quant import quant_table, run_quant_bench
 
         name = str(model or "smollm2-135m-instruct")
+        if demo is None and model is None and (Path("runs/demo") / "probe" / "probe").is_dir():
+            demo = Path("runs/demo")
         rows, bandwidth = run_quant_bench(name, prompt, min(new, 64), repeats,
-                                          print_fn=lambda s: typer.echo(s, err=True), llamacpp=llamacpp)
+                                          print_fn=lambda s: typer.echo(s, err=True), llamacpp=llamacpp, demo=demo)
         typer.echo(quant_table(rows, bandwidth, name))
         return
     if serve:

@@ -106,17 +106,13 @@ def answers_stage(cache: Cache, config: DemoConfig, lm, questions: list[dict]) -
 
 
 def probe_stage(cache: Cache, config: DemoConfig, lm, rows: list[dict]) -> tuple[Path, dict]:
-    from ..facts.splits import rows_in, split_entities
     from ..model.lora import LoRAConfig
     from ..probe.benchmark import BenchmarkConfig, run_benchmark
     from ..probe.probe import ProbeConfig, save_probe
 
     if not cache.fresh("probe"):
         out = cache.start("probe")
-        # an entity's answers of every type land on one side (a country's capital and profile answers alike)
-        splits = split_entities([r for r in rows if r["annotations"]], config.seed, config.split)
-        split_rows = {name: rows_in([r for r in rows if r["annotations"]], splits[key])
-                      for name, key in (("train", "train"), ("val", "validation"), ("test", "test"))}
+        split_rows = _split_rows(rows, config)
         bench = BenchmarkConfig(layers=config.layers, n_boot=config.n_boot, seed=config.seed, progress=True,
                                 lora=LoRAConfig(r=16, alpha=32, dropout=0.05) if config.lora_steps else None,
                                 lora_steps=config.lora_steps)
@@ -131,6 +127,26 @@ def probe_stage(cache: Cache, config: DemoConfig, lm, rows: list[dict]) -> tuple
         write_json(out / "benchmark.json", result.report, indent=1, sort_keys=False)
         cache.finish("probe")
     return cache.out / "probe" / "probe", read_json(cache.out / "probe" / "benchmark.json")
+
+
+def _split_rows(rows: list[dict], config: DemoConfig) -> dict[str, list[dict]]:
+    """{"train", "val", "test"} -> annotated answers; an entity's answers of every type land on one side (a
+    country's capital and profile answers alike)."""
+    from ..facts.splits import rows_in, split_entities
+
+    annotated = [r for r in rows if r["annotations"]]
+    splits = split_entities(annotated, config.seed, config.split)
+    return {name: rows_in(annotated, splits[key]) for name, key in (("train", "train"), ("val", "validation"),
+                                                                    ("test", "test"))}
+
+
+def held_out(out: Path, config: DemoConfig | None = None) -> tuple[Path, list[dict]]:
+    """A finished demo's probe directory and the test answers its benchmark reported on (the same split)."""
+    config = config or DemoConfig()
+    probe, answers = out / "probe" / "probe", out / "answers" / "answers.jsonl"
+    if not (probe.is_dir() and answers.is_file()):
+        raise FileNotFoundError(f"{out}: no finished demo (its probe and answers); run `lucidlm demo` first")
+    return probe, _split_rows(read_jsonl(answers), config)["test"]
 
 
 def _held_out_examples(test_rows: list[dict], n: int = 4) -> list[dict]:

@@ -8,6 +8,8 @@
     acting on the scores: selective answering (accuracy vs attempt rate), best-of-N among each question's answers
     optionally (config.lora): a LoRA probe at the chosen layer, alignment and L2, trained with the KL term on a
     copy of the model; its test scores beside the rest and its KL cost (nats per response token, on test)
+    held_out_auroc: a trained probe's headline (greedy test claims) re-measured on another model's states, e.g.
+    the same model with quantized weights
 
 Rows follow claims.py (``type``, ``entity``, ``id``, ``sample``; annotations with ``value``/``attribute``).
 """
@@ -24,11 +26,11 @@ from torch import nn
 from ..model.lora import LoRAConfig
 from ..progress import progress_bar
 from ..tokenizer import Tokenizer
-from .claims import Claims, add_sample_disagreement, add_value_prior, claims, claims_report, value_disjoint
+from .claims import Claims, add_sample_disagreement, add_value_prior, auroc_ci, claims, claims_report, value_disjoint
 from .data import label_row
 from .evaluate import random_head
 from .features import TokenFeatures, extract
-from .probe import ALIGNMENTS, ProbeHead
+from .probe import ALIGNMENTS, ProbeConfig, ProbeHead
 from .selection import Selection, select_probe, val_auroc
 from .selective import accuracy_at, attempt_curve
 from .train import ProbeTrainConfig, train_probe
@@ -88,6 +90,19 @@ def run_benchmark(model: nn.Module, tokenizer: Tokenizer, split_rows: dict[str, 
     lora = _lora_probe(model, tokenizer, split_rows, selection, pad_id, config) if config.lora else None
     report = _report(selection, other, feats, split_rows, config, lora)
     return BenchmarkResult(selection.head, selection, report, *(lora[:2] if lora else (None, None)))
+
+
+def held_out_auroc(model: nn.Module, tokenizer: Tokenizer, head: ProbeHead, probe: ProbeConfig,
+                   test_rows: list[dict], pad_id: int, n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """Span-max AUROC of the greedy test claims, with a bootstrap CI over entities (the benchmark's headline), of
+    ``head`` reading ``model``'s block ``probe.layer`` and of the model's own NLL: {"probe": auroc_ci, "nll": ...}.
+    The rows' texts and labels stay as generated; only the states that score them come from ``model``."""
+    feats = extract(model, _examples(test_rows, tokenizer, model), [probe.layer], pad_id, (probe.alignment,))
+    with torch.no_grad():
+        scores = {"probe": head.scores(feats.features(probe.layer, probe.alignment)), "nll": feats.nll}
+    test = claims(test_rows, feats, scores)
+    greedy = test.subset(test.meta["sample"] == 0)
+    return {m: auroc_ci(greedy.scores[m], greedy.labels, greedy.meta["entity"], n_boot, seed) for m in scores}
 
 
 def _lora_probe(model: nn.Module, tokenizer: Tokenizer, split_rows: dict, selection: Selection, pad_id: int,

@@ -11,6 +11,8 @@ from gguf_models import write_gguf
 from lucidlm.api import load
 from lucidlm.apps.bench import decode_weight_bytes
 from lucidlm.apps.bench_quant import agreement, quant_table, run_quant_bench
+from lucidlm.jsonl import write_jsonl
+from lucidlm.probe.probe import ProbeConfig, ProbeHead, save_probe
 
 
 def test_agreement_is_position_by_position():
@@ -56,3 +58,43 @@ def test_llamacpp_is_asked_for_by_name_before_anything_is_measured(tmp_path, mon
     load(path, compile="off").save(hf)
     with pytest.raises(ValueError, match="llama.cpp on a GGUF file"):
         run_quant_bench(hf, llamacpp=True, print_fn=lambda s: None)
+
+
+def finished_demo(directory, lm):
+    """A demo directory as `lucidlm demo` leaves it (answers with labelled claims, a probe), for ``lm``."""
+    rows = []
+    for i in range(40):
+        value = ("Paris", "Rome", "Oslo", "Lima")[i % 4]
+        answer = f"The capital is {value}."
+        for sample in range(2):
+            rows.append({"id": f"q{i}", "type": "capital", "entity": f"country{i}", "sample": sample,
+                         "conversation": [{"role": "user", "content": f"Capital of country{i}?"},
+                                          {"role": "assistant", "content": answer}],
+                         "annotations": [{"span": value, "index": answer.index(value), "value": value,
+                                          "label": "Not Supported" if i % 3 == 0 else "Supported"}]})
+    (directory / "answers").mkdir(parents=True)
+    write_jsonl(directory / "answers" / "answers.jsonl", rows)
+    head = ProbeHead(lm.config.dim)
+    save_probe(directory / "probe" / "probe", head, ProbeConfig(1, lm.config.dim, lm.config.n_layers))
+    return directory
+
+
+def test_the_demos_probe_is_measured_per_format(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", "qwen2", "Q4_0", with_dequantized=False).path
+    demo = finished_demo(tmp_path / "demo", load(path, compile="off"))
+    rows, bandwidth = run_quant_bench(path, prompt=8, new=4, repeats=1, print_fn=lambda s: None, way="eager",
+                                      demo=demo)
+    counts = {(r.probe["probe"]["n"], r.probe["probe"]["positives"]) for r in rows}
+    assert len(counts) == 1 and next(iter(counts))[0] > 0  # the same held-out claims in every format
+    for r in rows:
+        for method in ("probe", "nll"):
+            a = r.probe[method]
+            assert a["lo"] <= a["auroc"] <= a["hi"], (r.label, method)
+    table = quant_table(rows, bandwidth, "tiny")
+    assert "held-out greedy claims" in table and table.count(" [") >= len(rows)
+
+
+def test_a_missing_demo_is_named_before_anything_is_measured(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", "qwen2", "Q4_0", with_dequantized=False).path
+    with pytest.raises(FileNotFoundError, match="no finished demo.*run `lucidlm demo` first"):
+        run_quant_bench(path, demo=tmp_path / "nowhere", print_fn=lambda s: None)

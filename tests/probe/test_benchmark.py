@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from tiny_lm import tiny_lm
 
-from lucidlm.probe.benchmark import BenchmarkConfig, run_benchmark
+from lucidlm.probe.benchmark import BenchmarkConfig, held_out_auroc, run_benchmark
+from lucidlm.probe.probe import ProbeConfig
 
 WRONG = ("zq", "xv")  # claimed values that are false wherever they are claimed
 VALUES = ("ab", "cd", "ef", "gh", *WRONG)
@@ -57,6 +58,18 @@ def test_benchmark_reports_every_method_on_held_out_entities():
     assert report["best_of_n"]["lowest max probe"]["claim_accuracy"] >= report["best_of_n"]["greedy"][
         "claim_accuracy"]
     assert np.isfinite(report["choice"]["val_auroc"])
+
+
+def test_a_probe_re_measured_on_the_same_model_gives_the_benchmarks_headline():
+    """held_out_auroc (what ``bench --quant`` runs per format) against run_benchmark's own test report."""
+    lm = tiny_lm()
+    split = {"train": _rows(60, 0), "val": _rows(20, 1), "test": _rows(30, 2)}
+    result = run_benchmark(lm.model, lm.tokenizer, split, pad_id=258,
+                           config=BenchmarkConfig(layers=(1,), alignments=("own",), steps=150, n_boot=100))
+    probe = ProbeConfig(result.selection.config.layer, lm.config.dim, lm.config.n_layers, alignment="own")
+    again = held_out_auroc(lm.model, lm.tokenizer, result.head, probe, split["test"], 258, n_boot=100)
+    for method in ("probe", "nll"):
+        assert again[method] == pytest.approx(result.report["greedy"]["all"][method]), method
 
 
 def test_benchmark_refuses_a_split_without_both_classes():
