@@ -111,9 +111,11 @@ LLAMACPP_INSTALL = ("pip install 'lucidlm[llamacpp]' (llama-cpp-python, which bu
                     "compiler and a few minutes)")
 
 
-def llamacpp_row(file: Path, prompt: int, new: int, repeats: int, bandwidth: float) -> QuantRow:
+def llamacpp_row(file: Path, prompt: int, new: int, repeats: int, bandwidth: float,
+                 batch_prompts: list[list[int]]) -> QuantRow:
     """llama.cpp on the very same GGUF file (``llamacpp_file``), same threads and token counts: batch-1 decode and
-    prefill tok/s (its Python API decodes one sequence; perplexity and agreement are lucidlm's columns)."""
+    prefill tok/s after lucidlm's prompt, and the aggregate decode of ``batch_prompts`` (lucidlm's batch-8
+    prompts) decoded together (``llamacpp_batch_decode``); perplexity and agreement are lucidlm's columns."""
     import time
 
     import llama_cpp
@@ -134,9 +136,58 @@ def llamacpp_row(file: Path, prompt: int, new: int, repeats: int, bandwidth: flo
     run(2)  # warm-up
     t1 = sorted(run(1) for _ in range(repeats))[repeats // 2]
     tn = sorted(run(new) for _ in range(repeats))[repeats // 2]
+    decode_8 = llamacpp_batch_decode(llm, batch_prompts, new, repeats)
     weights = file.stat().st_size  # every tensor is read per token but the embedding's other rows: an upper bound
     return QuantRow(f"llama.cpp {llama_cpp.__version__} (the file as stored)", weights, (new - 1) / (tn - t1),
-                    float("nan"), len(ids) / t1, bandwidth / weights, float("nan"), float("nan"))
+                    decode_8, len(ids) / t1, bandwidth / weights, float("nan"), float("nan"))
+
+
+def llamacpp_batch_decode(llm, prompts: list[list[int]], new: int, repeats: int) -> float:
+    """Aggregate greedy decode tok/s of llama.cpp decoding ``prompts`` together: one ``llama_decode`` of every
+    prompt, then of one token per sequence per step (its llama-batched example's loop), in a context of its own
+    with a sequence per prompt. Timed as lucidlm's ``measure``: (new − 1) steps past the first token."""
+    import time
+
+    import llama_cpp
+    import numpy as np
+
+    n, p = len(prompts), len(prompts[0])
+    params = llama_cpp.llama_context_default_params()
+    per_sequence = -(-(p + new + 8) // 256) * 256  # llama.cpp splits the context evenly between sequences
+    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = n * per_sequence, n * p, n * p, n
+    params.n_threads = params.n_threads_batch = torch.get_num_threads()
+    ctx = llama_cpp.llama_init_from_model(llm.model, params)
+    batch = llama_cpp.llama_batch_init(n * p, 0, 1)
+    vocab = llm.n_vocab()
+
+    def decode(entries: list[tuple[int, int, int, bool]]) -> None:  # (token, position, sequence, wants logits)
+        batch.n_tokens = len(entries)
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+            batch.seq_id[i][0] = seq
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def run(steps: int) -> float:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        start = time.perf_counter()
+        decode([(t, j, s, j == p - 1) for s, ids in enumerate(prompts) for j, t in enumerate(ids)])
+        last = [s * p + p - 1 for s in range(n)]
+        for step in range(steps - 1):
+            nxt = [int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(vocab,)).argmax())
+                   for i in last]
+            decode([(t, p + step, s, True) for s, t in enumerate(nxt)])
+            last = list(range(n))
+        return time.perf_counter() - start
+
+    try:
+        run(2)  # warm-up
+        t1 = sorted(run(1) for _ in range(repeats))[repeats // 2]
+        tn = sorted(run(new) for _ in range(repeats))[repeats // 2]
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+    return n * (new - 1) / (tn - t1)
 
 
 def run_quant_bench(model: str | Path = "smollm2-135m-instruct", prompt: int = 64, new: int = 64, repeats: int = 3,
@@ -154,9 +205,10 @@ def run_quant_bench(model: str | Path = "smollm2-135m-instruct", prompt: int = 6
     loaded = [(label, load(model, **options)) for label, options in formats(Path(model))]
     reference = greedy(dict(loaded)["bfloat16"])
     rows = []
+    vocab = loaded[0][1].config.vocab_size
+    ids8 = torch.randint(0, vocab, (8, prompt), generator=torch.Generator().manual_seed(1))  # llama.cpp's too
     for label, lm in loaded:
         ids1 = torch.tensor([lm.encode(text)[:prompt]])  # a prompt of ``prompt`` tokens (llama.cpp's too)
-        ids8 = torch.randint(0, lm.config.vocab_size, (8, prompt), generator=torch.Generator().manual_seed(1))
         prefill, decode_1, _ = measure(_ours_runner(lm, ids1, way), 1, ids1.shape[1], new, repeats)
         _, decode_8, _ = measure(_ours_runner(lm, ids8, way), 8, prompt, new, repeats)
         bound = bandwidth / decode_bytes(lm.model, 1, prompt + new // 2)
@@ -165,7 +217,7 @@ def run_quant_bench(model: str | Path = "smollm2-135m-instruct", prompt: int = 6
                              None if held_out is None else probe_auroc(lm, *held_out)))
         print_fn(f"done: {label}")
     if llamacpp_at is not None:
-        rows.append(llamacpp_row(llamacpp_at, prompt, new, repeats, bandwidth))
+        rows.append(llamacpp_row(llamacpp_at, prompt, new, repeats, bandwidth, ids8.tolist()))
         print_fn("done: llama.cpp")
     return rows, bandwidth
 

@@ -8,11 +8,21 @@ from __future__ import annotations
 from torch import nn
 
 from .linear import Linear
-from .quantized_linear import QuantizedLinear, QuantScheme, fits, quantize_weight, scheme
+from .quantized_linear import QuantizedLinear, QuantScheme, choose_kernel, fits, quantize_weight, scheme
 
 # Linear layers whose weight the model reads directly besides multiplying by it (MLA absorbs kv_b_proj into
 # its queries and outputs): they stay float
 READ_DIRECTLY = ("kv_b_proj",)
+# The output matrix makes every logit, and 4-bit rounding hurts it most: llama.cpp's 4-bit files keep it at 6-8
+# bits (Q4_0/Q4_1 presets: Q6_K or Q8_0). int4 gives it Q8_0 where lucidlm's kernels run, per-row int8 elsewhere.
+HEAD = "lm_head"
+
+
+def scheme_of(name: str, s: QuantScheme, in_features: int) -> QuantScheme:
+    """The scheme layer ``name`` gets when the model is ``s``-quantized."""
+    if name == HEAD and s.bits == 4:
+        return scheme("q8_0" if choose_kernel(in_features) == "lucidlm" else "int8")
+    return s
 
 
 def quantizable(name: str, module: nn.Module) -> bool:
@@ -20,13 +30,14 @@ def quantizable(name: str, module: nn.Module) -> bool:
 
 
 def quantize_model(model: nn.Module, name: str) -> int:
-    """Replace every quantizable ``Linear`` of ``model`` by its ``name``-quantized form (round to nearest);
-    returns how many. Raises before changing anything when a layer's shape does not fit the scheme."""
-    s = scheme(name)
-    targets = [(n, m) for n, m in model.named_modules() if quantizable(n, m)]
-    for n, m in targets:
+    """Replace every quantizable ``Linear`` of ``model`` by its ``name``-quantized form (round to nearest; the
+    head of a 4-bit model at 8 bits, ``scheme_of``); returns how many. Raises before changing anything when a
+    layer's shape does not fit the scheme."""
+    targets = [(n, m, scheme_of(n, scheme(name), m.in_features)) for n, m in model.named_modules()
+               if quantizable(n, m)]
+    for n, m, s in targets:
         check_fits(n, m.in_features, m.out_features, s)
-    for n, m in targets:  # one at a time: the float weight goes as its integers arrive
+    for n, m, s in targets:  # one at a time: the float weight goes as its integers arrive
         q, scale, zero = quantize_weight(m.weight, s)
         replace(model, n, QuantizedLinear(m.in_features, m.out_features, s, m.bias, q, scale.to(m.weight.dtype),
                                           None if zero is None else zero.to(m.weight.dtype)))
