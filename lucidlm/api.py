@@ -155,11 +155,11 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: 
     ``generate``/``stream`` give every token a hallucination score and ``token_scores`` scores a text.
     pack_weights: (CPU) keep a copy of every linear weight in oneDNN's blocked layout, which it
     multiplies about twice as fast as the plain one, for prefill and decode; costs the weights' size again.
-    quantize: (CPU) weight-only quantized linear layers, read as integers by torch's kernels: "gguf" keeps a GGUF
-    file's Q4_0 / Q4_1 weights as stored (Q8_0 is read as float until it has a fast kernel); "int8" / "int4"
-    quantize any checkpoint (per-row int8; 4-bit in groups of 32 with a scale and minimum, as Q4_1); "none" (the
-    default) reads float weights. The embedding stays float; a quantized model does not train. See
-    model/quantized_linear.py.
+    quantize: (CPU) weight-only quantized linear layers, multiplied as integers by lucidlm's kernels (torch's
+    where the CPU lacks AVX2): "gguf" keeps a GGUF file's Q8_0 / Q4_0 / Q4_1 weights as stored; "int8" / "int4"
+    quantize any checkpoint (per-row int8; 4-bit in groups of 32 with a scale and minimum, as Q4_1, the head at
+    8 bits); "none" (the default) reads float weights. The embedding stays float; a quantized model does not
+    train. See model/quantized_linear.py.
     """
     path = resolve_model_path(path)
     target = resolve_device(device)

@@ -34,8 +34,8 @@ Probe = Annotated[Path | None, typer.Option(help="probe directory: score every t
                                              "tokens in red)")]
 PackWeights = Annotated[bool, typer.Option("--pack-weights", help="CPU: oneDNN-packed weights, ~2x faster matmuls, "
                                            "twice the weight memory")]
-Quantize = Annotated[str, typer.Option(help="CPU: none, gguf (keep a GGUF file's Q4_0/Q4_1 weights), int8 or "
-                                       "int4 (weight-only quantized linear layers)")]
+Quantize = Annotated[str, typer.Option(help="CPU: none, gguf (keep a GGUF file's Q8_0/Q4_0/Q4_1 weights), int8 "
+                                       "or int4 (weight-only quantized linear layers)")]
 
 
 def _options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams,

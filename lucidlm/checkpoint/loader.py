@@ -178,7 +178,7 @@ def check_quantize(quantize: str, device: str | torch.device) -> None:
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(QUANTIZE)}")
     if quantize != "none" and torch.device(device).type != "cpu":
-        raise ValueError(f"quantized weights run on CPU (torch's int8/int4 CPU kernels); the device is {device}")
+        raise ValueError(f"quantized weights run on CPU (lucidlm's and torch's CPU kernels); the device is {device}")
 
 
 def _keep_quantized(model: Transformer, reader, rule: Rule, dtype: torch.dtype, state: dict) -> bool:
