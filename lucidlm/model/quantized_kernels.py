@@ -3,8 +3,8 @@
 in torch's extension cache) and registered as torch operators, so that compiled decode steps call them too.
 
 Why our own: torch's int8/int4 weight kernels stream 5-6 GB/s of integers on a 2-core AVX2 machine where the
-float32 product streams 15 (../shared/DESIGN.md), and none holds int8 in groups of 32 (GGUF's Q8_0). These reach
-the memory's bandwidth at one row (figures in the kernel's header comment and DESIGN.md).
+float32 product streams 15 (../shared/DESIGN.md), and none holds int8 in groups of 32 (GGUF's Q8_0). These
+stream 13-14 GB/s from one large weight at one row (figures in the kernel's header comment and DESIGN.md).
 
 They need an x86-64 CPU with AVX2, FMA and F16C (torch's CPU capability AVX2 or better) and a C++ compiler;
 elsewhere ``available()`` is False and quantized layers use torch's kernels (model/quantized_linear.py).
