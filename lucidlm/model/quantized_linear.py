@@ -15,9 +15,9 @@ Schemes (``QuantScheme``), each the layout of a GGUF type or of ``load(quantize=
 Kernels (``kernel=``), chosen per layer by ``choose_kernel``:
 
 - ``"lucidlm"``, the default on x86 CPUs with AVX2 (model/quantized_kernels.py, kernels/quantized_matmul.cpp):
-  blocks of 32 as GGUF lays them out (4-bit: byte j holds q_j and q_{j+16}; float16 scales and minimums), read at
-  about the memory's bandwidth. Activations are rounded to 16-bit integers per block of 32 inside the kernel
-  (finer than bfloat16); the product is float32 and returned in the input's dtype.
+  blocks of 32 as GGUF lays them out (4-bit: byte j holds q_j and q_{j+16}; float16 scales and minimums), 13-14
+  GB/s from one large weight (2-3x torch's kernels here). Activations are rounded to 16-bit integers per block of
+  32 inside the kernel (finer than bfloat16); the product is float32 and returned in the input's dtype.
 - ``"torch"`` (other CPUs, or ``LUCIDLM_CPU_KERNELS=0``): torch's ``_weight_int8pack_mm`` (int8 per row) and
   ``_weight_int4pack_mm_for_cpu`` (tinygemm's layout, Ŵ = s·(q − 8) + z: Q4_0 is z = 0, Q4_1 is z = m + 8s),
   computing in bfloat16 (``KERNEL_DTYPE``): they are vectorised for bfloat16 activations and take a slow reference
