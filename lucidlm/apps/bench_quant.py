@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ PROMPTS = ["The history of the printing press", "Photosynthesis is the process b
 AGREEMENT_TOKENS = 256
 PERPLEXITY_WINDOW = 256
 PERPLEXITY_TOKENS = 2048
+RANDOM_125M = "random-125m"  # --model: `lucidlm bench`'s random Llama-shaped 125M (speed columns only)
 
 
 @dataclass
@@ -193,27 +195,44 @@ def llamacpp_batch_decode(llm, prompts: list[list[int]], new: int, repeats: int)
 def run_quant_bench(model: str | Path = "smollm2-135m-instruct", prompt: int = 64, new: int = 64, repeats: int = 3,
                     print_fn: Callable[[str], None] = print, way: str = "default", llamacpp: bool = False,
                     demo: Path | None = None) -> tuple[list[QuantRow], float]:
-    """way: the decode path timed ("default": compiled steps; the tests use "eager"). llamacpp: add llama.cpp's
-    row on the same file (checked before anything is measured). demo: a finished demo of this model, whose
-    probe is measured per format."""
-    from ..api import load
+    """model: a checkpoint, a named model or RANDOM_125M. way: the decode path timed ("default": compiled steps;
+    the tests use "eager"). llamacpp: add llama.cpp's row on the same file (checked before anything is measured).
+    demo: a finished demo of this model, whose probe is measured per format."""
+    if str(model) == RANDOM_125M:  # the random Llama-shaped 125M of `lucidlm bench`: speed only (no tokenizer)
+        if llamacpp or demo is not None:
+            raise ValueError(f"{RANDOM_125M} has no GGUF file nor demo: --llamacpp and --demo need a real model")
+        from .bench_probe import random_125m_lm
 
+        with tempfile.TemporaryDirectory() as tmp:
+            random_125m_lm(Path(tmp) / "model", "float32")
+            return _measure_formats(Path(tmp) / "model", prompt, new, repeats, print_fn, way, None, None)
     llamacpp_at = llamacpp_file(model) if llamacpp else None  # before anything is measured
     held_out = demo_probe(demo) if demo is not None else None
+    return _measure_formats(model, prompt, new, repeats, print_fn, way, llamacpp_at, held_out)
+
+
+def _measure_formats(model: str | Path, prompt: int, new: int, repeats: int, print_fn: Callable[[str], None],
+                     way: str, llamacpp_at: Path | None, held_out) -> tuple[list[QuantRow], float]:
+    from ..api import load
+
     bandwidth = read_bandwidth()
     text = reference_text()
     loaded = [(label, load(model, **options)) for label, options in formats(Path(model))]
-    reference = greedy(dict(loaded)["bfloat16"])
+    has_text = loaded[0][1].tokenizer is not None  # a random checkpoint has none: no quality columns
+    reference = greedy(dict(loaded)["bfloat16"]) if has_text else None
     rows = []
     vocab = loaded[0][1].config.vocab_size
     ids8 = torch.randint(0, vocab, (8, prompt), generator=torch.Generator().manual_seed(1))  # llama.cpp's too
     for label, lm in loaded:
-        ids1 = torch.tensor([lm.encode(text)[:prompt]])  # a prompt of ``prompt`` tokens (llama.cpp's too)
+        # a prompt of ``prompt`` tokens (llama.cpp's too): the text's, or the batch's first without a tokenizer
+        ids1 = torch.tensor([lm.encode(text)[:prompt]]) if has_text else ids8[:1]
         prefill, decode_1, _ = measure(_ours_runner(lm, ids1, way), 1, ids1.shape[1], new, repeats)
         _, decode_8, _ = measure(_ours_runner(lm, ids8, way), 8, prompt, new, repeats)
         bound = bandwidth / decode_bytes(lm.model, 1, prompt + new // 2)
+        nan = float("nan")
         rows.append(QuantRow(label, decode_weight_bytes(lm.model), decode_1, decode_8, prefill, bound,
-                             perplexity(lm, text), agreement(greedy(lm), reference),
+                             perplexity(lm, text) if has_text else nan,
+                             agreement(greedy(lm), reference) if has_text else nan,
                              None if held_out is None else probe_auroc(lm, *held_out)))
         print_fn(f"done: {label}")
     if llamacpp_at is not None:

@@ -156,7 +156,8 @@ def bench(
     clients: Annotated[list[int] | None, typer.Option(help="with --serve: concurrent clients (repeatable; "
                                                            "default 1, 8, 32)")] = None,
     model: Annotated[Path | None, typer.Option(help="with --serve: checkpoint to serve (default: a random "
-                                                    "Llama-shaped 125M); with --quant: the model to quantize")] = None,
+                                                    "Llama-shaped 125M); with --quant: the model to quantize "
+                                                    "(random-125m: that random model, speed only)")] = None,
     scenario: Annotated[list[str] | None, typer.Option(help="with --serve: levels (1/8/32 clients), long-prompt "
                                                             "(a long prompt arrives while clients stream), "
                                                             "shared-prefix (2nd request reuses a prompt head); "

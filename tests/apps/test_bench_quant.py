@@ -10,7 +10,7 @@ from gguf_models import write_gguf
 
 from lucidlm.api import load
 from lucidlm.apps.bench import decode_weight_bytes
-from lucidlm.apps.bench_quant import agreement, quant_table, run_quant_bench
+from lucidlm.apps.bench_quant import RANDOM_125M, _measure_formats, agreement, quant_table, run_quant_bench
 from lucidlm.jsonl import write_jsonl
 from lucidlm.probe.probe import ProbeConfig, ProbeHead, save_probe
 
@@ -98,3 +98,19 @@ def test_a_missing_demo_is_named_before_anything_is_measured(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", "qwen2", "Q4_0", with_dequantized=False).path
     with pytest.raises(FileNotFoundError, match="no finished demo.*run `lucidlm demo` first"):
         run_quant_bench(path, demo=tmp_path / "nowhere", print_fn=lambda s: None)
+
+
+def test_a_checkpoint_without_a_tokenizer_gets_the_speed_columns_only(tmp_path):
+    """As the random 125M (``--model random-125m``): no text to measure quality on."""
+    from tiny_lm import tiny_model
+
+    from lucidlm.checkpoint import FAMILIES, save_model
+
+    save_model(tiny_model("llama-125m", vocab_size=256), tmp_path / "m", FAMILIES["llama"])
+    rows, bandwidth = _measure_formats(tmp_path / "m", 8, 4, 1, lambda s: None, "eager", None, None)
+    assert [r.label for r in rows] == ["float32", "bfloat16", "int8", "int4"]
+    assert all(r.decode_1 > 0 and r.decode_8 > 0 and math.isnan(r.perplexity) and math.isnan(r.agreement)
+               for r in rows)
+    assert "| — |" in quant_table(rows, bandwidth, "random")
+    with pytest.raises(ValueError, match="random-125m has no GGUF file nor demo"):
+        run_quant_bench(RANDOM_125M, llamacpp=True, print_fn=lambda s: None)
