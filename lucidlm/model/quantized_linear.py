@@ -94,7 +94,7 @@ class QuantizedLinear(nn.Module):
         kernel = kernel or choose_kernel(in_features)
         if kernel not in KERNELS:
             raise ValueError(f"unknown quantized kernel {kernel!r}; supported: {', '.join(KERNELS)}")
-        if kernel == "lucidlm" and not (in_features % BLOCK == 0 and quantized_kernels.available()):
+        if kernel == "lucidlm" and choose_kernel(in_features) != "lucidlm":
             raise ValueError(f"lucidlm's quantized kernels need an AVX2 CPU, a C++ compiler and in_features in 32s "
                              f"(in_features={in_features}); kernel='torch' runs anywhere")
         self.in_features, self.out_features, self.scheme, self.kernel = in_features, out_features, scheme, kernel
