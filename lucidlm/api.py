@@ -23,7 +23,7 @@ from .generate.offline import Generator
 from .generate.strategies import AnswerExtractor, Scorer, Vote, last_number, mean_logprob
 from .generate.text_generation import Prompt
 from .model.cpu_kernels import pack_linears
-from .model.quantize import quantize_model
+from .model.quantize import quantize_model, require_float
 from .model.transformer import Transformer
 from .probe.probe import LoadedProbe, attach_probe, score_tokens
 from .tokenizer import Tokenizer
@@ -120,7 +120,8 @@ class LM:
         return text_generation.self_consistency(self.generator(), prompt, n, extract, **options)
 
     def save(self, directory: str | Path) -> Path:
-        """Write the model back in the checkpoint's own layout (HF families stay HF)."""
+        """Write the model back in the checkpoint's own layout (HF families stay HF); float weights only."""
+        require_float(self.model, "save")  # checkpoints hold float weights (a GGUF is read, never written)
         out = save_model(self.model, directory, self.family, self.hf_config, source=self.path)
         if self.tokenizer is not None and not (Path(out) / "tokenizer.json").exists():
             self.tokenizer.save(out)
@@ -136,9 +137,22 @@ class LM:
         return f"LM({self.path}, {n / 1e6:.1f}M params, {self.dtype}, {self.device})"
 
 
+def default_quantize(path: Path, device: str | torch.device, adapter: str | Path | None = None,
+                     probe: str | Path | None = None, pack_weights: bool = False) -> str:
+    """What ``load(quantize=None)`` keeps: a GGUF file's own blocks on CPU ("gguf"), else float ("none")."""
+    from .checkpoint.gguf import find_gguf
+    from .probe.probe import load_probe
+
+    if torch.device(device).type != "cpu" or find_gguf(path) is None or adapter is not None or pack_weights:
+        return "none"
+    if probe is not None and load_probe(probe)[1].has_adapter:  # its LoRA wraps float layers
+        return "none"
+    return "gguf"
+
+
 def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: str | torch.device = "auto", *,
          adapter: str | Path | None = None, probe: str | Path | None = None,
-         compile: bool | str | None = None, pack_weights: bool = False, quantize: str = "none") -> LM:
+         compile: bool | str | None = None, pack_weights: bool = False, quantize: str | None = None) -> LM:
     """Load a Hugging Face-format checkpoint directory (config.json + safetensors + tokenizer.json), a GGUF
     file (or a directory holding one), or a named local model (``"smollm2-135m-instruct"``, see
     checkpoint/local_models.py). A GGUF model's ``save`` writes the Hugging Face layout.
@@ -158,14 +172,18 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: 
     quantize: (CPU) weight-only quantized linear layers, multiplied as integers by lucidlm's kernels (torch's
     where the CPU lacks AVX2): "gguf" keeps a GGUF file's Q8_0 / Q4_0 / Q4_1 weights as stored; "int8" / "int4"
     quantize any checkpoint (per-row int8; 4-bit in groups of 32 with a scale and minimum, as Q4_1, the head at
-    8 bits); "none" (the default) reads float weights. The embedding stays float; a quantized model does not
-    train. See model/quantized_linear.py.
+    8 bits); "none" reads float weights. None (the default): "gguf" for a GGUF file on CPU, as llama.cpp runs it,
+    unless LoRA has to wrap float layers (an adapter, a probe with LoRA); "none" otherwise
+    (``default_quantize``). The embedding stays float; a quantized model does not train (load it with
+    quantize="none" to fine-tune). See model/quantized_linear.py.
     """
     path = resolve_model_path(path)
     target = resolve_device(device)
     mode = as_mode(compile) if compile is not None else default_mode() if torch.device(target).type == "cpu" else "off"
     if pack_weights and torch.device(target).type != "cpu":
         raise ValueError(f"pack_weights is a CPU layout (oneDNN); the device is {target}")
+    if quantize is None:
+        quantize = default_quantize(path, target, adapter, probe, pack_weights)
     if pack_weights and quantize != "none":
         raise ValueError(f"pack_weights packs float weights; quantize={quantize!r} keeps them as integers: choose one")
     check_quantize(quantize, target)

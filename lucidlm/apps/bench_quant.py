@@ -56,7 +56,7 @@ def formats(path: Path) -> list[tuple[str, dict]]:
     from ..checkpoint.gguf import find_gguf, open_gguf
     from ..checkpoint.local_models import resolve_model_path
 
-    out = [("float32", dict(dtype="float32")), ("bfloat16", dict(dtype="bfloat16")),
+    out = [("float32", dict(dtype="float32", quantize="none")), ("bfloat16", dict(dtype="bfloat16", quantize="none")),
            ("int8", dict(dtype="float32", quantize="int8")), ("int4", dict(dtype="float32", quantize="int4"))]
     file = find_gguf(resolve_model_path(path))
     if file is not None:

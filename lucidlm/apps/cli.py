@@ -84,7 +84,7 @@ def convert(
     tokenizer.json and tokenizer_config.json (with the chat template)."""
     from ..api import load
 
-    lm = load(source, dtype=dtype, device="cpu")
+    lm = load(source, dtype=dtype, device="cpu", quantize="none")  # float weights are what it writes
     typer.echo(f"wrote {lm.save(out)} ({lm.model.num_parameters() / 1e6:.1f}M params, {lm.dtype})")
 
 

@@ -34,8 +34,9 @@ Probe = Annotated[Path | None, typer.Option(help="probe directory: score every t
                                              "tokens in red)")]
 PackWeights = Annotated[bool, typer.Option("--pack-weights", help="CPU: oneDNN-packed weights, ~2x faster matmuls, "
                                            "twice the weight memory")]
-Quantize = Annotated[str, typer.Option(help="CPU: none, gguf (keep a GGUF file's Q8_0/Q4_0/Q4_1 weights), int8 "
-                                       "or int4 (weight-only quantized linear layers)")]
+Quantize = Annotated[str | None, typer.Option(help="CPU: none, gguf (keep a GGUF file's Q8_0/Q4_0/Q4_1 weights), "
+                                              "int8 or int4 (weight-only quantized linear layers); default: gguf "
+                                              "for a GGUF file on CPU (without LoRA), else none")]
 
 
 def _options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, num_beams,
@@ -48,7 +49,7 @@ def _options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalt
 
 
 def _load(model: Path, device: str, dtype: str, compile: str | None = None, pack_weights: bool = False,
-          probe: Path | None = None, quantize: str = "none"):
+          probe: Path | None = None, quantize: str | None = None):
     from ..api import load
 
     lm = load(model, dtype=dtype, device=device, compile=compile, pack_weights=pack_weights, probe=probe,
@@ -79,7 +80,7 @@ def generate_command(
     dtype: Dtype = "float32",
     compile: Compile = None,
     pack_weights: PackWeights = False,
-    quantize: Quantize = "none",
+    quantize: Quantize = None,
     probe: Probe = None,
     threshold: Annotated[float, typer.Option(help="with --probe: tokens scoring above this are shown in red")] = 0.5,
 ) -> None:
@@ -133,7 +134,7 @@ def chat_command(
     dtype: Dtype = "float32",
     compile: Compile = None,
     pack_weights: PackWeights = False,
-    quantize: Quantize = "none",
+    quantize: Quantize = None,
 ) -> None:
     """Talk with a model: each line you type is a user turn, the history is kept.
 

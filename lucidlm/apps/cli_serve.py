@@ -36,7 +36,7 @@ def serve_command(
     device: Device = "auto",
     dtype: Dtype = "float32",
     pack_weights: PackWeights = False,
-    quantize: Quantize = "none",
+    quantize: Quantize = None,
     compile: Compile = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:

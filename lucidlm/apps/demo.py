@@ -77,7 +77,7 @@ def model_stage(cache: Cache, config: DemoConfig) -> Path:
     import lucidlm
 
     if not cache.fresh("model"):
-        lucidlm.load(config.model, device="cpu").save(cache.start("model"))
+        lucidlm.load(config.model, device="cpu", quantize="none").save(cache.start("model"))
         cache.finish("model")
     return cache.out / "model"
 

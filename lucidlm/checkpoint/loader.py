@@ -15,6 +15,7 @@ import torch
 
 from ..config import MAX_EOS_IDS, ModelConfig
 from ..jsonl import write_json
+from ..model.fused_projections import fuse_projections
 from ..model.linear import Linear
 from ..model.quantize import fits, quantizable, quantize_model, replace
 from ..model.quantized_linear import QuantizedLinear, choose_kernel, scheme
@@ -168,6 +169,8 @@ def load_model(directory: str | Path, dtype: str | torch.dtype | None = "float32
     model.eval()
     if quantize in ("int8", "int4"):
         quantize_model(model, quantize)
+    if quantize == "gguf":
+        fuse_projections(model)
     return Loaded(model, cfg, family, hf)
 
 

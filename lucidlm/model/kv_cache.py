@@ -211,8 +211,10 @@ class KVCache:
             kv_len = self.static_kv_len(kv_len)
         first = slots[0]
         contiguous = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
-        if static:
-            contiguous = None  # a slice's bounds would be baked into a compiled step
+        if static and self.n_slots > 1:
+            # a slice's bounds would be baked into a compiled step; a cache of one slot is always slot 0, so a view
+            # of it reads the cells in place (a gather copies 2 x kv_len cells per layer per step)
+            contiguous = None
         valid = self._rows(self.valid, slot_t, contiguous)[:, :kv_len]  # (b, kv_len)
         key_index = torch.arange(kv_len, device=dev)
         masks = {False: _mask(seq_index, key_index[None], valid)}

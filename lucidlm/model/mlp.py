@@ -39,8 +39,13 @@ class MLP(nn.Module):
             self.gate_proj = Linear(cfg.dim, hidden, bias=cfg.mlp_bias)
         self.up_proj = Linear(cfg.dim, hidden, bias=cfg.mlp_bias)
         self.down_proj = Linear(hidden, cfg.dim, bias=cfg.mlp_bias)
+        # gate and up as one quantized layer (model/fused_projections.py: one kernel call instead of two)
+        self.gate_up_proj: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, -1)
+            return self.down_proj(self.act(gate) * up)
         if self.gated:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .fused_projections import fuse_projections
 from .linear import Linear
 from .quantized_linear import QuantizedLinear, QuantScheme, choose_kernel, fits, quantize_weight, scheme
 
@@ -31,8 +32,9 @@ def quantizable(name: str, module: nn.Module) -> bool:
 
 def quantize_model(model: nn.Module, name: str) -> int:
     """Replace every quantizable ``Linear`` of ``model`` by its ``name``-quantized form (round to nearest; the
-    head of a 4-bit model at 8 bits, ``scheme_of``); returns how many. Raises before changing anything when a
-    layer's shape does not fit the scheme."""
+    head of a 4-bit model at 8 bits, ``scheme_of``), then fuse q/k/v and gate/up (model/fused_projections.py);
+    returns how many layers were quantized. Raises before changing anything when a layer's shape does not fit the
+    scheme."""
     targets = [(n, m, scheme_of(n, scheme(name), m.in_features)) for n, m in model.named_modules()
                if quantizable(n, m)]
     for n, m, s in targets:
@@ -41,6 +43,7 @@ def quantize_model(model: nn.Module, name: str) -> int:
         q, scale, zero = quantize_weight(m.weight, s)
         replace(model, n, QuantizedLinear(m.in_features, m.out_features, s, m.bias, q, scale.to(m.weight.dtype),
                                           None if zero is None else zero.to(m.weight.dtype)))
+    fuse_projections(model)
     return len(targets)
 
 

@@ -74,7 +74,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_logits_match_the_source_and_transformers_gguf_loader(tmp_path, arch, qtype):
     m = write_gguf(tmp_path / "m.gguf", arch, qtype)
-    lm = lucidlm.load(m.path)
+    lm = lucidlm.load(m.path, quantize="none")  # the dequantizing reader (kept quantized: test_gguf_quantized.py)
     ids = torch.tensor([lm.encode(TEXT)])
     ours = _logits(lm.model, ids)
     # exactly the model of the dequantized weights (float error only), with Q/K rows back in place
@@ -290,7 +290,7 @@ def test_convert_round_trip_to_the_hugging_face_layout(tmp_path):
     assert result.exit_code == 0, result.output
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in out.iterdir()}
-    a, b = lucidlm.load(m.path), lucidlm.load(out)
+    a, b = lucidlm.load(m.path, quantize="none"), lucidlm.load(out)
     ids = torch.tensor([a.encode(TEXT)])
     assert b.encode(TEXT) == a.encode(TEXT) and b.tokenizer.chat_template == CHAT_TEMPLATE
     assert torch.equal(_logits(a.model, ids), _logits(b.model, ids))
@@ -415,7 +415,7 @@ def real_reference(request):
 
 @pytest.fixture(scope="module")
 def real_lm():
-    return lucidlm.load(REAL, dtype="float32", device="cpu")
+    return lucidlm.load(REAL, dtype="float32", device="cpu", quantize="none")  # parity of the dequantized weights
 
 
 @needs_real

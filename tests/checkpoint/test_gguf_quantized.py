@@ -13,9 +13,10 @@ import torch
 from gguf_models import write_gguf
 
 import lucidlm
-from lucidlm.api import LM
+from lucidlm.api import LM, default_quantize
 from lucidlm.checkpoint.gguf import GGUFTensors
 from lucidlm.checkpoint.loader import load_model, load_tokenizer
+from lucidlm.model.fused_projections import FUSED
 from lucidlm.model.quantize import is_quantized
 from lucidlm.model.quantized_linear import QuantizedLinear, choose_kernel
 from lucidlm.train.trainer import TrainConfig, Trainer
@@ -36,6 +37,18 @@ def written(request, tmp_path_factory):
     return qtype, m.path
 
 
+def dequantized(model, name: str) -> torch.Tensor:
+    """Layer ``name``'s Ŵ, also where it was fused with its siblings (then its rows of the fused layer)."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if hasattr(parent, leaf):
+        return getattr(parent, leaf).dequantize()
+    fused, parts = next((f, p) for f, p in FUSED.items() if leaf in p)
+    w = getattr(parent, fused).dequantize()
+    sizes = parent.qkv_split if fused == "qkv_proj" else [w.shape[0] // 2] * 2
+    return w.split(sizes)[parts.index(leaf)]
+
+
 def _layers(model) -> dict[str, QuantizedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
@@ -51,15 +64,17 @@ def test_linear_layers_hold_the_files_blocks(written):
     assert {m.scheme.name for m in layers.values()} == {SCHEME[qtype]}
     reader = GGUFTensors(path)
     f = reader.file
-    for name in ("blocks.0.attn.q_proj", "blocks.1.mlp.down_proj", "lm_head"):
-        theirs = {"blocks.0.attn.q_proj": "model.layers.0.self_attn.q_proj.weight",
-                  "blocks.1.mlp.down_proj": "model.layers.1.mlp.down_proj.weight", "lm_head": "lm_head.weight"}[name]
+    for name, theirs in {"blocks.0.attn.q_proj": "model.layers.0.self_attn.q_proj.weight",
+                         "blocks.0.attn.v_proj": "model.layers.0.self_attn.v_proj.weight",
+                         "blocks.1.mlp.up_proj": "model.layers.1.mlp.up_proj.weight",
+                         "blocks.1.mlp.down_proj": "model.layers.1.mlp.down_proj.weight",
+                         "lm_head": "lm_head.weight"}.items():
         info = f.tensors[reader._source[theirs]]
         raw = np.frombuffer(f._map, np.uint8, info.nbytes, info.offset).reshape(info.dims[1], -1)
         want = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(raw, info.qtype)))  # the reference
         # exactly with lucidlm's kernels (the file's float16 scales); torch's 4-bit kernel's scales are bfloat16
         atol = 1e-6 if OURS else float(want.abs().max()) * 2**-8
-        torch.testing.assert_close(layers[name].dequantize(), want, atol=atol, rtol=0)
+        torch.testing.assert_close(dequantized(model, name), want, atol=atol, rtol=0)
 
 
 def test_logits_and_greedy_tokens_are_the_dequantized_models(written):
@@ -115,3 +130,21 @@ def test_the_api_loads_quantized_and_refuses_what_does_not_combine(written, tmp_
         lucidlm.load(path, quantize="gguf", adapter=tmp_path)
     with pytest.raises(ValueError, match="training needs float weights"):
         Trainer(lm.model, TrainConfig(), [])
+
+
+def test_a_gguf_file_stays_quantized_by_default_on_cpu(written, tmp_path):
+    qtype, path = written
+    lm = lucidlm.load(path, compile="off")  # quantize=None: the file's own blocks, as llama.cpp runs them
+    assert is_quantized(lm.model) == stays_quantized(qtype)
+    assert not is_quantized(lucidlm.load(path, quantize="none", compile="off").model)
+    assert default_quantize(path, "cpu") == "gguf"
+    assert default_quantize(path, "cuda") == "none"  # quantized kernels are CPU kernels
+    assert default_quantize(path, "cpu", adapter=tmp_path) == "none"  # LoRA wraps float layers
+    assert default_quantize(path, "cpu", pack_weights=True) == "none"
+    saved = lucidlm.load(path, quantize="none", compile="off").save(tmp_path / "hf")  # an HF checkpoint: float
+    assert default_quantize(saved, "cpu") == "none"
+    if stays_quantized(qtype):
+        with pytest.raises(ValueError, match=r"save needs float weights, but blocks\.0\.\w+\.\w+_proj is "
+                                             rf"{SCHEME[qtype]}-quantized: load the model with quantize='none'"):
+            lm.save(tmp_path / "quantized")
+        assert not (tmp_path / "quantized").exists()  # refused before anything was written

@@ -78,6 +78,7 @@ struct Q4Row {
     w1 = _mm256_srli_epi16(bytes, 4);
     return half(d[b]);
   }
+  const void* bytes() const { return q; }
 };
 
 // One 8-bit weight row, Ŵ = d·q: a scale per block (Q8_0) or one for the row (d_step 0)
@@ -94,6 +95,7 @@ struct Q8Row {
     w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
     return half(d[b * d_step]);
   }
+  const void* bytes() const { return q; }
 };
 
 // Σ_b minimum[b] · sum[b] over a row's blocks (the 4-bit formula's m · Σx term)
@@ -169,8 +171,18 @@ inline void dot_four(const Row& w, const Activations& a, int64_t t0, float* y, i
 
 // y = x · Ŵᵀ; row(n) gives weight row n. Threads split the output rows (each reads its share of the weights);
 // activation rows go in passes of kRowsStep, so that a thread's weights are read from cache after the first.
+// Software prefetch of the weights kAhead bytes past the row being read: a decode step's layers are short streams
+// (a thread's share of a 192x576 4-bit layer is 27 KB), each started cold, which the hardware's prefetcher ramps
+// up on too slowly. Measured on SmolLM2's 211 layers in sequence from memory: 4 KB ahead -7 to -10%, 1 KB -5%,
+// 8-16 KB worse than none. (Prefetching past a tensor's end is harmless: prefetches never fault.)
+constexpr int64_t kAhead = 4096;
+inline void prefetch_ahead(const void* p, int64_t n) {
+  const char* c = static_cast<const char*>(p) + kAhead;
+  for (int64_t i = 0; i < n; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+}
+
 template <typename RowOf>
-at::Tensor linear(const at::Tensor& x, RowOf row, int64_t n_out) {
+at::Tensor linear(const at::Tensor& x, RowOf row, int64_t n_out, int64_t row_bytes) {
   const int64_t m_rows = x.size(0), k = x.size(1);
   const Activations a(x.data_ptr<float>(), m_rows, k);
   at::Tensor y = at::empty({m_rows, n_out}, x.options());
@@ -181,6 +193,7 @@ at::Tensor linear(const at::Tensor& x, RowOf row, int64_t n_out) {
       const int64_t m1 = std::min(m_rows, m0 + kRowsStep);
       for (int64_t n = n0; n < n1; ++n) {
         const auto w = row(n);
+        if (m0 == 0) prefetch_ahead(w.bytes(), row_bytes);  // the first pass reads them from memory
         int64_t t = m0;
         for (; t + 4 <= m1; t += 4) dot_four(w, a, t, yp + t * n_out + n, n_out);
         for (; t < m1; ++t) dot_one(w, a, t, yp + t * n_out + n);
@@ -213,7 +226,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   const uint8_t* q = qweight.data_ptr<uint8_t>();
   const uint16_t* d = float16_bits(scale, n, blocks, "q4_linear: scale");
   const uint16_t* m = float16_bits(minimum, n, blocks, "q4_linear: minimum");
-  return linear(x, [=](int64_t r) { return Q4Row{q + r * (k / 2), d + r * blocks, m + r * blocks}; }, n);
+  return linear(x, [=](int64_t r) { return Q4Row{q + r * (k / 2), d + r * blocks, m + r * blocks}; }, n, k / 2);
 }
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale) {
@@ -225,7 +238,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   const int64_t per_row = scale.size(1);
   const uint16_t* d = float16_bits(scale, n, per_row, "q8_linear: scale");
   const int8_t* q = qweight.data_ptr<int8_t>();
-  return linear(x, [=](int64_t r) { return Q8Row{q + r * k, d + r * per_row, per_row == 1 ? 0 : 1}; }, n);
+  return linear(x, [=](int64_t r) { return Q8Row{q + r * k, d + r * per_row, per_row == 1 ? 0 : 1}; }, n, k);
 }
 
 }  // namespace
