@@ -21,7 +21,7 @@ def test_agreement_is_position_by_position():
 
 def test_decode_bytes_count_every_weight_but_the_lookup_and_a_tied_head_in_full(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", "llama", "Q4_1", with_dequantized=False).path  # tied head
-    lm = load(path, compile="off")
+    lm = load(path, compile="off", quantize="none")  # float weights
     model = lm.model
     embed = model.embed.weight.numel() * 4
     params = sum(p.numel() * 4 for p in model.parameters())  # the tied head is the embedding: counted once here
@@ -55,7 +55,7 @@ def test_llamacpp_is_asked_for_by_name_before_anything_is_measured(tmp_path, mon
     with pytest.raises(RuntimeError, match=r"llama-cpp-python: pip install 'lucidlm\[llamacpp\]'"):
         run_quant_bench(path, llamacpp=True, print_fn=lambda s: None)
     hf = tmp_path / "hf"
-    load(path, compile="off").save(hf)
+    load(path, compile="off", quantize="none").save(hf)
     with pytest.raises(ValueError, match="llama.cpp on a GGUF file"):
         run_quant_bench(hf, llamacpp=True, print_fn=lambda s: None)
 
