@@ -14,7 +14,6 @@ exactly what it computed before (rows are independent in these kernels; a test c
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .quantized_linear import QuantizedLinear
@@ -27,14 +26,14 @@ def fuse_projections(model: nn.Module) -> int:
     """Stack every attention's q/k/v and gated MLP's gate/up that are quantized alike into one layer; returns how
     many fused layers were made."""
     made = 0
-    for module in model.modules():
+    for module in list(model.modules()):  # listed first: the loop replaces children
         for fused, parts in FUSED.items():
             if getattr(module, fused, False) is not None:  # not a fusing module, or fused already
                 continue
             layers = [getattr(module, p, None) for p in parts]
             if not stackable(layers):
                 continue
-            setattr(module, fused, stack_rows(layers))
+            setattr(module, fused, QuantizedLinear.stacked(layers))
             for p in parts:
                 delattr(module, p)
             made += 1
@@ -48,19 +47,5 @@ def stackable(layers: list[nn.Module | None]) -> bool:
     first = layers[0]
     alike = all(m.scheme == first.scheme and m.kernel == first.kernel and m.in_features == first.in_features
                 and (m.bias is None) == (first.bias is None) for m in layers)
-    rows_first = first.kernel == "lucidlm" or first.scheme.bits == 8  # torch's int4 packing interleaves rows
-    return alike and rows_first
+    return alike and first.rows_in_order
 
-
-def stack_rows(layers: list[QuantizedLinear]) -> QuantizedLinear:
-    """One layer whose output rows are the layers' in order (each buffer concatenated along its rows)."""
-    first = layers[0]
-    fused = QuantizedLinear.__new__(QuantizedLinear)
-    nn.Module.__init__(fused)
-    fused.in_features, fused.scheme, fused.kernel = first.in_features, first.scheme, first.kernel
-    fused.out_features = sum(m.out_features for m in layers)
-    biases = [m.bias for m in layers]
-    fused.bias = None if biases[0] is None else nn.Parameter(torch.cat(biases), requires_grad=False)
-    for name, _ in first.named_buffers(recurse=False):
-        fused.register_buffer(name, torch.cat([getattr(m, name) for m in layers]))
-    return fused

@@ -130,6 +130,26 @@ class QuantizedLinear(nn.Module):
                 q.to(torch.int32).contiguous(), INT4_TILES))
             self.register_buffer("scale_zero", torch.stack([scale.t(), z.t()], -1).to(KERNEL_DTYPE).contiguous())
 
+    @property
+    def rows_in_order(self) -> bool:
+        """Whether every buffer holds output row n at row n (lucidlm's layout, torch's int8); torch's int4 packing
+        interleaves rows."""
+        return self.kernel == "lucidlm" or self.scheme.bits == 8
+
+    @classmethod
+    def stacked(cls, layers: list[QuantizedLinear]) -> QuantizedLinear:
+        """One layer whose output rows are ``layers``' in order (alike, ``rows_in_order``): buffers concatenated."""
+        first = layers[0]
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_features, fused.scheme, fused.kernel = first.in_features, first.scheme, first.kernel
+        fused.out_features = sum(m.out_features for m in layers)
+        biases = [m.bias for m in layers]
+        fused.bias = None if biases[0] is None else nn.Parameter(torch.cat(biases), requires_grad=False)
+        for name, _ in first.named_buffers(recurse=False):
+            fused.register_buffer(name, torch.cat([getattr(m, name) for m in layers]))
+        return fused
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}, "
                 f"kernel={self.kernel}")
