@@ -21,7 +21,7 @@ MAX_NESTED_SIZES = {"n_experts": 1 << 12, "expert_ffn_dim": 1 << 20, "shared_ffn
 MAX_EXPERT_MODULES = 1 << 16  # layers x experts: each expert is a module to build
 MAX_EOS_IDS = 1024  # real checkpoints list a handful
 
-PositionKind = Literal["rope", "alibi", "sinusoidal", "learned", "none"]
+PositionKind = Literal["rope", "alibi", "sinusoidal", "learned", "relative_bias", "none"]
 NormKind = Literal["rmsnorm", "layernorm"]
 NormPlacement = Literal["pre", "post", "sandwich"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
@@ -119,6 +119,11 @@ class ModelConfig:
     # global layers use rope_theta / rope_scaling. None: every layer shares one RoPE.
     sliding_rope_theta: float | None = None
     sliding_rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # only with sliding_rope_theta
+    # T5's relative position bias (positions="relative_bias", model/relative_position_bias.py): a learned bias per
+    # head and distance bucket, one table shared by all layers. T5 also leaves q·k unscaled: attn_scale=1.0.
+    relative_num_buckets: int = 32
+    relative_max_distance: int = 128  # distances beyond it share the last bucket
+    relative_bidirectional: bool = False  # True for an encoder: keys after the query get buckets of their own
 
     # norms
     norm: NormKind = "rmsnorm"
@@ -201,6 +206,24 @@ class ModelConfig:
         rope_dim = self.mla.qk_rope_head_dim if self.mla else self.head_dim
         if self.positions == "rope" and rope_dim % 2:
             raise ValueError(f"{rope_field} must be even for RoPE (it is the rotary dimension), got {rope_dim}")
+        if self.positions == "relative_bias":
+            self._check_relative_buckets()
+
+    def _check_relative_buckets(self) -> None:
+        """T5's bucketing needs exact buckets (half of them, per direction) below a larger max_distance."""
+        _check_int("relative_num_buckets", self.relative_num_buckets)
+        _check_int("relative_max_distance", self.relative_max_distance)
+        per_direction = self.relative_num_buckets // (2 if self.relative_bidirectional else 1)
+        if per_direction < 2:
+            raise ValueError(f"ModelConfig.relative_num_buckets must be >= {4 if self.relative_bidirectional else 2}"
+                             f"{' (bidirectional)' if self.relative_bidirectional else ''}, "
+                             f"got {self.relative_num_buckets}")
+        if self.relative_max_distance <= per_direction // 2:
+            raise ValueError(f"ModelConfig.relative_max_distance ({self.relative_max_distance}) must exceed the "
+                             f"{per_direction // 2} exact-distance buckets")
+        if self.relative_num_buckets > MAX_SIZES["max_seq_len"]:
+            raise ValueError(f"ModelConfig.relative_num_buckets = {self.relative_num_buckets} is beyond any real "
+                             f"model (at most {MAX_SIZES['max_seq_len']}): the config is damaged")
 
     def _check_sizes(self) -> None:
         """Refuse sizes no real model has, before anything is built from them."""

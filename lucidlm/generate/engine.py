@@ -118,6 +118,8 @@ class Engine:
         cfg = model.config
         if cfg.positions == "alibi" and cfg.sliding_window is not None:
             raise ValueError("ALiBi with sliding-window ring caches is not supported")
+        if cfg.positions == "relative_bias" and cfg.sliding_window is not None:
+            raise ValueError("positions='relative_bias' with sliding-window ring caches is not supported")
         param = next(model.parameters())
         self.model, self.tokenizer, self.probe = model, tokenizer, probe
         self.eos_token_ids, self.pad_token_id = frozenset(eos_token_ids), pad_token_id

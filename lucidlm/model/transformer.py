@@ -6,7 +6,8 @@ A Block is attention then feed-forward (dense MLP or MoE), each wrapped in a res
 with its norm placed pre (GPT-2, Llama: x + f(norm(x))), post (original Transformer:
 norm(x + f(x))) or sandwich (Gemma-2/3: x + norm(f(norm(x)))).
 Positions enter as RoPE tables shared by all layers (Gemma 3: one table for the sliding-window
-layers, another for the global ones), an ALiBi bias, or absolute embeddings.
+layers, another for the global ones), an ALiBi bias, T5's learned relative bias (one table, its bias
+added in every layer), or absolute embeddings.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .mla import MultiHeadLatentAttention
 from .mlp import MLP
 from .moe import MoE
 from .norm import make_norm
+from .relative_position_bias import RelativePositionBias
 from .rope import RotaryEmbedding
 
 
@@ -78,6 +80,10 @@ class Transformer(nn.Module):
         self.positions: nn.Module | None = None
         if cfg.positions == "learned":
             self.positions = LearnedPositions(cfg.max_seq_len, cfg.dim)
+        self.relative_position_bias: RelativePositionBias | None = None  # T5: one table for every layer
+        if cfg.positions == "relative_bias":
+            self.relative_position_bias = RelativePositionBias(cfg.n_heads, cfg.relative_num_buckets,
+                                                               cfg.relative_max_distance, cfg.relative_bidirectional)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -172,7 +178,7 @@ class Transformer(nn.Module):
                 position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
         x = self._embed(input_ids, position_ids)
         rope = self._rope(position_ids, x.dtype)
-        bias = alibi_bias(self.alibi, position_ids, position_ids) if self.alibi is not None else None
+        bias = self._position_bias(position_ids, position_ids)
         masks = self._masks(b, s, x.device, attention_mask, prefix_mask)
         return self._run_blocks(x, rope, masks, bias, None, wanted, return_aux_loss, last_only)
 
@@ -202,6 +208,8 @@ class Transformer(nn.Module):
             raise ValueError("this KV cache was built for a different model config")
         if self.alibi is not None and any(cache.ring):
             raise ValueError("ALiBi with sliding-window ring caches is not supported")
+        if self.relative_position_bias is not None and any(cache.ring):
+            raise ValueError("positions='relative_bias' with sliding-window ring caches is not supported")
         b, s = input_ids.shape
         if len(slots) != b:
             raise ValueError(f"{len(slots)} slots given for a batch of {b} rows")
@@ -219,8 +227,16 @@ class Transformer(nn.Module):
 
     def _planned_blocks(self, x, plan: StepPlan, cache: KVCache, wanted, return_aux_loss, last_only) -> ModelOutput:
         rope = self._rope(plan.position_ids, x.dtype)
-        bias = alibi_bias(self.alibi, plan.position_ids, plan.key_positions) if self.alibi is not None else None
+        bias = self._position_bias(plan.position_ids, plan.key_positions)
         return self._run_blocks(x, rope, plan.masks, bias, cache, wanted, return_aux_loss, last_only)
+
+    def _position_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
+        """The additive bias (batch, heads, q, k) every layer adds to its logits: ALiBi's or T5's, else None."""
+        if self.alibi is not None:
+            return alibi_bias(self.alibi, q_pos, k_pos)
+        if self.relative_position_bias is not None:
+            return self.relative_position_bias(q_pos, k_pos)
+        return None
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[bool, tuple | None]:
         """The (cos, sin) tables keyed by sliding, like the masks: the same table for every layer
