@@ -16,6 +16,7 @@ from lucidlm.generate.engine import Engine
 from lucidlm.generate.generation_config import GenerationConfig
 from lucidlm.generate.offline import Generator
 from lucidlm.generate.reference import greedy_no_cache
+from lucidlm.model.kv_cache import KVCache
 from lucidlm.model.relative_position_bias import RelativePositionBias, relative_position_bucket
 from lucidlm.model.transformer import Transformer
 
@@ -134,6 +135,24 @@ def test_cached_greedy_equals_recomputation(bidirectional):
     got = Generator(model, prefill_chunk=3).generate(PROMPTS, GenerationConfig(max_new_tokens=NEW))
     for prompt, completion in zip(PROMPTS, got):
         assert completion.token_ids == greedy_no_cache(model, prompt, NEW)
+
+
+@torch.no_grad()
+def test_padding_anywhere_is_skipped_with_and_without_the_cache():
+    """Distances are counted in position ids, which skip padding: a row with pad tokens inside it gives its real
+    tokens the logits of the row without them, in a full forward and chunk by chunk through the KV cache."""
+    model = relative_bias_model()
+    real = torch.randint(0, 256, (1, 14))
+    alone = model(real)[0]
+    pads = [4, 5, 6, 12, 13]  # sequence indices of the pad tokens in the padded row of 19
+    mask = torch.ones(1, 19, dtype=torch.long)
+    mask[0, pads] = 0
+    ids = torch.zeros(1, 19, dtype=torch.long)
+    ids[mask.bool()] = real[0]
+    torch.testing.assert_close(model(ids, attention_mask=mask)[0, mask[0].bool()], alone, rtol=1e-4, atol=1e-4)
+    cache = KVCache(model.config, n_slots=1, max_len=19)
+    chunks = [model(ids[:, i:i + 3], attention_mask=mask[:, i:i + 3], cache=cache)[0] for i in range(0, 19, 3)]
+    torch.testing.assert_close(torch.cat(chunks)[mask[0].bool()], alone, rtol=1e-4, atol=1e-4)
 
 
 def test_compiled_decode_equals_eager():
