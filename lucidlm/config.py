@@ -25,7 +25,7 @@ PositionKind = Literal["rope", "alibi", "sinusoidal", "learned", "none"]
 NormKind = Literal["rmsnorm", "layernorm"]
 NormPlacement = Literal["pre", "post", "sandwich"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
-RopeType = Literal["default", "linear", "ntk", "dynamic", "yarn", "llama3"]
+RopeType = Literal["default", "linear", "ntk", "dynamic", "yarn", "llama3", "ntk_by_parts"]
 
 
 @dataclass
@@ -34,7 +34,8 @@ class RopeScaling:
 
     ``type``: ``linear`` = position interpolation (PI), ``ntk`` = NTK-aware base change,
     ``dynamic`` = NTK with the base recomputed from the current length, ``yarn`` = NTK-by-parts
-    with an attention temperature, ``llama3`` = Llama-3.1's smooth per-band interpolation.
+    with an attention temperature, ``llama3`` = Llama-3.1's smooth per-band interpolation,
+    ``ntk_by_parts`` = the YaRN paper's ramp over turns per trained context, no temperature.
     """
 
     type: RopeType = "default"
@@ -43,7 +44,7 @@ class RopeScaling:
     # llama3
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
-    # yarn
+    # yarn and ntk_by_parts (β and α of the ramp: turns over the original context)
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     attention_factor: float | None = None  # None: 0.1*ln(factor)+1 (or from mscale below)
@@ -188,6 +189,10 @@ class ModelConfig:
             if getattr(self, name).type not in get_args(RopeType):
                 raise ValueError(f"ModelConfig.{name}.type must be one of {list(get_args(RopeType))}, "
                                  f"got {getattr(self, name).type!r}")
+            s = getattr(self, name)
+            if s.type == "ntk_by_parts" and not s.beta_fast > s.beta_slow:
+                raise ValueError(f"ModelConfig.{name}: ntk_by_parts ramps from beta_slow to beta_fast, so it needs "
+                                 f"beta_fast > beta_slow, got {s.beta_fast} and {s.beta_slow}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
