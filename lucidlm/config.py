@@ -54,6 +54,22 @@ class RopeScaling:
 
 
 @dataclass
+class DualChunkConfig:
+    """Dual chunk attention (An et al. 2024, see ``model/dual_chunk_attention.py``): a RoPE model attends beyond
+    its trained length while every relative position it sees stays below ``chunk_size + local_window`` (the
+    paper's c = s + w); choose that sum ≤ the length the model was trained at."""
+
+    chunk_size: int  # s: keys take positions 0..s-1 within their chunk
+    local_window: int  # w: the first w queries of a chunk see the previous chunk at their true distance
+
+    @classmethod
+    def for_trained_length(cls, trained: int) -> DualChunkConfig:
+        """ChunkLlama's defaults: c = 3/4 of the trained length, w = 1/16 of it, s = c − w."""
+        window = max(trained // 16, 1)
+        return cls(chunk_size=trained * 3 // 4 - window, local_window=window)
+
+
+@dataclass
 class MoEConfig:
     """Mixture of experts in the feed-forward slot (see ``model/moe.py``)."""
 
@@ -120,6 +136,7 @@ class ModelConfig:
     # global layers use rope_theta / rope_scaling. None: every layer shares one RoPE.
     sliding_rope_theta: float | None = None
     sliding_rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # only with sliding_rope_theta
+    dual_chunk: DualChunkConfig | None = None  # dual chunk attention: RoPE positions remapped per chunk
 
     # norms
     norm: NormKind = "rmsnorm"
@@ -157,6 +174,8 @@ class ModelConfig:
             self.rope_scaling = _nested(RopeScaling, self.rope_scaling, "rope_scaling")
         if isinstance(self.sliding_rope_scaling, dict):
             self.sliding_rope_scaling = _nested(RopeScaling, self.sliding_rope_scaling, "sliding_rope_scaling")
+        if isinstance(self.dual_chunk, dict):
+            self.dual_chunk = _nested(DualChunkConfig, self.dual_chunk, "dual_chunk")
         if isinstance(self.moe, dict):
             self.moe = _nested(MoEConfig, self.moe, "moe")
         if isinstance(self.mla, dict):
@@ -206,6 +225,21 @@ class ModelConfig:
         rope_dim = self.mla.qk_rope_head_dim if self.mla else self.head_dim
         if self.positions == "rope" and rope_dim % 2:
             raise ValueError(f"{rope_field} must be even for RoPE (it is the rotary dimension), got {rope_dim}")
+        if self.dual_chunk is not None:
+            self._check_dual_chunk()
+
+    def _check_dual_chunk(self) -> None:
+        d = self.dual_chunk
+        for name, least in (("chunk_size", 1), ("local_window", 0)):
+            value = getattr(d, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"ModelConfig.dual_chunk.{name} must be an integer >= {least}, got {value!r}")
+        if d.local_window > d.chunk_size:
+            raise ValueError(f"ModelConfig.dual_chunk.local_window ({d.local_window}) must be <= chunk_size "
+                             f"({d.chunk_size}): it is a part of the chunk")
+        if self.positions != "rope" or self.mla is not None or self.sliding_window is not None:
+            raise ValueError("ModelConfig.dual_chunk remaps RoPE positions of ordinary attention: it needs "
+                             f"positions='rope' (got {self.positions!r}), no mla and no sliding_window")
 
     def _check_sizes(self) -> None:
         """Refuse sizes no real model has, before anything is built from them."""
