@@ -25,7 +25,7 @@ PositionKind = Literal["rope", "alibi", "sinusoidal", "learned", "relative_bias"
 NormKind = Literal["rmsnorm", "layernorm"]
 NormPlacement = Literal["pre", "post", "sandwich"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
-RopeType = Literal["default", "linear", "ntk", "dynamic", "yarn", "llama3"]
+RopeType = Literal["default", "linear", "ntk", "dynamic", "yarn", "llama3", "ntk_by_parts"]
 
 
 @dataclass
@@ -34,7 +34,8 @@ class RopeScaling:
 
     ``type``: ``linear`` = position interpolation (PI), ``ntk`` = NTK-aware base change,
     ``dynamic`` = NTK with the base recomputed from the current length, ``yarn`` = NTK-by-parts
-    with an attention temperature, ``llama3`` = Llama-3.1's smooth per-band interpolation.
+    with an attention temperature, ``llama3`` = Llama-3.1's smooth per-band interpolation,
+    ``ntk_by_parts`` = the YaRN paper's ramp over turns per trained context, no temperature.
     """
 
     type: RopeType = "default"
@@ -43,13 +44,29 @@ class RopeScaling:
     # llama3
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
-    # yarn
+    # yarn and ntk_by_parts (β and α of the ramp: turns over the original context)
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     attention_factor: float | None = None  # None: 0.1*ln(factor)+1 (or from mscale below)
     mscale: float | None = None  # DeepSeek's yarn variant
     mscale_all_dim: float | None = None
     truncate: bool = True  # yarn: round the correction range to whole dims (HF default)
+
+
+@dataclass
+class DualChunkConfig:
+    """Dual chunk attention (An et al. 2024, see ``model/dual_chunk_attention.py``): a RoPE model attends beyond
+    its trained length while every relative position it sees stays below ``chunk_size + local_window`` (the
+    paper's c = s + w); choose that sum ≤ the length the model was trained at."""
+
+    chunk_size: int  # s: keys take positions 0..s-1 within their chunk
+    local_window: int  # w: the first w queries of a chunk see the previous chunk at their true distance
+
+    @classmethod
+    def for_trained_length(cls, trained: int) -> DualChunkConfig:
+        """ChunkLlama's defaults: c = 3/4 of the trained length, w = 1/16 of it, s = c − w."""
+        window = max(trained // 16, 1)
+        return cls(chunk_size=trained * 3 // 4 - window, local_window=window)
 
 
 @dataclass
@@ -124,6 +141,7 @@ class ModelConfig:
     relative_num_buckets: int = 32
     relative_max_distance: int = 128  # distances beyond it share the last bucket
     relative_bidirectional: bool = False  # True for an encoder: keys after the query get buckets of their own
+    dual_chunk: DualChunkConfig | None = None  # dual chunk attention: RoPE positions remapped per chunk
 
     # norms
     norm: NormKind = "rmsnorm"
@@ -161,6 +179,8 @@ class ModelConfig:
             self.rope_scaling = _nested(RopeScaling, self.rope_scaling, "rope_scaling")
         if isinstance(self.sliding_rope_scaling, dict):
             self.sliding_rope_scaling = _nested(RopeScaling, self.sliding_rope_scaling, "sliding_rope_scaling")
+        if isinstance(self.dual_chunk, dict):
+            self.dual_chunk = _nested(DualChunkConfig, self.dual_chunk, "dual_chunk")
         if isinstance(self.moe, dict):
             self.moe = _nested(MoEConfig, self.moe, "moe")
         if isinstance(self.mla, dict):
@@ -193,6 +213,10 @@ class ModelConfig:
             if getattr(self, name).type not in get_args(RopeType):
                 raise ValueError(f"ModelConfig.{name}.type must be one of {list(get_args(RopeType))}, "
                                  f"got {getattr(self, name).type!r}")
+            s = getattr(self, name)
+            if s.type == "ntk_by_parts" and not s.beta_fast > s.beta_slow:
+                raise ValueError(f"ModelConfig.{name}: ntk_by_parts ramps from beta_slow to beta_fast, so it needs "
+                                 f"beta_fast > beta_slow, got {s.beta_fast} and {s.beta_slow}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
@@ -208,6 +232,8 @@ class ModelConfig:
             raise ValueError(f"{rope_field} must be even for RoPE (it is the rotary dimension), got {rope_dim}")
         if self.positions == "relative_bias":
             self._check_relative_buckets()
+        if self.dual_chunk is not None:
+            self._check_dual_chunk()
 
     def _check_relative_buckets(self) -> None:
         """T5's bucketing needs exact buckets (half of them, per direction) below a larger max_distance."""
@@ -224,6 +250,19 @@ class ModelConfig:
         if self.relative_num_buckets > MAX_SIZES["max_seq_len"]:
             raise ValueError(f"ModelConfig.relative_num_buckets = {self.relative_num_buckets} is beyond any real "
                              f"model (at most {MAX_SIZES['max_seq_len']}): the config is damaged")
+
+    def _check_dual_chunk(self) -> None:
+        d = self.dual_chunk
+        for name, least in (("chunk_size", 1), ("local_window", 0)):
+            value = getattr(d, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"ModelConfig.dual_chunk.{name} must be an integer >= {least}, got {value!r}")
+        if d.local_window > d.chunk_size:
+            raise ValueError(f"ModelConfig.dual_chunk.local_window ({d.local_window}) must be <= chunk_size "
+                             f"({d.chunk_size}): it is a part of the chunk")
+        if self.positions != "rope" or self.mla is not None or self.sliding_window is not None:
+            raise ValueError("ModelConfig.dual_chunk remaps RoPE positions of ordinary attention: it needs "
+                             f"positions='rope' (got {self.positions!r}), no mla and no sliding_window")
 
     def _check_sizes(self) -> None:
         """Refuse sizes no real model has, before anything is built from them."""

@@ -167,10 +167,16 @@ def bench(
     long_clients: Annotated[int, typer.Option(min=1, help="with --serve: clients streaming while it arrives")] = 32,
     shared_prefix: Annotated[int, typer.Option(min=1, help="with --serve: tokens of the shared-prefix scenario's "
                                                            "common head")] = 500,
+    long: Annotated[bool, typer.Option("--long", help="length extrapolation: small RoPE and ALiBi models trained "
+                                                      "at 256 tokens, perplexity at 256-2048 per RoPE scaling kind "
+                                                      "and DCA (table + PNG under runs/bench-long)")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="with --long: a tiny model and lengths, seconds long "
+                                                        "(a smoke test; its numbers mean nothing)")] = False,
 ) -> None:
     """lucidlm vs transformers on the same random Llama-shaped 125M model: prefill and decode tok/s,
     the memory-bandwidth bound, and an overhead-bound tiny model. Prints a Markdown table.
     With --train: training tokens/s and peak memory on a Llama-shaped 30M model.
+    With --long: perplexity beyond the trained context (RoPE scalings, NTK-by-parts, DCA, ALiBi).
     With --probe: the decode-step cost of scoring every token with a probe while streaming.
     With --serve: the OpenAI server under 1, 8 and 32 concurrent streaming clients (continuous batching), a long
     prompt arriving while 32 clients stream (chunked prefill) and a 2nd request sharing a prompt head (prefix
@@ -179,6 +185,13 @@ def bench(
         import torch
 
         torch.set_num_threads(threads)
+    if long:
+        from .bench_long import LongBenchConfig, long_table, run_long_bench
+
+        result = run_long_bench(LongBenchConfig.quick() if quick else LongBenchConfig(),
+                                print_fn=lambda s: typer.echo(s, err=True))
+        typer.echo(long_table(result) + f"\n\nplot: {result['out']}/long_context.png")
+        return
     if quant:
         from .bench_quant import quant_table, run_quant_bench
 

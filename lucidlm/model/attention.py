@@ -9,7 +9,9 @@ Options, each from a paper the notes discuss:
   weights), tames logit growth;
 - ``attn_gate``: a sigmoid gate per output channel, computed from the layer input (gated
   attention, Qiu et al. 2025 / Qwen3-Next), lets a head output nothing and removes attention sinks;
-- sliding window: handled by the mask the block receives (see ``masks.py``).
+- sliding window: handled by the mask the block receives (see ``masks.py``);
+- dual chunk attention: RoPE positions per (query, key) pair, when the block receives a ``DualChunkRope``
+  (see ``dual_chunk_attention.py``).
 
 The score computation is softmax(q·kᵀ·scale + bias + mask)·v via
 ``F.scaled_dot_product_attention``, which picks a fused kernel where one applies (on CPU, a decode
@@ -26,6 +28,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .cpu_kernels import attend_one_query, use_one_query
+from .dual_chunk_attention import DualChunkRope, dual_chunk_attend
 from .kv_cache import KVCache
 from .linear import Linear
 from .norm import RMSNorm
@@ -98,7 +101,10 @@ class Attention(nn.Module):
             k = apply_rope(k, *rope, interleaved=self.rope_interleaved)
         if cache is not None:  # store the new keys/values, attend over all cached ones
             k, v = cache.update(self.layer, k, v)
-        out = attend(q, k, v, mask, self.scale, bias)  # (b, h, s, hd)
+        if isinstance(rope, DualChunkRope):  # each score with its region's query rotation (dual_chunk_attention.py)
+            out = dual_chunk_attend(q, k, v, mask, self.scale, rope, self.rope_interleaved)
+        else:
+            out = attend(q, k, v, mask, self.scale, bias)  # (b, h, s, hd)
         out = out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim)
         if self.gate_proj is not None:
             out = out * torch.sigmoid(self.gate_proj(x))

@@ -7,6 +7,8 @@ means changing ``inv_freq``:
 - ``linear`` (position interpolation, Chen et al. 2023): divide every frequency by ``factor``.
 - ``ntk`` (NTK-aware, bloc97): raise the base so low frequencies stretch, high ones barely move.
 - ``dynamic``: NTK with the base recomputed from the current sequence length.
+- ``ntk_by_parts`` (bloc97; YaRN paper §3.2): per channel, by how many turns ``r = L/λ`` it makes over
+  the trained length L: interpolate those with r < α, keep those with r > β, ramp linearly in r between.
 - ``yarn`` (Peng et al. 2023): interpolate low-frequency bands, keep high-frequency ones, ramp in
   between, and scale the attention logits by ``0.1*ln(factor)+1`` (applied to cos and sin).
 - ``llama3``: Llama-3.1's smooth version of the same band split.
@@ -52,6 +54,19 @@ def _yarn_inv_freq(dim: int, theta: float, s: RopeScaling) -> torch.Tensor:
     return inv / s.factor * (1 - keep) + inv * keep
 
 
+def _ntk_by_parts_inv_freq(dim: int, theta: float, s: RopeScaling) -> torch.Tensor:
+    """h(θ_d) = (1 − γ(r_d))·θ_d/factor + γ(r_d)·θ_d with r_d = L/λ_d (Peng et al. 2023, eq. 16-18).
+
+    λ_d = 2π/θ_d is channel d's wavelength and L the trained context; γ(r) = 0 below α = ``beta_slow``
+    (the channel never turned once in training: interpolate), 1 above β = ``beta_fast`` (it turned many
+    times: keep), linear in r between. YaRN ramps linearly in the channel index d instead, and adds a
+    temperature."""
+    inv = base_inv_freq(dim, theta)
+    turns = s.original_max_seq_len * inv / (2 * math.pi)  # r_d = L / λ_d
+    gamma = ((turns - s.beta_slow) / (s.beta_fast - s.beta_slow)).clamp(0, 1)
+    return (1 - gamma) * inv / s.factor + gamma * inv
+
+
 def _llama3_inv_freq(dim: int, theta: float, s: RopeScaling) -> torch.Tensor:
     inv = base_inv_freq(dim, theta)
     original = s.original_max_seq_len
@@ -92,6 +107,8 @@ def rope_inv_freq(dim: int, theta: float, s: RopeScaling, seq_len: int | None = 
         return _yarn_inv_freq(dim, theta, s), att
     if kind == "llama3":
         return _llama3_inv_freq(dim, theta, s), 1.0
+    if kind == "ntk_by_parts":
+        return _ntk_by_parts_inv_freq(dim, theta, s), 1.0
     raise ValueError(f"unknown RoPE scaling type {kind!r}")
 
 

@@ -6,8 +6,8 @@ A Block is attention then feed-forward (dense MLP or MoE), each wrapped in a res
 with its norm placed pre (GPT-2, Llama: x + f(norm(x))), post (original Transformer:
 norm(x + f(x))) or sandwich (Gemma-2/3: x + norm(f(norm(x)))).
 Positions enter as RoPE tables shared by all layers (Gemma 3: one table for the sliding-window
-layers, another for the global ones), an ALiBi bias, T5's learned relative bias (one table, its bias
-added in every layer), or absolute embeddings.
+layers, another for the global ones; dual chunk attention: per-chunk tables), an ALiBi bias, T5's learned
+relative bias (one table, its bias added in every layer), or absolute embeddings.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ..config import ModelConfig
 from .absolute_positions import LearnedPositions, SinusoidalPositions
 from .alibi import alibi_bias, alibi_slopes
 from .attention import Attention
+from .dual_chunk_attention import dual_chunk_rope
 from .kv_cache import KVCache, StepPlan
 from .linear import Linear
 from .masks import build_mask, positions_from_attention_mask
@@ -226,7 +227,7 @@ class Transformer(nn.Module):
         return self._planned_blocks(x, plan, cache, self.check_hidden_layers(hidden_layers), False, last_only)
 
     def _planned_blocks(self, x, plan: StepPlan, cache: KVCache, wanted, return_aux_loss, last_only) -> ModelOutput:
-        rope = self._rope(plan.position_ids, x.dtype)
+        rope = self._rope(plan.position_ids, x.dtype, plan.key_positions)
         bias = self._position_bias(plan.position_ids, plan.key_positions)
         return self._run_blocks(x, rope, plan.masks, bias, cache, wanted, return_aux_loss, last_only)
 
@@ -238,11 +239,17 @@ class Transformer(nn.Module):
             return self.relative_position_bias(q_pos, k_pos)
         return None
 
-    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[bool, tuple | None]:
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype,
+              key_positions: torch.Tensor | None = None) -> dict[bool, tuple | None]:
         """The (cos, sin) tables keyed by sliding, like the masks: the same table for every layer
-        unless sliding-window layers have a RoPE of their own (Gemma 3)."""
+        unless sliding-window layers have a RoPE of their own (Gemma 3). ``key_positions``: those of the
+        keys attended to (default: the tokens themselves), which dual chunk attention needs."""
         if self.rotary is None:
             return {False: None, True: None}
+        if self.config.dual_chunk is not None:  # positions per (query, key) pair: model/dual_chunk_attention.py
+            keys = position_ids if key_positions is None else key_positions
+            table = dual_chunk_rope(self.rotary, position_ids, keys, self.config.dual_chunk, dtype)
+            return {False: table, True: table}
         table = self.rotary(position_ids, dtype)
         sliding = self.sliding_rotary(position_ids, dtype) if self.sliding_rotary is not None else table
         return {False: table, True: sliding}

@@ -193,3 +193,56 @@ def test_ntk_is_closed_form_base_change(factor):
     torch.testing.assert_close(inv.double(), expected, rtol=1e-6, atol=0)
     assert att == 1.0
     assert inv[0] == 1.0 and inv[-1] < base_inv_freq(DIM, THETA)[-1]
+
+
+# --- NTK-by-parts against the YaRN paper's formulas (Peng et al. 2023, §3.2) ----------------------
+def paper_ntk_by_parts(dim: int, theta: float, factor: float, trained: int, alpha: float, beta: float) -> list[float]:
+    """h(θ_d) = (1 − γ(r))·θ_d/s + γ(r)·θ_d, r = L/λ_d, λ_d = 2π/θ_d, γ the ramp from α to β; one channel at a time."""
+    out = []
+    for d in range(dim // 2):
+        freq = theta ** (-2 * d / dim)
+        r = trained / (2 * math.pi / freq)
+        gamma = 0.0 if r < alpha else 1.0 if r > beta else (r - alpha) / (beta - alpha)
+        out.append((1 - gamma) * freq / factor + gamma * freq)
+    return out
+
+
+@pytest.mark.parametrize("dim,trained,factor,alpha,beta", [(DIM, 256, 8.0, 1.0, 32.0), (64, 4096, 4.0, 1.0, 32.0),
+                                                           (DIM, 512, 2.0, 2.0, 16.0)])
+def test_ntk_by_parts_matches_the_paper(dim, trained, factor, alpha, beta):
+    s = RopeScaling(type="ntk_by_parts", factor=factor, original_max_seq_len=trained, beta_fast=beta, beta_slow=alpha)
+    inv, att = rope_inv_freq(dim, THETA, s)
+    expected = torch.tensor(paper_ntk_by_parts(dim, THETA, factor, trained, alpha, beta), dtype=torch.float64)
+    torch.testing.assert_close(inv.double(), expected, rtol=1e-6, atol=0)
+    assert att == 1.0  # no temperature: that is YaRN's addition
+    base = base_inv_freq(dim, THETA).double()
+    kept, divided = torch.isclose(inv.double(), base), torch.isclose(inv.double(), base / factor)
+    assert kept.any() and divided.any() and (~kept & ~divided).any()  # all three regimes are exercised
+
+
+def test_ntk_by_parts_through_the_rotary_module_and_config():
+    from lucidlm.config import ModelConfig
+
+    s = RopeScaling(type="ntk_by_parts", factor=4.0)
+    rotary = RotaryEmbedding(DIM, THETA, s, max_seq_len=256)  # original length defaults to the context
+    expected = torch.tensor(paper_ntk_by_parts(DIM, THETA, 4.0, 256, 1.0, 32.0), dtype=torch.float32)
+    torch.testing.assert_close(rotary.inv_freq, expected)
+    with pytest.raises(ValueError, match="beta_fast > beta_slow"):
+        ModelConfig(rope_scaling=dict(type="ntk_by_parts", factor=2.0, beta_fast=1.0, beta_slow=1.0))
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+def test_yarn_without_temperature_equals_ntk_by_parts_only_outside_the_ramp(truncate):
+    """transformers' YaRN (and lucidlm's, equal to it above) ramps linearly in the channel index d between the
+    channels where r = β and r = α; the paper's NTK-by-parts ramps linearly in r = L/λ_d. With the temperature set
+    to 1 they agree on which channels are kept and which divided by the factor (rounding the range to whole
+    channels, ``truncate``, moves no integer channel across it) but not inside the ramp."""
+    params = dict(factor=8.0, original_max_seq_len=512)
+    yarn, att = rope_inv_freq(DIM, THETA, RopeScaling(type="yarn", attention_factor=1.0, truncate=truncate, **params))
+    parts, _ = rope_inv_freq(DIM, THETA, RopeScaling(type="ntk_by_parts", **params))
+    assert att == 1.0
+    base = base_inv_freq(DIM, THETA)
+    outside = torch.isclose(parts, base) | torch.isclose(parts, base / 8.0)
+    torch.testing.assert_close(yarn[outside], parts[outside], rtol=1e-6, atol=0)
+    assert outside.any() and (~outside).any()
+    assert not torch.allclose(yarn[~outside], parts[~outside], rtol=1e-3, atol=0)
