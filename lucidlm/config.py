@@ -20,12 +20,15 @@ MAX_NESTED_SIZES = {"n_experts": 1 << 12, "expert_ffn_dim": 1 << 20, "shared_ffn
                     "qk_nope_head_dim": 1 << 13, "qk_rope_head_dim": 1 << 13, "v_head_dim": 1 << 13}
 MAX_EXPERT_MODULES = 1 << 16  # layers x experts: each expert is a module to build
 MAX_EOS_IDS = 1024  # real checkpoints list a handful
+MAX_SPARSE_BLOCKS = 1 << 13  # a block-sparse layout is blocks x blocks booleans
 
 PositionKind = Literal["rope", "alibi", "sinusoidal", "learned", "relative_bias", "none"]
 NormKind = Literal["rmsnorm", "layernorm"]
 NormPlacement = Literal["pre", "post", "sandwich"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
 RopeType = Literal["default", "linear", "ntk", "dynamic", "yarn", "llama3", "ntk_by_parts"]
+AttentionKind = Literal["softmax", "linear"]
+SparsePattern = Literal["local_global", "block_sparse"]
 
 
 @dataclass
@@ -109,6 +112,27 @@ class MLAConfig:
 
 
 @dataclass
+class SparseAttentionConfig:
+    """A fixed sparsity pattern over softmax attention, as a boolean mask (see ``model/sparse_attention_masks.py``).
+
+    ``local_global`` (Longformer): each token sees the ``window`` tokens before it (itself included; both sides
+    when not causal) and the first ``global_tokens`` positions; those attend to all. ``block_sparse`` (BigBird):
+    positions in blocks of ``block_size``; a query block sees ``window_blocks`` blocks around it (itself
+    included), the first ``global_blocks`` blocks (which see all) and ``random_blocks`` others chosen with
+    ``seed``. Applied by position to the full-attention layers (not the sliding-window ones).
+    """
+
+    pattern: SparsePattern = "local_global"
+    window: int = 64  # local_global
+    global_tokens: int = 1
+    block_size: int = 16  # block_sparse
+    window_blocks: int = 1
+    global_blocks: int = 1
+    random_blocks: int = 0
+    seed: int = 0
+
+
+@dataclass
 class ModelConfig:
     """A decoder-only Transformer, described by what it is rather than what it is called."""
 
@@ -159,6 +183,8 @@ class ModelConfig:
     sliding_layers: tuple[int, ...] | None = None  # None: every layer uses the window when set
     attn_scale: float | None = None  # None: 1/sqrt(head_dim)
     mla: MLAConfig | None = None
+    attention: AttentionKind = "softmax"  # "linear": kernelized linear attention (model/linear_attention.py)
+    sparse_attention: SparseAttentionConfig | None = None  # a fixed mask pattern over softmax attention
 
     # feed-forward
     activation: Activation = "silu"
@@ -185,6 +211,8 @@ class ModelConfig:
             self.moe = _nested(MoEConfig, self.moe, "moe")
         if isinstance(self.mla, dict):
             self.mla = _nested(MLAConfig, self.mla, "mla")
+        if isinstance(self.sparse_attention, dict):
+            self.sparse_attention = _nested(SparseAttentionConfig, self.sparse_attention, "sparse_attention")
         for name in ("n_heads", "dim"):  # head_dim is derived from them: check their type first
             _check_int(name, getattr(self, name))
         if self.n_kv_heads is None:
@@ -205,7 +233,7 @@ class ModelConfig:
         self._check_sizes()
         self._check_token_ids()
         for name, kind in (("positions", PositionKind), ("norm", NormKind), ("norm_placement", NormPlacement),
-                           ("activation", Activation)):
+                           ("activation", Activation), ("attention", AttentionKind)):
             value = getattr(self, name)
             if value not in get_args(kind):
                 raise ValueError(f"ModelConfig.{name} must be one of {list(get_args(kind))}, got {value!r}")
@@ -226,6 +254,7 @@ class ModelConfig:
         if self.moe is not None and self.moe.n_experts % self.moe.n_groups:
             raise ValueError(f"MoEConfig.n_experts ({self.moe.n_experts}) must be divisible by n_groups "
                              f"({self.moe.n_groups})")
+        self._check_efficient_attention()
         rope_field = "MLAConfig.qk_rope_head_dim" if self.mla else "ModelConfig.head_dim"
         rope_dim = self.mla.qk_rope_head_dim if self.mla else self.head_dim
         if self.positions == "rope" and rope_dim % 2:
@@ -263,6 +292,36 @@ class ModelConfig:
         if self.positions != "rope" or self.mla is not None or self.sliding_window is not None:
             raise ValueError("ModelConfig.dual_chunk remaps RoPE positions of ordinary attention: it needs "
                              f"positions='rope' (got {self.positions!r}), no mla and no sliding_window")
+
+    def _check_efficient_attention(self) -> None:
+        """Linear attention has no softmax, so nothing that shapes softmax scores applies to it; a sparse pattern
+        must keep every query's own position (else a row of the mask could be empty)."""
+        if self.attention == "linear":
+            clashes = {"positions": self.positions in ("rope", "alibi", "relative_bias"),
+                       "sliding_window": self.sliding_window, "dual_chunk": self.dual_chunk,
+                       "mla": self.mla, "attn_scale": self.attn_scale, "sparse_attention": self.sparse_attention}
+            for name, clash in clashes.items():
+                if clash:
+                    raise ValueError(f"ModelConfig.attention='linear' does not combine with {name}="
+                                     f"{getattr(self, name)!r} (it has no softmax scores to rotate, bias, scale or "
+                                     "mask); use positions='learned', 'sinusoidal' or 'none', the others unset")
+        sparse = self.sparse_attention
+        if sparse is None:
+            return
+        if sparse.pattern not in get_args(SparsePattern):
+            raise ValueError(f"SparseAttentionConfig.pattern must be one of {list(get_args(SparsePattern))}, "
+                             f"got {sparse.pattern!r}")
+        for name in ("window", "block_size", "window_blocks"):
+            _check_int(f"sparse_attention.{name}", getattr(sparse, name))
+        for name in ("global_tokens", "global_blocks", "random_blocks", "seed"):
+            value = getattr(sparse, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"ModelConfig.sparse_attention.{name} must be an integer >= 0, got {value!r}")
+        n_blocks = -(-self.max_seq_len // sparse.block_size)
+        if sparse.pattern == "block_sparse" and n_blocks > MAX_SPARSE_BLOCKS:
+            raise ValueError(f"ModelConfig.sparse_attention: max_seq_len={self.max_seq_len} in blocks of "
+                             f"{sparse.block_size} makes {n_blocks} blocks (at most {MAX_SPARSE_BLOCKS}: the block "
+                             "layout is n_blocks x n_blocks); use a larger block_size")
 
     def _check_sizes(self) -> None:
         """Refuse sizes no real model has, before anything is built from them."""

@@ -172,12 +172,17 @@ def bench(
                                                       "and DCA (table + PNG under runs/bench-long)")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="with --long: a tiny model and lengths, seconds long "
                                                         "(a smoke test; its numbers mean nothing)")] = False,
+    attention: Annotated[bool, typer.Option("--attention", help="time and peak memory of attention kinds vs "
+                                                                "sequence length: SDPA, linear (chunked, "
+                                                                "recurrent), local + global and block-sparse "
+                                                                "masks")] = False,
 ) -> None:
     """lucidlm vs transformers on the same random Llama-shaped 125M model: prefill and decode tok/s,
     the memory-bandwidth bound, and an overhead-bound tiny model. Prints a Markdown table.
     With --train: training tokens/s and peak memory on a Llama-shaped 30M model.
     With --long: perplexity beyond the trained context (RoPE scalings, NTK-by-parts, DCA, ALiBi).
     With --probe: the decode-step cost of scoring every token with a probe while streaming.
+    With --attention: forward time and peak memory of SDPA, linear attention and sparse masks, N = 256..8192.
     With --serve: the OpenAI server under 1, 8 and 32 concurrent streaming clients (continuous batching), a long
     prompt arriving while 32 clients stream (chunked prefill) and a 2nd request sharing a prompt head (prefix
     caching), with the serving targets beside the measured values."""
@@ -209,6 +214,11 @@ def bench(
                                  print_fn=lambda s: typer.echo(s, err=True), scenarios=tuple(scenario or SCENARIOS),
                                  long_prompt=long_prompt, long_clients=long_clients, shared_prefix=shared_prefix)
         typer.echo(serve_table(result))
+        return
+    if attention:
+        from .bench_attention import attention_table, run_attention_bench
+
+        typer.echo(attention_table(run_attention_bench(repeats=repeats, print_fn=lambda s: typer.echo(s, err=True))))
         return
     if probe:
         from .bench_probe import probe_table, run_probe_bench

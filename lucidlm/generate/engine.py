@@ -137,6 +137,7 @@ class Engine:
         self.isolate = isolate_failures
         self.sample = SampleStep(self.history, self.device, isolate_failures)
         rings = any(cfg.is_sliding(i) for i in range(cfg.n_layers))
+        rings = rings or cfg.attention == "linear"  # a recurrent state is no cells by position either
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes and not rings else None
         self.layers = (probe.layer,) if probe is not None else ()
         self.own = probe is not None and probe.alignment == "own"

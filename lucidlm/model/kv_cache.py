@@ -12,7 +12,10 @@ generate/engine.py moves requests in and out of slots between steps) and *cell*:
   lives in cell ``i % ring``. The extra ``chunk - 1`` cells let a prefill chunk write all its keys
   before attending while its first query still finds the ``window`` keys it needs;
 - MLA layers (DeepSeek) store the compressed latent ``c_kv`` (rank) and the rotated RoPE key
-  ``k_pe`` (rope_dim) — one shared "head" — instead of per-head K and V.
+  ``k_pe`` (rope_dim) — one shared "head" — instead of per-head K and V;
+- linear-attention layers (``model/linear_attention.py``) hold no cells at all but a recurrent state per slot:
+  S = Σ φ(k) vᵀ (kv_heads, head_dim, head_dim) and z = Σ φ(k) (kv_heads, head_dim), in float32, the same size
+  at every length (``read_state`` / ``write_state``).
 
 Per slot the cache also records which sequence indices hold real tokens (left padding does not)
 and their position ids; attention masks and ALiBi biases are built from that, so rows of a batch
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig
+from .sparse_attention_masks import sparse_pattern_mask
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -44,11 +48,15 @@ def kv_cache_bytes(cfg: ModelConfig, seq_len: int, batch: int = 1, dtype: torch.
                    chunk_size: int = 1) -> int:
     """Bytes of a cache holding ``batch`` sequences of ``seq_len`` tokens; sliding-window layers
     hold at most ``window + chunk_size - 1`` tokens."""
+    if cfg.attention == "linear":  # S and z per kv head, float32, whatever the length
+        return cfg.n_layers * batch * cfg.n_kv_heads * (cfg.head_dim + 1) * cfg.head_dim * 4
     per_layer = _elements_per_token(cfg) * _itemsize(dtype) * batch
     return sum(per_layer * _cells(cfg, layer, seq_len, chunk_size) for layer in range(cfg.n_layers))
 
 
 def _elements_per_token(cfg: ModelConfig) -> int:
+    if cfg.attention == "linear":  # the state does not grow with the sequence
+        return 0
     if cfg.mla is not None:
         return cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
     return 2 * cfg.n_kv_heads * cfg.head_dim
@@ -114,6 +122,10 @@ class KVCache:
 
     def _allocate(self, layer: int, new: Callable[..., torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, cells = self.cfg, _cells(self.cfg, layer, self.max_len, self.chunk_size)
+        if cfg.attention == "linear":  # the recurrent state S (slots, kv_heads, d, d) and z (slots, kv_heads, d)
+            d = cfg.head_dim
+            shapes = [(self.n_slots, cfg.n_kv_heads, d, d), (self.n_slots, cfg.n_kv_heads, d)]
+            return tuple(new(s, dtype=torch.float32, device=self.device) for s in shapes)
         if cfg.mla is not None:  # (slots, 1, cells, rank) latent and (slots, 1, cells, rope) key
             mla = cfg.mla
             shapes = [(self.n_slots, 1, cells, mla.kv_lora_rank), (self.n_slots, 1, cells, mla.qk_rope_head_dim)]
@@ -131,6 +143,10 @@ class KVCache:
             self.lengths[s] = 0
             self.valid[s] = False
             self.next_position[s] = 0
+            if self.cfg.attention == "linear":  # a state is a sum: the next sequence starts from zero
+                for pair in self.layers:
+                    for t in pair:
+                        t[s] = 0
 
     def copy_slot(self, src: int, dst: Sequence[int]) -> None:
         """Make slots ``dst`` continue the sequence in ``src`` (best-of-N shares one prefill)."""
@@ -148,6 +164,8 @@ class KVCache:
         caching). Full-attention layers only: a ring's cells are not indexed by sequence position."""
         if any(self.ring):
             raise ValueError("cells of sliding-window rings cannot be copied out as a prefix")
+        if self.cfg.attention == "linear":
+            raise ValueError("a linear-attention cache holds a state per slot, not cells to copy out as a prefix")
         return [tuple(t[slot, :, start:start + n].clone() for t in pair) for pair in self.layers]
 
     def write_prefix(self, slot: int, cells: list[tuple[torch.Tensor, ...]], n: int) -> None:
@@ -221,6 +239,8 @@ class KVCache:
         if any(self.ring):
             masks[True] = self._ring_mask(seq_index, slot_t, contiguous)
         key_positions = self._rows(self.positions, slot_t, contiguous)[:, :kv_len]
+        if self.cfg.sparse_attention is not None:  # the model's fixed pattern, by position, over the full layers
+            masks[False] = masks[False] & sparse_pattern_mask(self.cfg, position_ids, key_positions)
         self.plan = StepPlan(slot_t, seq_index, kv_len, contiguous, position_ids, masks, key_positions)
         return self.plan
 
@@ -263,6 +283,21 @@ class KVCache:
             else:  # gather only the cells in use: a server's slots are scattered and its cache is long
                 out.append(buf[plan.slots, :, : plan.kv_len])
         return tuple(out)
+
+    def new_tokens_real(self) -> torch.Tensor:
+        """(batch, n_new) True where this forward's token is real (not padding)."""
+        plan = self.plan
+        return self.valid[plan.slots[:, None], plan.seq_index]
+
+    def read_state(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A linear-attention layer's (S, z) for the plan's rows: (batch, kv_heads, d, d), (batch, kv_heads, d)."""
+        plan = self.plan
+        return tuple(self._rows(t, plan.slots, plan.contiguous) for t in self.layers[layer])
+
+    def write_state(self, layer: int, state: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Store a linear-attention layer's (S, z) after this forward, for the plan's rows."""
+        for buf, t in zip(self.layers[layer], state):
+            buf[self.plan.slots] = t
 
 
 def _mask(seq_index: torch.Tensor, key_index: torch.Tensor, valid: torch.Tensor, window: int | None = None):

@@ -26,6 +26,7 @@ from .attention import Attention
 from .dual_chunk_attention import dual_chunk_rope
 from .kv_cache import KVCache, StepPlan
 from .linear import Linear
+from .linear_attention import LinearAttention
 from .masks import build_mask, positions_from_attention_mask
 from .mla import MultiHeadLatentAttention
 from .mlp import MLP
@@ -33,6 +34,7 @@ from .moe import MoE
 from .norm import make_norm
 from .relative_position_bias import RelativePositionBias
 from .rope import RotaryEmbedding
+from .sparse_attention_masks import sparse_pattern_mask
 
 
 @dataclass
@@ -47,7 +49,8 @@ class Block(nn.Module):
         super().__init__()
         self.placement = cfg.norm_placement
         self.sliding = cfg.is_sliding(layer)
-        self.attn = MultiHeadLatentAttention(cfg, layer) if cfg.mla else Attention(cfg, layer)
+        attention = LinearAttention if cfg.attention == "linear" else Attention
+        self.attn = MultiHeadLatentAttention(cfg, layer) if cfg.mla else attention(cfg, layer)
         self.mlp = MoE(cfg) if cfg.is_moe(layer) else MLP(cfg)
         self.attn_norm = make_norm(cfg)
         self.mlp_norm = make_norm(cfg)
@@ -169,6 +172,8 @@ class Transformer(nn.Module):
         if s > cfg.max_seq_len and cfg.positions in ("learned", "sinusoidal"):
             raise ValueError(f"sequence of {s} tokens exceeds max_seq_len={cfg.max_seq_len}")
         wanted = self.check_hidden_layers(hidden_layers)
+        if prefix_mask is not None and cfg.attention == "linear":
+            raise ValueError("prefix_mask needs softmax attention: ModelConfig.attention='linear' is causal only")
         if cache is not None:
             return self._forward_cached(input_ids, attention_mask, position_ids, wanted, return_aux_loss,
                                         cache, range(b) if slots is None else slots, last_only)
@@ -181,6 +186,8 @@ class Transformer(nn.Module):
         rope = self._rope(position_ids, x.dtype)
         bias = self._position_bias(position_ids, position_ids)
         masks = self._masks(b, s, x.device, attention_mask, prefix_mask)
+        if cfg.sparse_attention is not None:  # a fixed pattern over the full-attention layers
+            masks[False] = masks[False] & sparse_pattern_mask(cfg, position_ids, position_ids)
         return self._run_blocks(x, rope, masks, bias, None, wanted, return_aux_loss, last_only)
 
     def check_hidden_layers(self, layers: Sequence[int]) -> set[int]:

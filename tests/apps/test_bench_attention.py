@@ -1,0 +1,38 @@
+"""`lucidlm bench --attention` at tiny sizes: every method measured at every length, the table's structure, and the
+methods compute attention that agrees where it should (SDPA with and without the causal mask)."""
+
+from __future__ import annotations
+
+import torch
+
+from lucidlm.apps.bench_attention import METHODS, Patterns, _masks, _methods, attention_table, run_attention_bench
+
+
+def test_tiny_bench_measures_every_method_and_prints_two_tables():
+    rows = run_attention_bench(lengths=(16, 32), heads=2, head_dim=8, repeats=1,
+                               patterns=Patterns(window=4, global_tokens=2, block_size=4, random_blocks=1),
+                               print_fn=lambda s: None)
+    assert [r.n for r in rows] == [16, 32]
+    for r in rows:
+        assert set(r.seconds) == set(r.peak_bytes) == set(METHODS)
+        assert all(s > 0 for s in r.seconds.values())
+        assert all(b is None or b >= 0 for b in r.peak_bytes.values())
+        assert r.mask_bytes["local + global"] == r.n * r.n  # one byte per (query, key) pair
+        assert 0 < r.allowed["local + global"] < r.allowed["SDPA + causal mask"] <= 0.6
+    table = attention_table(rows, heads=2, head_dim=8)
+    lines = table.splitlines()
+    headers = [i for i, line in enumerate(lines) if line.startswith("| N |")]
+    assert len(headers) == 2
+    for h in headers:
+        assert lines[h] == "| N | " + " | ".join(METHODS) + " |"
+        assert [line.split(" | ")[0] for line in lines[h + 2:h + 4]] == ["| 16", "| 32"]
+        assert all(line.count("|") == len(METHODS) + 2 for line in lines[h:h + 4])
+    assert "2 heads × 8" in table and "% allowed" in table
+
+
+def test_methods_agree_where_they_compute_the_same_thing():
+    q, k, v = (torch.randn(1, 2, 24, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    out = {name: fn() for name, fn in _methods(q, k, v, _masks(24, Patterns(block_size=4), q.device)).items()}
+    torch.testing.assert_close(out["SDPA + causal mask"], out["SDPA causal"])
+    torch.testing.assert_close(out["linear, recurrent"], out["linear, chunked"], atol=1e-5, rtol=1e-5)
+    assert all(o.shape == (1, 2, 24, 8) for o in out.values())
