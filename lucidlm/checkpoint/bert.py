@@ -2,7 +2,7 @@
 
 Every tensor is a plain rename: BERT's linear layers are ``nn.Linear`` (out, in) like lucidlm's. The MLM
 decoder is tied to the word embeddings, so a checkpoint usually stores no ``cls.predictions.decoder.weight``
-(older ones do, as a copy; ``decoder.bias`` is an alias of ``cls.predictions.bias``). A pre-training
+(older ones do, as a copy; ``decoder.bias`` is then an alias of ``cls.predictions.bias``). A pre-training
 checkpoint (``BertForPreTraining``, e.g. bert-base-uncased) also holds the pooler and the next-sentence
 head, which masked-LM logits do not use: they are skipped.
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..model.encoder import EncoderConfig
 from .errors import CheckpointError
-from .family import Family, activation, check_unsupported, require
+from .family import Family, Rule, activation, check_unsupported, require
 
 ENCODER_MODEL_TYPES = ("bert",)
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
@@ -51,6 +51,15 @@ def bert_hf_config(cfg: EncoderConfig) -> dict:
     }
 
 
+def _bert_special(cfg: EncoderConfig, our_names: list[str]) -> list[Rule]:
+    """Untied: transformers 5 keeps ``decoder.bias`` (what its forward adds) apart from ``cls.predictions.bias``
+    (then unused); the bias is read from the first and written to both."""
+    if cfg.tie_embeddings:
+        return []
+    return [Rule(("head.bias",), ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+                 lambda ts: ts[:1], lambda ts: [ts[0], ts[0].clone()])]
+
+
 LAYER = r"encoder\.layers\.(\d+)\."
 FAMILIES = [Family(
     ENCODER_MODEL_TYPES, bert_config, bert_hf_config,  # its configs are EncoderConfigs, not ModelConfigs
@@ -72,6 +81,7 @@ FAMILIES = [Family(
         (r"head\.bias", r"cls.predictions.bias"),
         (r"head\.decoder\.weight", r"cls.predictions.decoder.weight"),  # untied checkpoints only
     ],
+    special=_bert_special,
     # the pooler and next-sentence head of pre-training checkpoints; the position-id buffer of old ones; the
     # decoder's bias (an alias of cls.predictions.bias); a tied decoder's copy of the word embeddings
     ignored=(r"bert\.pooler\..*", r"cls\.seq_relationship\..*", r"bert\.embeddings\.position_ids",
