@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .checkpoint import load_model, save_model
+from .checkpoint.encoder_loader import load_encoder_model, save_encoder_model
 from .checkpoint.family import Family
 from .checkpoint.loader import check_quantize, load_tokenizer
 from .checkpoint.local_models import resolve_model_path
@@ -23,6 +24,7 @@ from .generate.offline import Generator
 from .generate.strategies import AnswerExtractor, Scorer, Vote, last_number, mean_logprob
 from .generate.text_generation import Prompt
 from .model.cpu_kernels import pack_linears
+from .model.encoder import EncoderConfig, MaskedLM
 from .model.quantize import quantize_model, require_float
 from .model.transformer import Transformer
 from .probe.probe import LoadedProbe, attach_probe, score_tokens
@@ -207,3 +209,55 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: 
     tokenizer, defaults = load_tokenizer(path, loaded.config)  # files read and token ids checked in checkpoint/
     return LM(loaded.model, tokenizer, loaded.config, path, loaded.family, loaded.hf_config, defaults,
               compile_decode=mode, probe=attached)
+
+
+# --- encoder-only masked LMs (BERT) -------------------------------------------------------------
+@dataclass
+class EncoderLM:
+    """A loaded encoder-only masked LM: the ``MaskedLM`` module, its tokenizer and config. It has no ``generate``
+    (a bidirectional encoder has no left-to-right distribution to sample from); ``model(ids, attention_mask,
+    token_type_ids)`` gives the logits of the token at every position."""
+
+    model: MaskedLM
+    tokenizer: Tokenizer | None
+    config: EncoderConfig
+    path: Path | None = None
+    hf_config: dict | None = None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok().encode(text, add_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._tok().decode(ids, skip_special_tokens)
+
+    def save(self, directory: str | Path) -> Path:
+        """The bert layout (config.json + model.safetensors) and the tokenizer: transformers' BertForMaskedLM
+        and ``load_encoder`` read it back."""
+        out = save_encoder_model(self.model, directory, self.hf_config, source=self.path)
+        if self.tokenizer is not None and not (Path(out) / "tokenizer.json").exists():
+            self.tokenizer.save(out)
+        return out
+
+    def _tok(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path}: this checkpoint has no tokenizer.json, so text cannot be encoded")
+        return self.tokenizer
+
+    def __repr__(self) -> str:
+        n = self.model.num_parameters()
+        dtype = next(self.model.parameters()).dtype
+        return f"EncoderLM({self.path}, {n / 1e6:.1f}M params, {dtype})"
+
+
+def load_encoder(path: str | Path, dtype: str | torch.dtype | None = "float32",
+                 device: str | torch.device = "auto") -> EncoderLM:
+    """Load an encoder-only masked LM checkpoint (``model_type: bert``: config.json + safetensors [+ tokenizer]),
+    as transformers' ``AutoModelForMaskedLM`` does; ``load`` is for causal LMs and refuses these.
+    dtype: "float32", "bfloat16", "float16" or "auto". device: "auto" picks CUDA when available."""
+    path = Path(path)
+    loaded = load_encoder_model(path, dtype=dtype, device=resolve_device(device))
+    tokenizer = Tokenizer.from_dir(path)
+    if tokenizer is not None and (largest := tokenizer.max_token_id()) >= loaded.config.vocab_size:
+        raise ValueError(f"{path / 'tokenizer.json'}: the tokenizer has token ids up to {largest}, but the model's "
+                         f"embedding has {loaded.config.vocab_size} rows (vocab_size)")
+    return EncoderLM(loaded.model, tokenizer, loaded.config, path, loaded.hf_config)

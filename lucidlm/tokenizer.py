@@ -76,6 +76,11 @@ class Tokenizer:
         return self._special_id("pad_token")
 
     @property
+    def mask_token_id(self) -> int | None:
+        """[MASK] of a masked-LM tokenizer (train/masked_lm.py)."""
+        return self._special_id("mask_token")
+
+    @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size()
 

@@ -41,7 +41,8 @@ def _tokenizer(run: TokenizerRun) -> None:
     from .train_recipes import run_tokenizer
 
     tok = run_tokenizer(run)
-    typer.echo(f"{tok.vocab_size} tokens -> {run.out}/tokenizer.json (+ tokenizer_config.json with a chat template)")
+    template = " with a chat template" if tok.chat_template else ""
+    typer.echo(f"{tok.vocab_size} tokens -> {run.out}/tokenizer.json (+ tokenizer_config.json{template})")
 
 
 def _report(result) -> None:
@@ -153,5 +154,7 @@ def register(app: typer.Typer) -> None:
     app.command("pretrain")(config_command(
         PretrainRun, _pretrain,
         "Pretrain a language model on text files (packed blocks, next-token loss).\n\n"
+        "--objective mlm pretrains an encoder-only masked LM (BERT) instead: --model.preset bert-base (shrunk by "
+        "the --model.* options), 15% of the tokens masked, a bert checkpoint out.\n\n"
         "Every option can also come from --config run.yaml (sections: model, train).\n"
         "Example: lucidlm pretrain --data corpus/ --model.dim 256 --model.n-layers 4 --train.max-steps 500"))

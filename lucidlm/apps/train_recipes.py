@@ -32,7 +32,8 @@ from ..train.trainer import TrainConfig, Trainer, default_save_weights
 class ModelSpec:
     init: str | None = opt(None, "checkpoint directory to start from; none: a new model from `preset`")
     preset: str = opt("llama-125m", "architecture of a new model (see `lucidlm info --preset NAME`)")
-    family: str = opt("llama", "Hugging Face layout a new model is saved in (model_type, e.g. llama, qwen3)")
+    family: str | None = opt(None, "Hugging Face layout a new model is saved in (model_type, e.g. llama, qwen3; "
+                                   "default: llama, bert for an encoder preset)")
     dim: int | None = opt(None, "hidden size (overrides the preset)")
     n_layers: int | None = opt(None, "blocks (overrides the preset)")
     n_heads: int | None = opt(None, "attention heads (overrides the preset)")
@@ -48,6 +49,8 @@ class PretrainRun:
     val_data: list[str] = opt(factory=list, help="validation text files; none: hold out val_percent of `data`")
     val_percent: float = opt(1.0, "percent of documents held out for validation when val_data is empty (0: none)")
     tokenizer: str = opt("bytes", "directory with tokenizer.json, or `bytes` for the 259-token byte tokenizer")
+    objective: str = opt("causal", "causal (next-token loss, a decoder) or mlm (masked LM: 15% of the tokens, an "
+                                   "encoder such as --model.preset bert-base; see apps/mlm_pretrain.py)")
     block_size: int = opt(256, "tokens per training sequence")
     batch_size: int = opt(8, "sequences per micro-batch")
     model: ModelSpec = opt(factory=ModelSpec, help="the model")
@@ -62,6 +65,7 @@ class TokenizerRun:
     out: str = opt("tokenizer", "directory to write tokenizer.json and tokenizer_config.json into")
     min_frequency: int = opt(2, "a pair must occur this often to be merged")
     model_max_length: int = opt(2048, "context length recorded in tokenizer_config.json")
+    mlm: bool = opt(False, "a masked-LM tokenizer: [CLS] [SEP] [PAD] [MASK] special tokens, no chat template")
 
 
 def run_tokenizer(run: TokenizerRun) -> Tokenizer:
@@ -69,6 +73,12 @@ def run_tokenizer(run: TokenizerRun) -> Tokenizer:
 
     if not run.data:
         raise ValueError("no training text: give --data FILE[,FILE...]")
+    if run.mlm:  # BERT's special tokens with their roles, no chat template
+        from ..train.tokenizer_training import MLM_SPECIAL_TOKENS, MLM_TOKEN_ROLES
+
+        return train_bpe_tokenizer(run.data, run.vocab_size, run.out, MLM_SPECIAL_TOKENS, chat_template=None,
+                                   min_frequency=run.min_frequency, model_max_length=run.model_max_length,
+                                   token_roles=MLM_TOKEN_ROLES)
     return train_bpe_tokenizer(run.data, run.vocab_size, run.out, min_frequency=run.min_frequency,
                                model_max_length=run.model_max_length)
 
@@ -90,15 +100,16 @@ def build_model(spec: ModelSpec, tokenizer: Tokenizer) -> tuple[Transformer, obj
             raise ValueError(f"{spec.init}: vocab_size {loaded.config.vocab_size} < the tokenizer's "
                              f"{tokenizer.vocab_size}")
         return loaded.model, loaded.family
-    if spec.family not in FAMILIES:
-        raise ValueError(f"unknown family {spec.family!r}; known: {sorted(FAMILIES)}")
+    family = spec.family or "llama"
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; known: {sorted(FAMILIES)}")
     shape = {k: v for k, v in dataclasses.asdict(spec).items()
              if k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len") and v is not None}
     cfg = from_preset(spec.preset, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
     model = Transformer(cfg)
     model.init_weights(torch.Generator().manual_seed(spec.seed))
-    return model, FAMILIES[spec.family]
+    return model, FAMILIES[family]
 
 
 def make_trainer(strategy: str, *args, **kwargs) -> Trainer:
@@ -122,6 +133,11 @@ def _with_tokenizer(save, tokenizer: Tokenizer, model, directory: Path) -> None:
 def run_pretrain(run: PretrainRun) -> dict:
     if not run.data:
         raise ValueError("no training data: give --data FILE[,FILE...] (or data: [...] in the config file)")
+    from .mlm_pretrain import check_objective, run_mlm_pretrain
+
+    check_objective(run)  # mlm for an encoder, causal for a decoder: refused before anything is built
+    if run.objective == "mlm":
+        return run_mlm_pretrain(run)
     ensure_writable_dir(run.train.out_dir)  # before the model is built and the data read
     tokenizer = load_tokenizer(run.tokenizer)
     model, family = build_model(run.model, tokenizer)

@@ -23,6 +23,7 @@ from ..model.transformer import Transformer
 from ..progress import progress_bar
 from ..tokenizer import Tokenizer
 from . import bloom, deepseek, gemma3, gpt2, llama_family, native
+from .bert import ENCODER_MODEL_TYPES
 from .errors import CheckpointError
 from .family import Family, Rule, same
 from .files import checkpoint_file, has_file, read_json
@@ -75,6 +76,9 @@ def read_hf_config(directory: str | Path) -> tuple[dict, Family, ModelConfig]:
 
 def _family_config(hf: dict, path: Path) -> tuple[dict, Family, ModelConfig]:
     kind = hf.get("model_type")
+    if kind in ENCODER_MODEL_TYPES:  # a masked LM: nothing to generate with, so not an LM of lucidlm.load
+        raise CheckpointError(f"{path}: model_type {kind!r} is an encoder-only masked LM, not a causal LM: "
+                              "load it with lucidlm.load_encoder(path)")
     if kind not in FAMILIES:
         raise CheckpointError(
             f"{path}: unsupported model_type {kind!r}; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"

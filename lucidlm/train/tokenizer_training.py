@@ -15,14 +15,20 @@ from ..tokenizer import Tokenizer
 from .pretrain_data import expand_files
 
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
+# A masked LM's (BERT's names): [CLS] opens a sequence (BOS), [SEP] closes one (EOS, between packed documents),
+# [MASK] stands in for the tokens to predict; no chat template (an encoder does not chat)
+MLM_SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "[MASK]")
+MLM_TOKEN_ROLES = {"cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def train_bpe_tokenizer(files: list[str | Path], vocab_size: int, out_dir: str | Path | None = None,
                         special_tokens: tuple[str, ...] = SPECIAL_TOKENS, chat_template: str | None = CHATML,
-                        min_frequency: int = 2, model_max_length: int = 2048) -> Tokenizer:
-    """special_tokens: BOS, EOS and padding first (in that order), then any others."""
+                        min_frequency: int = 2, model_max_length: int = 2048,
+                        token_roles: dict[str, str] | None = None) -> Tokenizer:
+    """special_tokens: BOS, EOS and padding first (in that order), then any others. token_roles: further
+    tokenizer_config.json roles of special tokens (``MLM_TOKEN_ROLES``: cls_token, sep_token, mask_token)."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -47,6 +53,10 @@ def train_bpe_tokenizer(files: list[str | Path], vocab_size: int, out_dir: str |
               "additional_special_tokens": list(special_tokens[3:])}
     if chat_template is not None:
         config["chat_template"] = chat_template
+    for role, token in (token_roles or {}).items():
+        if token not in special_tokens:
+            raise ValueError(f"{role} {token!r} is not one of the special tokens {list(special_tokens)}")
+        config[role] = token
     tokenizer = Tokenizer(backend, config)
     if out_dir is not None:
         tokenizer.save(out_dir)

@@ -102,3 +102,52 @@ def test_full_sft_exports_a_model(tmp_path):
     assert result.exit_code == 0, result.output
     lm = lucidlm.load(tmp_path / "run" / "model")
     assert lm.tokenizer.chat_template and lm.config.dim == 256
+
+
+def _town(path, documents=120):
+    path.mkdir()
+    (path / "a.txt").write_text("\n\n".join(f"Anna the baker sells bread to Ben on day {i}." for i in range(documents)))
+    return path
+
+
+def test_pretrain_mlm_trains_an_encoder_whose_loss_falls_and_exports_a_bert(tmp_path):
+    from transformers import BertForMaskedLM
+
+    town = _town(tmp_path / "town")
+    args = ["pretrain", "--objective", "mlm", "--data", str(town), "--model.preset", "bert-base", "--model.dim", "32",
+            "--model.n-layers", "1", "--model.n-heads", "2", "--model.ffn-dim", "64", "--model.max-seq-len", "32",
+            "--block-size", "32", "--batch-size", "8", "--val-percent", "0", "--train.lr", "0.005",
+            "--train.warmup-steps", "2", "--train.save-every", "8", "--train.out-dir", str(tmp_path / "run")]
+    result = runner.invoke(app, args + ["--train.max-steps", "16"])
+    assert result.exit_code == 0, result.output
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert len(losses) == 16 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5
+    enc = lucidlm.load_encoder(tmp_path / "run" / "model", device="cpu")
+    assert enc.tokenizer.mask_token_id == 259 and enc.config.d_model == 32
+    ids = torch.tensor([enc.encode("Anna the [MASK] sells bread.")])
+    theirs = BertForMaskedLM.from_pretrained(tmp_path / "run" / "model").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(enc.model(ids), theirs(ids).logits, atol=1e-4, rtol=1e-4)
+    resumed = runner.invoke(app, args + ["--train.max-steps", "18"])  # from the bert-layout checkpoint of step 16
+    assert resumed.exit_code == 0, resumed.output
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")][-3:] == [16, 17, 18]
+
+
+def test_pretrain_objective_and_model_must_match(tmp_path):
+    town = _town(tmp_path / "town", 4)
+    out = ["--train.out-dir", str(tmp_path / "r")]
+    result = runner.invoke(app, ["pretrain", "--objective", "mlm", "--data", str(town)] + out)
+    assert "--objective mlm trains an encoder-only masked LM, but --model.preset llama-125m is a causal LM" in str(
+        result.exception)
+    result = runner.invoke(app, ["pretrain", "--data", str(town), "--model.preset", "bert-base"] + out)
+    assert "--model.preset bert-base is an encoder-only masked LM" in str(result.exception)
+    assert "--objective mlm" in str(result.exception)
+    result = runner.invoke(app, ["pretrain", "--objective", "span", "--data", str(town)] + out)
+    assert "objective must be one of ['causal', 'mlm']" in str(result.exception)
+    result = runner.invoke(app, ["tokenizer", "train", "--data", str(town), "--vocab-size", "300",
+                                 "--out", str(tmp_path / "tok")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["pretrain", "--objective", "mlm", "--data", str(town), "--model.preset", "bert-base",
+                                 "--tokenizer", str(tmp_path / "tok")] + out)
+    assert "the tokenizer has no mask token" in str(result.exception)
+    assert "lucidlm tokenizer train --mlm" in str(result.exception)
