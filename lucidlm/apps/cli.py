@@ -167,6 +167,10 @@ def bench(
     long_clients: Annotated[int, typer.Option(min=1, help="with --serve: clients streaming while it arrives")] = 32,
     shared_prefix: Annotated[int, typer.Option(min=1, help="with --serve: tokens of the shared-prefix scenario's "
                                                            "common head")] = 500,
+    adapters: Annotated[bool, typer.Option("--adapters", help="LoRA vs bottleneck adapters vs full fine-tuning: "
+                                                              "trainable params, loss, time (--model: the base; "
+                                                              "default a small random Llama)")] = False,
+    steps: Annotated[int, typer.Option(min=1, help="with --adapters: training steps per method")] = 50,
 ) -> None:
     """lucidlm vs transformers on the same random Llama-shaped 125M model: prefill and decode tok/s,
     the memory-bandwidth bound, and an overhead-bound tiny model. Prints a Markdown table.
@@ -179,6 +183,12 @@ def bench(
         import torch
 
         torch.set_num_threads(threads)
+    if adapters:
+        from .bench_adapters import AdapterBench, adapter_table, run_adapter_bench
+
+        result = run_adapter_bench(AdapterBench(steps=steps), model, print_fn=lambda s: typer.echo(s, err=True))
+        typer.echo(adapter_table(result))
+        return
     if quant:
         from .bench_quant import quant_table, run_quant_bench
 
