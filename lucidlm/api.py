@@ -166,7 +166,8 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: 
     before its first step, loaded from ~/.cache/lucidlm/compiled in about a second or compiled once per
     machine (tens of seconds) and saved there; "off" / False never (the default on CUDA). See
     generate/compiled_steps.py.
-    adapter: a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to apply.
+    adapter: an adapter directory to apply: PEFT LoRA (adapter_config.json + adapter_model.safetensors) or a
+    lucidlm bottleneck adapter (bottleneck_adapter_config.json + bottleneck_adapter.safetensors).
     probe: a probe directory (probe_config.json + probe_head.safetensors [+ its LoRA adapter]): then
     ``generate``/``stream`` give every token a hallucination score and ``token_scores`` scores a text.
     pack_weights: (CPU) keep a copy of every linear weight in oneDNN's blocked layout, which it
@@ -195,9 +196,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = "float32", device: 
     # int8 / int4 quantize after an adapter or probe is attached, so that LoRA wraps float layers first
     loaded = load_model(path, dtype=dtype, device=target, quantize="gguf" if quantize == "gguf" else "none")
     if adapter is not None:
-        from .checkpoint.peft_adapter import load_adapter
-
-        load_adapter(loaded.model, loaded.family, adapter)
+        _apply_adapter(loaded, adapter)
         loaded.model.eval()
     attached = None
     if probe is not None:
@@ -261,3 +260,19 @@ def load_encoder(path: str | Path, dtype: str | torch.dtype | None = "float32",
         raise ValueError(f"{path / 'tokenizer.json'}: the tokenizer has token ids up to {largest}, but the model's "
                          f"embedding has {loaded.config.vocab_size} rows (vocab_size)")
     return EncoderLM(loaded.model, tokenizer, loaded.config, path, loaded.hf_config)
+
+
+def _apply_adapter(loaded, adapter: str | Path) -> None:
+    """A lucidlm bottleneck adapter (checkpoint/bottleneck_adapter.py) or a PEFT LoRA one (checkpoint/peft_adapter.py),
+    told apart by their config files."""
+    from .checkpoint import bottleneck_adapter, peft_adapter
+    from .checkpoint.errors import CheckpointError
+    from .checkpoint.files import has_file
+
+    if has_file(adapter, bottleneck_adapter.CONFIG_FILE):
+        bottleneck_adapter.load_bottleneck_adapter(loaded.model, adapter)
+    elif has_file(adapter, peft_adapter.CONFIG_FILE):
+        peft_adapter.load_adapter(loaded.model, loaded.family, adapter)
+    else:
+        raise CheckpointError(f"{adapter}: no {peft_adapter.CONFIG_FILE} (a PEFT LoRA adapter) nor "
+                              f"{bottleneck_adapter.CONFIG_FILE} (a lucidlm bottleneck adapter)")

@@ -176,6 +176,10 @@ def bench(
                                                                 "sequence length: SDPA, linear (chunked, "
                                                                 "recurrent), local + global and block-sparse "
                                                                 "masks")] = False,
+    adapters: Annotated[bool, typer.Option("--adapters", help="LoRA vs bottleneck adapters vs full fine-tuning: "
+                                                              "trainable params, loss, time (--model: the base; "
+                                                              "default a small random Llama)")] = False,
+    steps: Annotated[int, typer.Option(min=1, help="with --adapters: training steps per method")] = 50,
 ) -> None:
     """lucidlm vs transformers on the same random Llama-shaped 125M model: prefill and decode tok/s,
     the memory-bandwidth bound, and an overhead-bound tiny model. Prints a Markdown table.
@@ -196,6 +200,12 @@ def bench(
         result = run_long_bench(LongBenchConfig.quick() if quick else LongBenchConfig(),
                                 print_fn=lambda s: typer.echo(s, err=True))
         typer.echo(long_table(result) + f"\n\nplot: {result['out']}/long_context.png")
+        return
+    if adapters:
+        from .bench_adapters import AdapterBench, adapter_table, run_adapter_bench
+
+        result = run_adapter_bench(AdapterBench(steps=steps), model, print_fn=lambda s: typer.echo(s, err=True))
+        typer.echo(adapter_table(result))
         return
     if quant:
         from .bench_quant import quant_table, run_quant_bench

@@ -138,7 +138,7 @@ def register(app: typer.Typer) -> None:
     app.command("sft")(config_command(
         SFTRun, _sft,
         "Supervised fine-tuning on JSONL conversations, loss on the assistant turns only; --lora trains a "
-        "PEFT-format adapter instead of every weight.\n\n"
+        "PEFT-format adapter instead of every weight, --adapter bottleneck Houlsby bottleneck adapters.\n\n"
         "Example: lucidlm sft --model base/ --data chats.jsonl --lora --lora.r 8 --out adapter/"))
     app.command("dpo")(config_command(
         DPORun, _dpo,

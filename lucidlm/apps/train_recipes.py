@@ -191,6 +191,24 @@ class LoRAOptions:
 
 
 @dataclass
+class BottleneckOptions:
+    size: int = opt(64, "bottleneck width m of each adapter (2·dim·m + m + dim parameters per adapter)")
+    activation: str = opt("gelu", "nonlinearity between the down and up projections (gelu, silu, relu, ...)")
+    places: list[str] = opt(factory=lambda: ["attn", "mlp"], help="after the attention (attn) and/or the "
+                                                                  "feed-forward (mlp) output")
+    layers: list[int] | None = opt(None, "blocks to adapt (default: all)")
+    train_norms: bool = opt(False, "also train every norm's weight (Houlsby et al.)")
+
+    def to_config(self):
+        from ..model.bottleneck_adapter import BottleneckConfig
+
+        return BottleneckConfig(self.size, self.activation, tuple(self.places), self.layers, self.train_norms)
+
+
+ADAPTERS = ("lora", "bottleneck")
+
+
+@dataclass
 class SFTRun:
     model: str | None = opt(None, "checkpoint directory to fine-tune (its tokenizer and chat template are used)")
     data: list[str] = opt(factory=list, help="JSONL files: {messages: [...]} or {prompt, response} rows")
@@ -200,7 +218,11 @@ class SFTRun:
     prefix_lm: bool = opt(False, "the prompt attends both ways (prefix-LM); the response stays causal")
     skip_bad_lines: bool = opt(False, "skip (and count) malformed JSONL lines instead of stopping")
     lora: LoRAOptions | None = opt(None, "train a LoRA adapter instead of every weight (--lora for defaults)")
-    out: str | None = opt(None, "result directory: the PEFT adapter with LoRA, else the model "
+    adapter: str | None = opt(None, "lora or bottleneck: train that adapter instead of every weight "
+                                    "(--adapter lora is --lora)")
+    bottleneck: BottleneckOptions | None = opt(None, "Houlsby bottleneck adapters (--adapter bottleneck or "
+                                                     "--bottleneck for defaults)")
+    out: str | None = opt(None, "result directory: the adapter with LoRA (PEFT format) or bottleneck, else the model "
                                 "(default: out_dir/adapter or out_dir/model)")
     strategy: str = opt("ddp", "under torchrun: ddp (every rank holds the model) or fsdp (sharded, FSDP2)")
     train: TrainConfig = opt(factory=TrainConfig, help="the trainer")
@@ -212,7 +234,21 @@ class DPORun(SFTRun):
     label_smoothing: float = opt(0.0, "conservative DPO: probability that a preference label is flipped")
 
 
+def _resolve_adapter(run: SFTRun) -> None:
+    """``--adapter NAME`` as the section it names (its defaults unless options were given); one adapter at most."""
+    if run.adapter is not None and run.adapter not in ADAPTERS:
+        raise ValueError(f"unknown adapter {run.adapter!r}; choose from {list(ADAPTERS)}")
+    if run.adapter == "lora" and run.lora is None:
+        run.lora = LoRAOptions()
+    if run.adapter == "bottleneck" and run.bottleneck is None:
+        run.bottleneck = BottleneckOptions()
+    chosen = [name for name in ADAPTERS if getattr(run, name) is not None]
+    if len(chosen) > 1 or (run.adapter is not None and chosen != [run.adapter]):
+        raise ValueError(f"one adapter at a time: --adapter {run.adapter} with options for {chosen}")
+
+
 def _fine_tune_setup(run: SFTRun):
+    _resolve_adapter(run)
     if run.model is None:
         raise ValueError("give the checkpoint to fine-tune: --model DIR")
     if not run.data:
@@ -236,6 +272,13 @@ def _fine_tune_setup(run: SFTRun):
         apply_lora(model, run.lora.to_config())
         save = partial(_save_adapter, family)
         load = partial(_load_adapter, family)
+    elif run.bottleneck is not None:
+        from ..checkpoint.bottleneck_adapter import fill_bottleneck_adapter, save_bottleneck_adapter
+        from ..model.bottleneck_adapter import apply_bottleneck
+
+        torch.manual_seed(run.train.seed)  # the adapters' initial W_down comes from the run's seed
+        apply_bottleneck(model, run.bottleneck.to_config())
+        save, load = save_bottleneck_adapter, fill_bottleneck_adapter
     else:
         save = partial(_with_tokenizer, partial(default_save_weights, family=family), tokenizer)
         load = None
@@ -257,11 +300,13 @@ def _load_adapter(family, model, directory: Path) -> None:
 def _run_info(run: SFTRun, kind: str) -> dict:
     return {"kind": kind, "model": str(Path(run.model).resolve()), "data": [str(Path(d).resolve()) for d in run.data],
             "max_len": run.max_len, "batch_size": run.batch_size, "prefix_lm": run.prefix_lm,
-            "lora": dataclasses.asdict(run.lora) if run.lora else None}
+            "lora": dataclasses.asdict(run.lora) if run.lora else None,
+            # keys added later only when used, so that runs checkpointed before them still resume
+            **({"bottleneck": dataclasses.asdict(run.bottleneck)} if run.bottleneck else {})}
 
 
 def _finish(trainer: Trainer, run: SFTRun) -> Path:
-    default = "adapter" if run.lora is not None else "model"
+    default = "adapter" if run.lora is not None or run.bottleneck is not None else "model"
     final = Path(run.out) if run.out else Path(run.train.out_dir) / default
     if trainer.is_main:
         _export(trainer, final)

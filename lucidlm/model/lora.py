@@ -122,6 +122,8 @@ def check_config(model: nn.Module, config: LoRAConfig) -> None:
         raise ValueError(f"LoRA layers {bad} out of range for a model of {n} blocks")
     if any(True for _ in lora_layers(model)):
         raise ValueError("the model already carries LoRA layers (one adapter at a time)")
+    if getattr(model, "bottleneck_config", None) is not None:
+        raise ValueError("the model already carries bottleneck adapters (one adapter at a time)")
 
 
 def targeted(name: str, targets: tuple[str, ...]) -> bool:

@@ -37,3 +37,9 @@ def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(dim, cfg.norm_eps, cfg.norm_unit_offset)
     return LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
+
+
+def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every norm's weight (and bias), by parameter name: what Houlsby adapters and LongLoRA also train."""
+    return {f"{name}.{p_name}": p for name, m in model.named_modules() if isinstance(m, RMSNorm | nn.LayerNorm)
+            for p_name, p in m.named_parameters(recurse=False)}

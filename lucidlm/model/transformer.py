@@ -57,19 +57,28 @@ class Block(nn.Module):
         if self.placement == "sandwich":
             self.attn_post_norm = make_norm(cfg)
             self.mlp_post_norm = make_norm(cfg)
+        # bottleneck adapters on the sublayer outputs, when applied (model/bottleneck_adapter.py)
+        self.attn_adapter: nn.Module | None = None
+        self.mlp_adapter: nn.Module | None = None
+
+    def attention(self, x, rope, mask, bias=None, cache=None) -> torch.Tensor:
+        """The attention output (through its adapter, if any)."""
+        out = self.attn(x, rope, mask, bias, cache)
+        return out if self.attn_adapter is None else self.attn_adapter(out)
 
     def ffn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The feed-forward output and, for MoE, its load-balancing loss."""
+        """The feed-forward output (through its adapter, if any) and, for MoE, its load-balancing loss."""
         out = self.mlp(x)
-        return out if isinstance(out, tuple) else (out, None)
+        out, aux = out if isinstance(out, tuple) else (out, None)
+        return (out if self.mlp_adapter is None else self.mlp_adapter(out)), aux
 
     def forward(self, x, rope, mask, bias=None, cache=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (batch, seq, dim) -> (same shape, MoE aux loss or None)."""
         if self.placement == "post":
-            x = self.attn_norm(x + self.attn(x, rope, mask, bias, cache))
+            x = self.attn_norm(x + self.attention(x, rope, mask, bias, cache))
             h, aux = self.ffn(x)
             return self.mlp_norm(x + h), aux
-        h = self.attn(self.attn_norm(x), rope, mask, bias, cache)
+        h = self.attention(self.attn_norm(x), rope, mask, bias, cache)
         x = x + (self.attn_post_norm(h) if self.placement == "sandwich" else h)
         h, aux = self.ffn(self.mlp_norm(x))
         return x + (self.mlp_post_norm(h) if self.placement == "sandwich" else h), aux

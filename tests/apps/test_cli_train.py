@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 import lucidlm
 from lucidlm.apps.cli import app
+from lucidlm.checkpoint import load_model
 from lucidlm.train.metrics import read_metrics
 
 runner = CliRunner()
@@ -151,3 +152,29 @@ def test_pretrain_objective_and_model_must_match(tmp_path):
                                  "--tokenizer", str(tmp_path / "tok")] + out)
     assert "the tokenizer has no mask token" in str(result.exception)
     assert "lucidlm tokenizer train --mlm" in str(result.exception)
+
+
+def test_sft_with_a_bottleneck_adapter_writes_it_and_load_applies_it(tmp_path):
+    from lucidlm.random_checkpoint import build_random_checkpoint
+
+    base = build_random_checkpoint(tmp_path / "base")
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in _chat_rows(16)) + "\n")
+    args = ["sft", "--model", str(base), "--data", str(tmp_path / "chat.jsonl"), "--train.max-steps", "4",
+            "--train.lr", "0.01", "--train.warmup-steps", "1", "--batch-size", "2", "--max-len", "64",
+            "--train.save-every", "4"]
+    result = runner.invoke(app, args + ["--adapter", "bottleneck", "--bottleneck.size", "8",
+                                        "--train.out-dir", str(tmp_path / "sft")])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "sft" / "adapter" / "bottleneck_adapter_config.json").read_text())
+    assert config["size"] == 8 and config["places"] == ["attn", "mlp"]
+    adapted = lucidlm.load(base, adapter=tmp_path / "sft" / "adapter", compile="off")
+    ids = torch.tensor([adapted.encode("Who is number 2?")])
+    with torch.no_grad():
+        assert not torch.allclose(load_model(base).model(ids), adapted.model(ids))
+    losses = [r["loss"] for r in read_metrics(tmp_path / "sft" / "metrics.jsonl")]
+    assert losses[-1] < losses[0]
+    for extra, message in ((["--adapter", "houlsby"], r"unknown adapter 'houlsby'; choose from \['lora', "),
+                           (["--adapter", "lora", "--bottleneck"], "one adapter at a time")):
+        result = runner.invoke(app, args + extra + ["--train.out-dir", str(tmp_path / "bad")])
+        assert result.exit_code != 0 and message.replace("\\", "") in str(result.exception) or \
+            pytest.fail(str(result.exception))
