@@ -24,7 +24,7 @@ MAX_SPARSE_BLOCKS = 1 << 13  # a block-sparse layout is blocks x blocks booleans
 
 PositionKind = Literal["rope", "alibi", "sinusoidal", "learned", "relative_bias", "none"]
 NormKind = Literal["rmsnorm", "layernorm"]
-NormPlacement = Literal["pre", "post", "sandwich"]
+NormPlacement = Literal["pre", "post", "sandwich", "deepnorm"]  # deepnorm: model/deepnorm.py
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
 RopeType = Literal["default", "linear", "ntk", "dynamic", "yarn", "llama3", "ntk_by_parts"]
 AttentionKind = Literal["softmax", "linear"]
@@ -255,6 +255,9 @@ class ModelConfig:
             raise ValueError(f"MoEConfig.n_experts ({self.moe.n_experts}) must be divisible by n_groups "
                              f"({self.moe.n_groups})")
         self._check_efficient_attention()
+        if self.norm_placement == "deepnorm" and self.mla is not None:
+            raise ValueError("ModelConfig.norm_placement='deepnorm' needs q/k/v/o projections for its init "
+                             "(the DeepNet paper's); it is not defined for MLA (ModelConfig.mla)")
         rope_field = "MLAConfig.qk_rope_head_dim" if self.mla else "ModelConfig.head_dim"
         rope_dim = self.mla.qk_rope_head_dim if self.mla else self.head_dim
         if self.positions == "rope" and rope_dim % 2:

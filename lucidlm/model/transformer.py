@@ -4,7 +4,8 @@
 
 A Block is attention then feed-forward (dense MLP or MoE), each wrapped in a residual connection
 with its norm placed pre (GPT-2, Llama: x + f(norm(x))), post (original Transformer:
-norm(x + f(x))) or sandwich (Gemma-2/3: x + norm(f(norm(x)))).
+norm(x + f(x))), sandwich (Gemma-2/3: x + norm(f(norm(x)))) or deepnorm (DeepNet: norm(α·x + f(x)),
+see deepnorm.py).
 Positions enter as RoPE tables shared by all layers (Gemma 3: one table for the sliding-window
 layers, another for the global ones; dual chunk attention: per-chunk tables), an ALiBi bias, T5's learned
 relative bias (one table, its bias added in every layer), or absolute embeddings.
@@ -23,6 +24,7 @@ from ..config import ModelConfig
 from .absolute_positions import LearnedPositions, SinusoidalPositions
 from .alibi import alibi_bias, alibi_slopes
 from .attention import Attention
+from .deepnorm import deepnorm_alpha, deepnorm_init_
 from .dual_chunk_attention import dual_chunk_rope
 from .kv_cache import KVCache, StepPlan
 from .linear import Linear
@@ -57,6 +59,8 @@ class Block(nn.Module):
         if self.placement == "sandwich":
             self.attn_post_norm = make_norm(cfg)
             self.mlp_post_norm = make_norm(cfg)
+        if self.placement == "deepnorm":
+            self.residual_scale = deepnorm_alpha(cfg.n_layers)  # α
         # bottleneck adapters on the sublayer outputs, when applied (model/bottleneck_adapter.py)
         self.attn_adapter: nn.Module | None = None
         self.mlp_adapter: nn.Module | None = None
@@ -74,6 +78,10 @@ class Block(nn.Module):
 
     def forward(self, x, rope, mask, bias=None, cache=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (batch, seq, dim) -> (same shape, MoE aux loss or None)."""
+        if self.placement == "deepnorm":  # post-norm with the residual up-weighted by α
+            x = self.attn_norm(self.residual_scale * x + self.attention(x, rope, mask, bias, cache))
+            h, aux = self.ffn(x)
+            return self.mlp_norm(self.residual_scale * x + h), aux
         if self.placement == "post":
             x = self.attn_norm(x + self.attention(x, rope, mask, bias, cache))
             h, aux = self.ffn(x)
@@ -124,7 +132,8 @@ class Transformer(nn.Module):
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Random init: N(0, init_std) for matrices (output projections scaled by 1/sqrt(2·layers),
-        as GPT-2 does), zeros for biases, ones for norm weights (zeros for Gemma-style offsets)."""
+        as GPT-2 does), zeros for biases, ones for norm weights (zeros for Gemma-style offsets);
+        DeepNorm then re-initialises the blocks' matrices (deepnorm.py)."""
         std = self.config.init_std
         for name, p in self.named_parameters():
             if p.dim() >= 2:
@@ -137,6 +146,8 @@ class Transformer(nn.Module):
                 nn.init.constant_(p, 0.0 if self.config.norm_unit_offset else 1.0)
             else:
                 nn.init.normal_(p, 0.0, std, generator=generator)
+        if self.config.norm_placement == "deepnorm":  # the DeepNet paper's β-scaled Xavier init
+            deepnorm_init_(self.blocks, self.config.n_layers, generator)
 
     # --- forward ----------------------------------------------------------------------------
     def forward(
