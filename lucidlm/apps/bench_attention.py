@@ -1,15 +1,23 @@
 """``lucidlm bench --attention``: time and memory of attention kinds vs sequence length, side by side.
 
-One attention call (batch 1, ``heads`` × ``head_dim``, float32, inference) per method and length N:
+Batch 1, ``heads`` × ``head_dim``, float32, inference. A forward over N positions per method:
 
 - SDPA causal: ``F.scaled_dot_product_attention(is_causal=True)``, the fused kernel, no mask materialised;
 - SDPA + causal mask: the same with a boolean N×N mask, as lucidlm's ``attend`` runs every masked layer;
 - linear, chunked: ``linear_attention_chunked`` (the parallel form training uses), feature map included;
-- linear, recurrent: ``linear_attention_recurrent``, one state update per token (what decode does), in Python;
 - local + global: SDPA with Longformer's mask (``local_global_mask``: a window, a few global tokens);
 - block-sparse: SDPA with BigBird's block mask (``bigbird_layout``: window, global and random blocks).
 
-Time: median of ``repeats`` runs after a warm-up, all methods in one process. Memory: on CUDA,
+And a decode step after N positions, where the recurrent form is what runs:
+
+- SDPA decode: one query over the N cached keys and values (what a KV cache holds: 2·N·heads·head_dim);
+- linear, recurrent: one ``recurrent_step`` from the state of the positions before (heads·head_dim·(head_dim + 1),
+  whatever N). Its whole-sequence form, ``linear_attention_recurrent``, is N of these steps (tested equal to the
+  chunked form); timing N Python-level steps per length would take the bench past its time budget, so the step
+  is measured and the table says so.
+
+Time: median of ``repeats`` runs after a warm-up (the warm-up is where memory is measured), all methods in one
+process. Memory: on CUDA,
 ``torch.cuda.max_memory_allocated`` above what was allocated before the call; on Linux CPUs, the growth of the
 process's peak resident set during the call (``VmHWM`` after resetting it through ``/proc/self/clear_refs``, free
 heap memory handed back first with ``malloc_trim``) — measured, temporaries inside kernels included. The masks are
@@ -32,12 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from ..model.attention import attend
-from ..model.linear_attention import feature_map, linear_attention_chunked, linear_attention_recurrent
+from ..model.linear_attention import feature_map, linear_attention_chunked, recurrent_step
 from ..model.sparse_attention_masks import bigbird_layout, block_sparse_mask, local_global_mask
 
 LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
-METHODS = ("SDPA causal", "SDPA + causal mask", "linear, chunked", "linear, recurrent", "local + global",
-           "block-sparse")
+METHODS = ("SDPA causal", "SDPA + causal mask", "linear, chunked", "local + global", "block-sparse")
+STEPS = ("SDPA decode", "linear, recurrent")
 
 
 @dataclass(frozen=True)
@@ -59,11 +67,11 @@ class Row:
     peak_bytes: dict[str, int | None]
     mask_bytes: dict[str, int]
     allowed: dict[str, float]
+    held_bytes: dict[str, int]  # decode steps: what the cache holds after N positions
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
-    fn()
-    sync()
+    """After one call already made (the warm-up that measured memory)."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -117,16 +125,28 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
 def _methods(q, k, v, masks: dict[str, torch.Tensor]) -> dict[str, Callable[[], torch.Tensor]]:
     scale = q.shape[-1] ** -0.5
 
-    def linear(form):
-        return lambda: form(feature_map(q), feature_map(k), v)[0]
     return {
         "SDPA causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale),
         "SDPA + causal mask": lambda: attend(q, k, v, masks["SDPA + causal mask"], scale),
-        "linear, chunked": linear(linear_attention_chunked),
-        "linear, recurrent": linear(linear_attention_recurrent),
+        "linear, chunked": lambda: linear_attention_chunked(feature_map(q), feature_map(k), v)[0],
         "local + global": lambda: attend(q, k, v, masks["local + global"], scale),
         "block-sparse": lambda: attend(q, k, v, masks["block-sparse"], scale),
     }
+
+
+def _steps(q, k, v) -> tuple[dict[str, Callable[[], torch.Tensor]], dict[str, int]]:
+    """The decode step of position N (the last of q, k, v; its key and value already cached, as the engine does):
+    SDPA over the N cached keys, or one recurrent step from the state of the N - 1 before it; and the bytes each
+    one's cache holds."""
+    scale = q.shape[-1] ** -0.5
+    q1, k1, v1 = q[:, :, -1:], k[:, :, -1], v[:, :, -1]  # the new token
+    _, state = linear_attention_chunked(feature_map(q[:, :, :-1]), feature_map(k[:, :, :-1]), v[:, :, :-1])
+
+    def nbytes(*ts: torch.Tensor) -> int:
+        return sum(t.numel() * t.element_size() for t in ts)
+    steps = {"SDPA decode": lambda: F.scaled_dot_product_attention(q1, k, v, scale=scale),
+             "linear, recurrent": lambda: recurrent_step(feature_map(q1[:, :, 0]), feature_map(k1), v1, state)[0]}
+    return steps, {"SDPA decode": nbytes(k, v), "linear, recurrent": nbytes(*state)}
 
 
 def _masks(n: int, patterns: Patterns, device: torch.device) -> dict[str, torch.Tensor]:
@@ -152,11 +172,13 @@ def run_attention_bench(lengths: tuple[int, ...] = LENGTHS, heads: int = 8, head
         g = torch.Generator(device=dev).manual_seed(n)
         q, k, v = (torch.randn(1, heads, n, head_dim, generator=g, device=dev) for _ in range(3))
         masks = _masks(n, patterns, dev)
-        methods = _methods(q, k, v, masks)
-        seconds = {name: _median_seconds(fn, repeats, sync) for name, fn in methods.items()}
-        peaks = {name: peak_bytes(fn, dev) for name, fn in methods.items()}
+        steps, held = _steps(q, k, v)
+        methods = {**_methods(q, k, v, masks), **steps}
+        peaks = {name: peak_bytes(fn, dev) for name, fn in methods.items()}  # also each one's warm-up
+        seconds = {name: _median_seconds(fn, repeats * (1 + 9 * (name in steps)), sync)
+                   for name, fn in methods.items()}  # a step is short: more repeats
         rows.append(Row(n, seconds, peaks, {name: m.numel() * m.element_size() for name, m in masks.items()},
-                        {name: float(m.float().mean()) for name, m in masks.items()}))
+                        {name: float(m.float().mean()) for name, m in masks.items()}, held))
         print_fn(f"done: N = {n}")
         del q, k, v, masks
     return rows
@@ -167,7 +189,7 @@ def _mib(b: int | None) -> str:
 
 
 def attention_table(rows: list[Row], heads: int = 8, head_dim: int = 64, device: str = "cpu") -> str:
-    """Two Markdown tables (forward ms; peak MiB, with each mask's MiB and allowed share)."""
+    """Markdown tables: forward ms; its peak MiB, with each mask's MiB and allowed share; the decode step."""
     memory_how = "torch.cuda.max_memory_allocated" if device.startswith("cuda") else \
         "growth of the process's peak RSS during the call"
     head = "| N | " + " | ".join(METHODS) + " |"
@@ -184,4 +206,16 @@ def attention_table(rows: list[Row], heads: int = 8, head_dim: int = 64, device:
     return (f"Forward time, ms (median; batch 1, {heads} heads × {head_dim}, float32)\n\n" + "\n".join(
         [head, rule, *time_rows]) + f"\n\nPeak memory of the call, MiB ({memory_how}; output included). Masks "
             f"({', '.join(masked)}) are built before the call: their N×N bytes and the share of pairs they allow "
-            "are given beside it\n\n" + "\n".join([head, rule, *memory_rows]))
+            "are given beside it\n\n" + "\n".join([head, rule, *memory_rows]) + _steps_table(rows, memory_how))
+
+
+def _steps_table(rows: list[Row], memory_how: str) -> str:
+    lines = ["| N | SDPA decode, ms | linear recurrent step, ms | SDPA decode peak MiB | recurrent step peak MiB "
+             "| KV cache MiB (K and V of N positions) | linear state MiB (S and z) |", "|---" * 7 + "|"]
+    for r in rows:
+        (sd, lr), (ps, pl) = (r.seconds[m] for m in STEPS), (r.peak_bytes[m] for m in STEPS)
+        held = [r.held_bytes[m] for m in STEPS]
+        lines.append(f"| {r.n} | {1e3 * sd:.3f} | {1e3 * lr:.3f} | {_mib(ps)} | {_mib(pl)} | {_mib(held[0])} "
+                     f"| {_mib(held[1])} |")
+    return ("\n\nDecode step after N positions (one new token; the whole-sequence recurrent form is N such steps). "
+            f"Peak: {memory_how}; cache sizes from the tensors' shapes\n\n" + "\n".join(lines))
