@@ -125,14 +125,11 @@ class LM:
         """Write the model back in the checkpoint's own layout (HF families stay HF); float weights only."""
         require_float(self.model, "save")  # checkpoints hold float weights (a GGUF is read, never written)
         out = save_model(self.model, directory, self.family, self.hf_config, source=self.path)
-        if self.tokenizer is not None and not (Path(out) / "tokenizer.json").exists():
-            self.tokenizer.save(out)
+        _save_tokenizer(self.tokenizer, out)
         return out
 
     def _tok(self) -> Tokenizer:
-        if self.tokenizer is None:
-            raise ValueError(f"{self.path}: this checkpoint has no tokenizer.json, so text cannot be encoded")
-        return self.tokenizer
+        return _require_tokenizer(self.tokenizer, self.path)
 
     def __repr__(self) -> str:
         n = self.model.num_parameters()
@@ -233,14 +230,11 @@ class EncoderLM:
         """The bert layout (config.json + model.safetensors) and the tokenizer: transformers' BertForMaskedLM
         and ``load_encoder`` read it back."""
         out = save_encoder_model(self.model, directory, self.hf_config, source=self.path)
-        if self.tokenizer is not None and not (Path(out) / "tokenizer.json").exists():
-            self.tokenizer.save(out)
+        _save_tokenizer(self.tokenizer, out)
         return out
 
     def _tok(self) -> Tokenizer:
-        if self.tokenizer is None:
-            raise ValueError(f"{self.path}: this checkpoint has no tokenizer.json, so text cannot be encoded")
-        return self.tokenizer
+        return _require_tokenizer(self.tokenizer, self.path)
 
     def __repr__(self) -> str:
         n = self.model.num_parameters()
@@ -276,3 +270,15 @@ def _apply_adapter(loaded, adapter: str | Path) -> None:
     else:
         raise CheckpointError(f"{adapter}: no {peft_adapter.CONFIG_FILE} (a PEFT LoRA adapter) nor "
                               f"{bottleneck_adapter.CONFIG_FILE} (a lucidlm bottleneck adapter)")
+
+
+def _save_tokenizer(tokenizer: Tokenizer | None, out: Path) -> None:
+    """A saved checkpoint carries its tokenizer unless the writer already put one there."""
+    if tokenizer is not None and not (Path(out) / "tokenizer.json").exists():
+        tokenizer.save(out)
+
+
+def _require_tokenizer(tokenizer: Tokenizer | None, path: Path | None) -> Tokenizer:
+    if tokenizer is None:
+        raise ValueError(f"{path}: this checkpoint has no tokenizer.json, so text cannot be encoded")
+    return tokenizer
