@@ -258,6 +258,9 @@ class ModelConfig:
         if self.norm_placement == "deepnorm" and self.mla is not None:
             raise ValueError("ModelConfig.norm_placement='deepnorm' needs q/k/v/o projections for its init "
                              "(the DeepNet paper's); it is not defined for MLA (ModelConfig.mla)")
+        if self.mla is not None and self.positions != "rope":
+            raise ValueError(f"ModelConfig.mla carries positions in its decoupled RoPE dimensions "
+                             f"(MLAConfig.qk_rope_head_dim): it needs positions='rope', got {self.positions!r}")
         rope_field = "MLAConfig.qk_rope_head_dim" if self.mla else "ModelConfig.head_dim"
         rope_dim = self.mla.qk_rope_head_dim if self.mla else self.head_dim
         if self.positions == "rope" and rope_dim % 2:
@@ -292,9 +295,13 @@ class ModelConfig:
         if d.local_window > d.chunk_size:
             raise ValueError(f"ModelConfig.dual_chunk.local_window ({d.local_window}) must be <= chunk_size "
                              f"({d.chunk_size}): it is a part of the chunk")
-        if self.positions != "rope" or self.mla is not None or self.sliding_window is not None:
-            raise ValueError("ModelConfig.dual_chunk remaps RoPE positions of ordinary attention: it needs "
-                             f"positions='rope' (got {self.positions!r}), no mla and no sliding_window")
+        clashes = {"positions": self.positions != "rope", "mla": self.mla is not None,
+                   "sliding_window": self.sliding_window is not None}
+        for name, clash in clashes.items():
+            if clash:
+                raise ValueError(f"ModelConfig.dual_chunk remaps RoPE positions of ordinary attention: it does not "
+                                 f"combine with {name}={getattr(self, name)!r} (it needs positions='rope', no mla "
+                                 "and no sliding_window)")
 
     def _check_efficient_attention(self) -> None:
         """Linear attention has no softmax, so nothing that shapes softmax scores applies to it; a sparse pattern
@@ -393,10 +400,15 @@ def _check_id(name: str, value: Any, vocab_size: int) -> None:
 
 
 def _nested(cls: type, d: dict[str, Any], name: str) -> Any:
-    """Build a nested config from a dict, naming unknown keys instead of a bare TypeError."""
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    """Build a nested config from a dict, naming unknown or missing keys instead of a bare TypeError."""
+    fields = dataclasses.fields(cls)
+    unknown = sorted(set(d) - {f.name for f in fields})
     if unknown:
         raise ValueError(f"unknown ModelConfig.{name} fields: {unknown}")
+    missing = [f.name for f in fields if f.name not in d
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"ModelConfig.{name} needs the fields {missing}")
     return cls(**d)
 
 

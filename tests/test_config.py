@@ -44,6 +44,16 @@ def test_base_config_is_valid():
     (dict(positions="xpos"), ["ModelConfig.positions", "'xpos'", "alibi"]),
     (dict(norm_placement="middle"), ["ModelConfig.norm_placement", "'middle'", "sandwich"]),
     (dict(rope_scaling=dict(type="longrope")), ["rope_scaling.type", "'longrope'", "yarn", "llama3"]),
+    # combinations of architectural options that have no meaning together
+    (dict(mla=dict(qk_rope_head_dim=8), positions="alibi"), ["ModelConfig.mla", "positions='rope'", "'alibi'"]),
+    (dict(mla=dict(qk_rope_head_dim=8), positions="learned"), ["ModelConfig.mla", "'learned'"]),
+    (dict(dual_chunk=dict(chunk_size=32, local_window=4), sliding_window=8), ["dual_chunk", "sliding_window=8"]),
+    (dict(dual_chunk=dict(chunk_size=32, local_window=4), mla=dict(qk_rope_head_dim=8)), ["dual_chunk", "mla="]),
+    (dict(dual_chunk=dict(chunk_size=32, local_window=4), positions="alibi"), ["dual_chunk", "positions='alibi'"]),
+    (dict(attention="linear", positions="rope"), ["attention='linear'", "positions='rope'"]),
+    (dict(attention="linear", positions="learned", sliding_window=8), ["attention='linear'", "sliding_window=8"]),
+    (dict(norm_placement="deepnorm", mla=dict(qk_rope_head_dim=8)), ["deepnorm", "MLA"]),
+    (dict(dual_chunk=dict(chunk_size=32)), ["ModelConfig.dual_chunk needs", "local_window"]),
 ])
 def test_invalid_config_names_the_field(fields, words):
     msg = config_error(**fields)

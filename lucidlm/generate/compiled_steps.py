@@ -184,7 +184,10 @@ def _compile(model: Transformer, shape: StepShape):
     compiled = torch.compile(model.forward_planned, dynamic=False, fullgraph=True)
     # no size asserts: the graph's guards already check every input's sizes and strides, and the generated wrapper
     # would check ~760 inputs again in Python on every step (2 ms of a 20 ms SmolLM2 step, measured)
-    with torch.inference_mode(), inductor_config.patch(size_asserts=False):
+    # MoE routing picks each expert's tokens with torch.where: a size known only at run time, which the graph
+    # carries as an unbacked symbol instead of refusing to trace
+    with torch.inference_mode(), inductor_config.patch(size_asserts=False), \
+            torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
         return compiled.aot_compile(((tokens, plan, cache), dict(hidden_layers=shape.layers, last_only=True)))
 
 

@@ -32,6 +32,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 # --- attention: one query per row ---------------------------------------------------------------
 
@@ -99,7 +100,8 @@ def use_gemv(x: torch.Tensor) -> bool:
     """One row (a batch-1 decode step) on CPU, while compiling (on CUDA, cuBLAS's gemv is fine).
     With more rows inductor vectorises across them and parallelises each output's reduction
     separately, far slower than BLAS."""
-    return torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]
+    # guard_or_false: an MoE expert's rows are a size known only at run time (unbacked), never taken as one row
+    return torch.compiler.is_compiling() and x.device.type == "cpu" and guard_or_false(x.numel() == x.shape[-1])
 
 
 # --- linear: oneDNN-packed weights ---------------------------------------------------------------

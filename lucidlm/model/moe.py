@@ -126,7 +126,7 @@ class MoE(nn.Module):
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where((r.experts == e) & keep)
-            if token.numel() == 0:
+            if not torch.compiler.is_compiling() and token.numel() == 0:  # compiled: sizes unknown at trace time
                 continue
             weight = r.weights[token, slot, None]
             out.index_add_(0, token, (expert(flat[token]) * weight).to(out.dtype))
