@@ -50,7 +50,7 @@ PROMPTS = (
 )
 
 STAT_COLUMNS = ("logit_var", "row_var", "max_weight", "entropy", "entropy_fraction", "over_0_9", "over_0_99")
-TRIAL_CHUNK = 256  # trials drawn at once: keeps (trials, keys, d_k) float64 draws to tens of MB
+TRIAL_CHUNK = 256  # trials drawn at once: keeps the (trials, keys, d_k) draws to tens of MB
 
 
 @dataclass
@@ -161,9 +161,9 @@ def simulate_logits(d_k: int, keys: int, trials: int, seed: int) -> torch.Tensor
     chunks = []
     for start in range(0, trials, TRIAL_CHUNK):
         t = min(TRIAL_CHUNK, trials - start)
-        q = torch.randn(t, d_k, generator=g, dtype=torch.float64)
-        k = torch.randn(t, keys, d_k, generator=g, dtype=torch.float64)
-        chunks.append(torch.einsum("td,tmd->tm", q, k))
+        q = torch.randn(t, d_k, generator=g)  # float32 draws: twice as fast, and q·k of <= 1e3 terms is exact enough
+        k = torch.randn(t, keys, d_k, generator=g)
+        chunks.append(torch.einsum("td,tmd->tm", q, k).double())
     return torch.cat(chunks)
 
 
