@@ -313,7 +313,7 @@ class ScalingResult:
 
 def run_attention_scaling(cfg: ScalingConfig, out: Path,
                           print_fn: Callable[[str], None] = lambda s: None) -> ScalingResult:
-    """Simulate, measure the real model (when given and installed), write the CSV and PNGs under ``out``."""
+    """Simulate, measure the real model (when given and installed), write the CSV, table.md and PNGs under ``out``."""
     cfg.check()
     lm, note = (None, "no model asked for") if cfg.model is None else load_real_model(cfg.model, cfg.device)
     if note is not None and cfg.model is not None:
@@ -333,7 +333,8 @@ def run_attention_scaling(cfg: ScalingConfig, out: Path,
     result = ScalingResult(rows, simulated, sim_stats, measured, note, [])
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "attention_scaling.csv", to_csv(rows))
-    result.files = [out / "attention_scaling.csv", *plot_all(result, out)]
+    write_text(out / "table.md", markdown_table(result) + "\n")
+    result.files = [out / "attention_scaling.csv", out / "table.md", *plot_all(result, out)]
     return result
 
 
@@ -383,7 +384,7 @@ def layer_table(result: ScalingResult):
 
 
 def markdown_table(result: ScalingResult) -> str:
-    """The summary as Markdown (what the README shows)."""
+    """The summary (simulation and the model overall) as Markdown: table.md, what the README shows."""
     head = "| source | d_k | logits | var(logit) | var in row | mean max w | entropy (nats) | H / log n | " \
            "max w > 0.9 | max w > 0.99 |"
     lines = [head, "|" + "---|" * 10]

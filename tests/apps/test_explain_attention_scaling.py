@@ -165,6 +165,8 @@ def test_cli_writes_the_csv_and_four_pngs(tmp_path):
     assert [(r["source"], r["d_k"], r["layer"]) for r in rows[:4]] == [("simulation", "4", "all")] * 2 + [
         ("simulation", "16", "all")] * 2
     assert len(rows) == 4 + 2 + 2 * 2  # the tiny model has 2 layers
+    table = (out / "table.md").read_text()
+    assert table.count("\n| simulation |") == 4 and table.count("| q·k/√d_k |") == 3  # 2 dims + the model overall
     for name in ("logits", "max_weight", "entropy", "model"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert CliRunner().invoke(app, ["explain", "attention-scaling", "--dims", "4,x"]).exit_code != 0
