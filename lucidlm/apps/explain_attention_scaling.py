@@ -49,7 +49,6 @@ PROMPTS = (
     "programmers test their code carefully and read each other's work.",
 )
 
-STAT_COLUMNS = ("logit_var", "row_var", "max_weight", "entropy", "entropy_fraction", "over_0_9", "over_0_99")
 TRIAL_CHUNK = 256  # trials drawn at once: keeps the (trials, keys, d_k) draws to tens of MB
 
 
@@ -84,12 +83,14 @@ class ScalingConfig:
 # --- the statistics of one softmax per row ------------------------------------------------------------------
 @dataclass
 class RowStats:
-    """Per query row: its softmax's largest weight, entropy (nats), log of its key count, variance of its logits."""
+    """Per query row: its softmax's largest weight, entropy (nats), log of its key count, variance of its logits,
+    weight on its first key (a trained model's attention sink: the sequence's first token)."""
 
     max_weight: torch.Tensor  # (rows,) float64
     entropy: torch.Tensor
     log_keys: torch.Tensor
     row_var: torch.Tensor
+    first_weight: torch.Tensor
 
     @staticmethod
     def cat(parts: list[RowStats]) -> RowStats:
@@ -107,7 +108,7 @@ def row_stats(logits: torch.Tensor, valid: torch.Tensor | None = None) -> RowSta
     entropy = -torch.special.xlogy(p, p).sum(-1)  # xlogy(0, 0) = 0: masked keys add nothing
     mean = torch.where(valid, logits, 0).sum(-1) / n
     row_var = torch.where(valid, (logits - mean[:, None]) ** 2, 0).sum(-1) / (n - 1).clamp(min=1)
-    return RowStats(p.amax(-1), entropy, n.double().log(), row_var)
+    return RowStats(p.amax(-1), entropy, n.double().log(), row_var, p[:, 0])
 
 
 @dataclass
@@ -142,6 +143,7 @@ class ScalingRow:
     entropy_fraction: float  # mean of entropy / log(keys the row attends to): 1 = uniform, 0 = one key
     over_0_9: float  # fraction of rows whose largest weight > 0.9
     over_0_99: float
+    first_weight: float  # mean weight on the first key (simulation: about 1/keys)
     rows: int
 
 
@@ -151,7 +153,8 @@ def summarize(stats: RowStats, logit_var: float, source: str, layer: str, d_k: i
                       stats.max_weight.mean().item(), stats.entropy.mean().item(),
                       (stats.entropy[wide] / stats.log_keys[wide]).mean().item(),
                       (stats.max_weight > 0.9).double().mean().item(),
-                      (stats.max_weight > 0.99).double().mean().item(), len(stats.max_weight))
+                      (stats.max_weight > 0.99).double().mean().item(), stats.first_weight.mean().item(),
+                      len(stats.max_weight))
 
 
 # --- the simulation ------------------------------------------------------------------------------------------
@@ -350,7 +353,7 @@ def to_csv(rows: list[ScalingRow]) -> str:
 # --- tables ------------------------------------------------------------------------------------------------------
 def _cells(row: ScalingRow) -> list[str]:
     return [f"{row.logit_var:.4g}", f"{row.row_var:.4g}", f"{row.max_weight:.3f}", f"{row.entropy:.2f}",
-            f"{row.entropy_fraction:.2f}", f"{row.over_0_9:.3f}", f"{row.over_0_99:.3f}"]
+            f"{row.entropy_fraction:.2f}", f"{row.over_0_9:.3f}", f"{row.over_0_99:.3f}", f"{row.first_weight:.3f}"]
 
 
 def summary_table(result: ScalingResult, keys: int):
@@ -359,7 +362,7 @@ def summary_table(result: ScalingResult, keys: int):
 
     table = Table(title=f"softmax over {keys} keys (simulation) / the causal keys (model), with and without 1/√d_k")
     for name in ("source", "d_k", "logits", "var(logit)", "var in row", "mean max w", "entropy",
-                 "H / log n", "max w > 0.9", "max w > 0.99"):
+                 "H / log n", "max w > 0.9", "max w > 0.99", "w on 1st key"):
         table.add_column(name, justify="left" if name in ("source", "logits") else "right")
     for row in result.rows:
         if row.layer == "all":
@@ -372,13 +375,14 @@ def layer_table(result: ScalingResult):
     from rich.table import Table
 
     table = Table(title=f"{result.model.rows[0].source} per layer (scaled: the model's own logits)")
-    for name in ("layer", "var(logit)", "var in row", "mean max w", "H / log n", "max w > 0.9",
+    for name in ("layer", "var(logit)", "var in row", "mean max w", "H / log n", "max w > 0.9", "w on 1st key",
                  "raw q·k: mean max w", "raw: max w > 0.99"):
         table.add_column(name, justify="right")
     per_layer = [r for r in result.model.rows if r.layer != "all"]
     for scaled, raw in zip(per_layer[::2], per_layer[1::2], strict=True):
         table.add_row(scaled.layer, f"{scaled.logit_var:.3g}", f"{scaled.row_var:.3g}", f"{scaled.max_weight:.3f}",
-                      f"{scaled.entropy_fraction:.2f}", f"{scaled.over_0_9:.3f}", f"{raw.max_weight:.3f}",
+                      f"{scaled.entropy_fraction:.2f}", f"{scaled.over_0_9:.3f}", f"{scaled.first_weight:.3f}",
+                      f"{raw.max_weight:.3f}",
                       f"{raw.over_0_99:.3f}")
     return table
 
@@ -386,8 +390,8 @@ def layer_table(result: ScalingResult):
 def markdown_table(result: ScalingResult) -> str:
     """The summary (simulation and the model overall) as Markdown: table.md, what the README shows."""
     head = "| source | d_k | logits | var(logit) | var in row | mean max w | entropy (nats) | H / log n | " \
-           "max w > 0.9 | max w > 0.99 |"
-    lines = [head, "|" + "---|" * 10]
+           "max w > 0.9 | max w > 0.99 | w on 1st key |"
+    lines = [head, "|" + "---|" * 11]
     for row in result.rows:
         if row.layer == "all":
             lines.append("| " + " | ".join([row.source, str(row.d_k), "q·k/√d_k" if row.scaled else "q·k",

@@ -44,6 +44,9 @@ def test_scaling_keeps_softmax_unsaturated_and_raw_logits_saturate():
     for stats in (stats_raw, stats_scaled):
         assert (stats.entropy <= math.log(64) + 1e-9).all() and (stats.entropy >= 0).all()
         assert torch.allclose(stats.log_keys, torch.full_like(stats.log_keys, math.log(64)))
+        # keys are exchangeable, so the first one gets 1/keys of the weight on average
+        se = stats.first_weight.std().item() / math.sqrt(2000)
+        assert abs(stats.first_weight.mean().item() - 1 / 64) < 4 * se
     # scaled: 64 N(0, 1) logits, the largest ~2.4 σ above the rest: about 0.1 of the weight, entropy near log 64
     assert scaled.max_weight < 0.2 and scaled.over_0_9 == 0 and scaled.entropy_fraction > 0.8
     # raw: σ = 16, the top two logits far apart: most rows put > 0.9 on one key
@@ -61,6 +64,7 @@ def test_row_stats_match_a_naive_numpy_computation():
         assert stats.entropy[i].item() == pytest.approx(-(p * np.log(p)).sum(), rel=1e-12)
         assert stats.log_keys[i].item() == pytest.approx(np.log(len(x)))
         assert stats.row_var[i].item() == pytest.approx(x.var(ddof=1), rel=1e-12)
+        assert stats.first_weight[i].item() == pytest.approx(p[0], rel=1e-12)  # key 0 is valid in every row here
     moments = ex.Moments()
     moments.add(logits[:2])
     moments.add(logits[2:])
