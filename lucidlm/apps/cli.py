@@ -265,6 +265,10 @@ from .cli_facts import facts_app  # noqa: E402
 
 app.add_typer(facts_app, name="facts")
 
+from .cli_explain import explain_app  # noqa: E402
+
+app.add_typer(explain_app, name="explain")
+
 
 def main() -> None:
     from ..checkpoint import CheckpointError
