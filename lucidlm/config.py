@@ -399,6 +399,16 @@ def _check_id(name: str, value: Any, vocab_size: int) -> None:
         raise ValueError(f"ModelConfig.{name} must be a token id in [0, vocab_size={vocab_size}), got {value!r}")
 
 
+def paper_preset(cls: type, presets: dict[str, dict[str, Any]], name: str, overrides: dict[str, Any]) -> Any:
+    """``cls`` built from the preset ``name`` (a paper's configuration) with ``overrides``, unknown names refused."""
+    if name not in presets:
+        raise ValueError(f"unknown {cls.__name__} preset {name!r}; available: {sorted(presets)}")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+    return dataclasses.replace(cls(**presets[name]), **overrides)
+
+
 def _nested(cls: type, d: dict[str, Any], name: str) -> Any:
     """Build a nested config from a dict, naming unknown or missing keys instead of a bare TypeError."""
     fields = dataclasses.fields(cls)

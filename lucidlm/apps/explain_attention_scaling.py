@@ -22,7 +22,6 @@ import torch
 
 from ..atomic_io import atomic_write, write_text
 from ..model.attention import Attention
-from ..model.rope import apply_rope
 from ..model.transformer import Transformer
 from ..progress import progress_bar
 
@@ -202,15 +201,7 @@ def check_plain_attention(model: Transformer) -> None:
 def queries_keys(attn: Attention, x: torch.Tensor, rope: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
     """q (b, heads, s, hd) and k (b, heads, s, hd) as ``Attention.forward`` computes them (QK-norm, then RoPE),
     each K/V head repeated for its group of query heads as SDPA's ``enable_gqa`` does."""
-    b, s, _ = x.shape
-    q, k, _ = attn.project_qkv(x)
-    q = q.view(b, s, attn.n_heads, attn.head_dim).transpose(1, 2)
-    k = k.view(b, s, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    if rope is not None:
-        q = apply_rope(q, *rope, interleaved=attn.rope_interleaved)
-        k = apply_rope(k, *rope, interleaved=attn.rope_interleaved)
+    q, k, _ = attn.heads(x, rope)
     return q, k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)
 
 

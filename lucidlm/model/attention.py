@@ -89,22 +89,33 @@ class Attention(nn.Module):
         bias: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        b, s, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # (b, h, s, hd)
-        k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, kv, s, hd)
-        v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q = apply_rope(q, *rope, interleaved=self.rope_interleaved)
-            k = apply_rope(k, *rope, interleaved=self.rope_interleaved)
+        q, k, v = self.heads(x, rope)
         if cache is not None:  # store the new keys/values, attend over all cached ones
             k, v = cache.update(self.layer, k, v)
         if isinstance(rope, DualChunkRope):  # each score with its region's query rotation (dual_chunk_attention.py)
             out = dual_chunk_attend(q, k, v, mask, self.scale, rope, self.rope_interleaved)
         else:
             out = attend(q, k, v, mask, self.scale, bias)  # (b, h, s, hd)
+        return self.merge_heads(out, x)
+
+    def heads(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (b, s, dim) -> q (b, h, s, hd), k and v (b, kv, s, hd): projected, QK-normed, then rotated."""
+        b, s, _ = x.shape
+        q, k, v = self.project_qkv(x)
+        q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q = apply_rope(q, *rope, interleaved=self.rope_interleaved)
+            k = apply_rope(k, *rope, interleaved=self.rope_interleaved)
+        return q, k, v
+
+    def merge_heads(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs (b, h, s, hd) -> (b, s, dim): concatenated, gated by x (gated attention), projected."""
+        b, _, s, _ = out.shape
         out = out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim)
         if self.gate_proj is not None:
             out = out * torch.sigmoid(self.gate_proj(x))

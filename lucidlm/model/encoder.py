@@ -25,14 +25,14 @@ decoder that the inference engine generates with, and an encoder has nothing to 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Activation, ModelConfig
+from ..config import Activation, ModelConfig, paper_preset
 from .absolute_positions import LearnedPositions
 from .encoder_decoder import EncoderLayer
 from .linear import Linear
@@ -96,13 +96,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def encoder_preset(name: str, **overrides: Any) -> EncoderConfig:
     """A paper configuration by name (``bert-base``, ``bert-large``), fields overridable."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown encoder preset {name!r}; available: {sorted(PRESETS)}")
-    known = {f.name for f in fields(EncoderConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown EncoderConfig fields: {unknown}")
-    return replace(EncoderConfig(**PRESETS[name]), **overrides)
+    return paper_preset(EncoderConfig, PRESETS, name, overrides)
 
 
 class Encoder(nn.Module):

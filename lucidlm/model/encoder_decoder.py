@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, paper_preset
 from .absolute_positions import SinusoidalPositions
 from .attention import Attention
 from .cross_attention import CrossAttention
@@ -96,13 +96,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def encoder_decoder_preset(name: str, **overrides: Any) -> EncoderDecoderConfig:
     """A paper configuration by name (``transformer-base``, ``transformer-big``), fields overridable."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown encoder-decoder preset {name!r}; available: {sorted(PRESETS)}")
-    known = {f.name for f in fields(EncoderDecoderConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown EncoderDecoderConfig fields: {unknown}")
-    return replace(EncoderDecoderConfig(**PRESETS[name]), **overrides)
+    return paper_preset(EncoderDecoderConfig, PRESETS, name, overrides)
 
 
 def transformer_base(**overrides: Any) -> EncoderDecoderConfig:

@@ -157,12 +157,7 @@ class LinearAttention(Attention):
         if rope is not None or bias is not None:
             raise ValueError("linear attention takes no RoPE tables or ALiBi bias (ModelConfig.attention='linear')")
         b, s, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # (b, h, s, hd)
-        k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, kv, s, hd)
-        v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.heads(x, None)  # (b, h, s, hd), (b, kv, s, hd) x 2
         phi_q, phi_k, v32 = feature_map(q.float()), feature_map(k.float()), v.float()
         real = cache.new_tokens_real() if cache is not None else real_keys_from_mask(mask, b, s, x.device)
         phi_k = torch.where(real[:, None, :, None], phi_k, 0.0)
@@ -171,7 +166,4 @@ class LinearAttention(Attention):
         out, state = linear_attention_chunked(phi_q, phi_k, v32, state)
         if cache is not None:
             cache.write_state(self.layer, state)
-        out = out.to(x.dtype).transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim)
-        if self.gate_proj is not None:
-            out = out * torch.sigmoid(self.gate_proj(x))
-        return self.o_proj(out)
+        return self.merge_heads(out.to(x.dtype), x)

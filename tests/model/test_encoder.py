@@ -119,7 +119,7 @@ def test_bad_configs_and_inputs_are_named():
         EncoderConfig(**{**SMALL, "n_heads": 5})
     with pytest.raises(ValueError, match="activation"):
         EncoderConfig(**{**SMALL, "activation": "tanh"})
-    with pytest.raises(ValueError, match="unknown encoder preset"):
+    with pytest.raises(ValueError, match="unknown EncoderConfig preset"):
         encoder_preset("bert-huge")
     model = small_model()
     with pytest.raises(ValueError, match="exceeds the encoder's 64 learned positions"):

@@ -260,7 +260,7 @@ def test_bad_configs_name_the_problem():
         EncoderDecoderConfig(norm_placement="sandwich")
     with pytest.raises(ValueError, match="eos_id"):
         EncoderDecoderConfig(vocab_size=2)
-    with pytest.raises(ValueError, match="unknown encoder-decoder preset"):
+    with pytest.raises(ValueError, match="unknown EncoderDecoderConfig preset"):
         encoder_decoder_preset("transformer-huge")
     with pytest.raises(ValueError, match="d_modl"):
         encoder_decoder_preset("transformer-base", d_modl=64)
