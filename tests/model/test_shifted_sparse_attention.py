@@ -64,8 +64,8 @@ def test_s2_attend_matches_the_loop_over_groups(kv_heads, group, case):
                       window=3 if case == "window" else None)
     bias = torch.randn(2, 4, 16, 16) if case == "bias" else None
     scale = 1 / math.sqrt(8)
-    torch.testing.assert_close(s2_attend(q, k, v, group, mask, scale, bias), naive_s2(q, k, v, group, mask, scale, bias),
-                               rtol=1e-5, atol=1e-5)
+    expected = naive_s2(q, k, v, group, mask, scale, bias)
+    torch.testing.assert_close(s2_attend(q, k, v, group, mask, scale, bias), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_one_group_is_full_attention_for_the_plain_heads_and_two_halves_for_the_shifted():
