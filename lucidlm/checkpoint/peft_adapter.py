@@ -207,7 +207,10 @@ def _our_targets(model: Transformer, family: Family, path: Path, targets: tuple[
 
 
 def _our_saved(model: Transformer, family: Family, path: Path, theirs: tuple[str, ...]) -> tuple[str, ...]:
-    """PEFT's modules_to_save (transformers module names or tails of them) as the paths of our modules."""
+    """PEFT's modules_to_save as the paths of our modules. PEFT selects every module whose name ends with an entry
+    (plain ``str.endswith``: "norm" is every norm, q_norm too); lucidlm's own layout keeps LoRAConfig's rule (a
+    path or a dotted tail), so that "norm" stays the final norm."""
+    own = family.model_types[0] == "lucidlm"
     candidates = {}
     for name in savable_modules(model):
         try:
@@ -216,7 +219,7 @@ def _our_saved(model: Transformer, family: Family, path: Path, theirs: tuple[str
             continue  # not stored as a plain rename
     ours: list[str] = []
     for t in theirs:
-        hits = [name for module, name in candidates.items() if targeted(module, (t,))]
+        hits = [name for module, name in candidates.items() if (targeted(module, (t,)) if own else module.endswith(t))]
         if not hits:
             raise CheckpointError(f"{path}: modules_to_save entry {t!r} is no embedding, norm or lm_head of this "
                                   "model that lucidlm can train in full")
