@@ -192,7 +192,9 @@ class LoRAOptions:
         """The LoRAConfig; ``model`` names the embedding and norms that ``train_embeddings_norms`` trains."""
         from ..model.lora import longlora_modules
 
-        saved = longlora_modules(model) if self.train_embeddings_norms and model is not None else ()
+        if self.train_embeddings_norms and model is None:
+            raise ValueError("LoRAOptions.train_embeddings_norms: to_config needs the model, whose modules it names")
+        saved = longlora_modules(model) if self.train_embeddings_norms else ()
         return LoRAConfig(self.r, self.alpha, self.dropout, tuple(self.targets), self.layers, self.use_rslora, saved)
 
 
