@@ -185,6 +185,9 @@ class ModelConfig:
     mla: MLAConfig | None = None
     attention: AttentionKind = "softmax"  # "linear": kernelized linear attention (model/linear_attention.py)
     sparse_attention: SparseAttentionConfig | None = None  # a fixed mask pattern over softmax attention
+    # S2-Attn (LongLoRA): training forwards attend within groups of this many tokens, half of the heads shifted by
+    # half a group (model/shifted_sparse_attention.py); inference and cached forwards use full attention.
+    s2_attn_group: int | None = None
 
     # feed-forward
     activation: Activation = "silu"
@@ -269,6 +272,8 @@ class ModelConfig:
             self._check_relative_buckets()
         if self.dual_chunk is not None:
             self._check_dual_chunk()
+        if self.s2_attn_group is not None:
+            self._check_s2_attn()
 
     def _check_relative_buckets(self) -> None:
         """T5's bucketing needs exact buckets (half of them, per direction) below a larger max_distance."""
@@ -302,6 +307,27 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.dual_chunk remaps RoPE positions of ordinary attention: it does not "
                                  f"combine with {name}={getattr(self, name)!r} (it needs positions='rope', no mla "
                                  "and no sliding_window)")
+
+    def _check_s2_attn(self) -> None:
+        """S2-Attn shifts half of the heads by half a group, inside the softmax attention of ``attention.py``."""
+        g = self.s2_attn_group
+        if not isinstance(g, int) or isinstance(g, bool) or g < 2 or g % 2:
+            raise ValueError(f"ModelConfig.s2_attn_group must be an even integer >= 2 (half of the heads shift by "
+                             f"half a group), got {g!r}")
+        if g > self.max_seq_len:
+            raise ValueError(f"ModelConfig.s2_attn_group ({g}) exceeds max_seq_len ({self.max_seq_len}): no sequence "
+                             "the model takes is a whole number of groups")
+        if self.n_heads % 2:
+            raise ValueError(f"ModelConfig.s2_attn_group: S2-Attn shifts half of the heads, so n_heads must be even, "
+                             f"got {self.n_heads}")
+        clashes = {"mla": (self.mla, "MLA attends in model/mla.py, which has no S2-Attn"),
+                   "attention": (self.attention == "linear", "linear attention has no softmax groups to cut"),
+                   "dual_chunk": (self.dual_chunk, "dual chunk attention rotates queries per (query, key) region, "
+                                                   "which the grouped scores do not follow")}
+        for name, (clash, why) in clashes.items():
+            if clash:
+                raise ValueError(f"ModelConfig.s2_attn_group does not combine with {name}={getattr(self, name)!r}: "
+                                 f"{why}")
 
     def _check_efficient_attention(self) -> None:
         """Linear attention has no softmax, so nothing that shapes softmax scores applies to it; a sparse pattern

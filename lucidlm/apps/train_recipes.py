@@ -185,9 +185,17 @@ class LoRAOptions:
     targets: list[str] = opt(factory=lambda: list(TARGETS), help="Linear layers to adapt")
     layers: list[int] | None = opt(None, "blocks to adapt (default: all)")
     use_rslora: bool = opt(False, "scale by alpha / sqrt(r) (rsLoRA)")
+    train_embeddings_norms: bool = opt(False, "LongLoRA: also train the token embedding and every norm in full "
+                                              "(saved in the adapter as PEFT's modules_to_save)")
 
-    def to_config(self) -> LoRAConfig:
-        return LoRAConfig(self.r, self.alpha, self.dropout, tuple(self.targets), self.layers, self.use_rslora)
+    def to_config(self, model: Transformer | None = None) -> LoRAConfig:
+        """The LoRAConfig; ``model`` names the embedding and norms that ``train_embeddings_norms`` trains."""
+        from ..model.lora import longlora_modules
+
+        if self.train_embeddings_norms and model is None:
+            raise ValueError("LoRAOptions.train_embeddings_norms: to_config needs the model, whose modules it names")
+        saved = longlora_modules(model) if self.train_embeddings_norms else ()
+        return LoRAConfig(self.r, self.alpha, self.dropout, tuple(self.targets), self.layers, self.use_rslora, saved)
 
 
 @dataclass
@@ -216,6 +224,9 @@ class SFTRun:
     max_len: int | None = opt(None, "tokens per example, longer ones truncated and counted (default: the context)")
     batch_size: int = opt(4, "examples per micro-batch (padded to the longest)")
     prefix_lm: bool = opt(False, "the prompt attends both ways (prefix-LM); the response stays causal")
+    s2_attn_group: int | None = opt(None, "LongLoRA's S2-Attn while training: attend within groups of N tokens, half "
+                                          "of the heads shifted by N/2 (batches padded to a multiple of N); the "
+                                          "result runs full attention")
     skip_bad_lines: bool = opt(False, "skip (and count) malformed JSONL lines instead of stopping")
     lora: LoRAOptions | None = opt(None, "train a LoRA adapter instead of every weight (--lora for defaults)")
     adapter: str | None = opt(None, "lora or bottleneck: train that adapter instead of every weight "
@@ -265,11 +276,13 @@ def _fine_tune_setup(run: SFTRun):
     if run.max_len > loaded.config.max_seq_len:
         raise ValueError(f"max_len {run.max_len} exceeds the model's context {loaded.config.max_seq_len}")
     model, family = loaded.model, loaded.family
+    if run.s2_attn_group is not None:
+        _use_s2_attn(model, run)
     if run.lora is not None:
         from ..model.lora import apply_lora
 
         torch.manual_seed(run.train.seed)  # the adapters' initial A comes from the run's seed, nothing before it
-        apply_lora(model, run.lora.to_config())
+        apply_lora(model, run.lora.to_config(model))
         save = partial(_save_adapter, family)
         load = partial(_load_adapter, family)
     elif run.bottleneck is not None:
@@ -283,6 +296,19 @@ def _fine_tune_setup(run: SFTRun):
         save = partial(_with_tokenizer, partial(default_save_weights, family=family), tokenizer)
         load = None
     return model, family, tokenizer, save, load
+
+
+def _use_s2_attn(model: Transformer, run: SFTRun) -> None:
+    """S2-Attn for the training forwards (checked against the model's config); batches are padded to whole groups,
+    so the longest one must still fit the context."""
+    from ..model.shifted_sparse_attention import set_s2_attn_group
+
+    group = run.s2_attn_group
+    set_s2_attn_group(model, group)
+    padded = -(-run.max_len // group) * group
+    if padded > model.config.max_seq_len:
+        raise ValueError(f"--s2-attn-group {group}: max_len {run.max_len} padded to whole groups is {padded} tokens, "
+                         f"beyond the model's context {model.config.max_seq_len}; lower --max-len")
 
 
 def _save_adapter(family, model, directory: Path) -> None:
@@ -300,9 +326,19 @@ def _load_adapter(family, model, directory: Path) -> None:
 def _run_info(run: SFTRun, kind: str) -> dict:
     return {"kind": kind, "model": str(Path(run.model).resolve()), "data": [str(Path(d).resolve()) for d in run.data],
             "max_len": run.max_len, "batch_size": run.batch_size, "prefix_lm": run.prefix_lm,
-            "lora": dataclasses.asdict(run.lora) if run.lora else None,
+            "lora": _lora_info(run.lora),
             # keys added later only when used, so that runs checkpointed before them still resume
-            **({"bottleneck": dataclasses.asdict(run.bottleneck)} if run.bottleneck else {})}
+            **({"bottleneck": dataclasses.asdict(run.bottleneck)} if run.bottleneck else {}),
+            **({"s2_attn_group": run.s2_attn_group} if run.s2_attn_group is not None else {})}
+
+
+def _lora_info(lora: LoRAOptions | None) -> dict | None:
+    if lora is None:
+        return None
+    info = dataclasses.asdict(lora)
+    if not info["train_embeddings_norms"]:  # added later: only when used
+        del info["train_embeddings_norms"]
+    return info
 
 
 def _finish(trainer: Trainer, run: SFTRun) -> Path:
@@ -318,12 +354,13 @@ def run_sft(run: SFTRun) -> tuple[dict, Path, dict]:
     from ..train.sft_data import SFTDataset
 
     model, family, tokenizer, save, load = _fine_tune_setup(run)
+    multiple = run.s2_attn_group or 1  # S2-Attn needs whole groups
     train = SFTDataset(run.data, tokenizer, run.max_len, run.batch_size, prefix_lm=run.prefix_lm,
-                       skip_bad_lines=run.skip_bad_lines)
+                       skip_bad_lines=run.skip_bad_lines, pad_multiple=multiple)
     val = None
     if run.val_data:
         val = list(itertools.islice(SFTDataset(run.val_data, tokenizer, run.max_len, run.batch_size, epochs=1,
-                                               prefix_lm=run.prefix_lm), run.train.eval_batches))
+                                               prefix_lm=run.prefix_lm, pad_multiple=multiple), run.train.eval_batches))
     trainer = make_trainer(run.strategy, model, run.train, train, val, save_weights=save, load_weights=load,
                            run_info=_run_info(run, "sft"))
     last = trainer.fit()
@@ -334,6 +371,11 @@ def run_dpo(run: DPORun) -> tuple[dict, Path, dict]:
     from ..train.dpo import DPO, frozen_reference
     from ..train.sft_data import PreferenceDataset
 
+    if run.s2_attn_group is not None:
+        raise ValueError("--s2-attn-group is an sft option (DPO's preference batches are not padded to whole groups)")
+    if run.lora is not None and run.lora.train_embeddings_norms:
+        raise ValueError("--lora.train-embeddings-norms does not combine with dpo: its reference is the model with "
+                         "the adapters off, and the embedding and norms would stay trained")
     model, family, tokenizer, save, load = _fine_tune_setup(run)
     if run.lora is not None:  # the reference is the same model with its adapters off: no second copy
         from ..model.lora import disabled

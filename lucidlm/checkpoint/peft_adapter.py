@@ -6,6 +6,10 @@ lucidlm layer comes from the checkpoint family's rename rule for that layer's we
 saved here loads with ``PeftModel.from_pretrained`` onto the transformers model, and a PEFT-made
 adapter loads here. Layers whose checkpoint tensor is not a plain rename (fused or permuted weights)
 cannot carry a PEFT adapter and are refused by name.
+
+Modules trained in full beside the adapters (``LoRAConfig.modules_to_save``: LongLoRA's embedding and norms) are
+saved whole as PEFT does: ``base_model.model.<transformers module>.weight``, their transformers paths listed in
+the config's ``modules_to_save``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,16 @@ from safetensors.torch import save_file
 from ..atomic_io import atomic_write
 from ..jsonl import write_json
 from ..model.linear import Linear
-from ..model.lora import TARGETS, LoRAConfig, apply_lora, lora_layers, lora_targets, targeted
+from ..model.lora import (
+    TARGETS,
+    LoRAConfig,
+    apply_lora,
+    lora_layers,
+    lora_targets,
+    savable_modules,
+    saved_modules,
+    targeted,
+)
 from ..model.transformer import Transformer
 from .errors import CheckpointError
 from .family import Family, same
@@ -36,7 +49,7 @@ PEFT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "mixtral", "q
 # (Options that only steer initialisation or training, e.g. init_lora_weights or loftq_config, are ignored.)
 PLAIN_LORA = {
     "bias": "none", "fan_in_fan_out": False, "use_dora": False, "lora_bias": False, "use_qalora": False,
-    "modules_to_save": None, "rank_pattern": None, "alpha_pattern": None, "exclude_modules": None,
+    "rank_pattern": None, "alpha_pattern": None, "exclude_modules": None,
     "layer_replication": None, "target_parameters": None, "trainable_token_indices": None,
     "alora_invocation_tokens": None, "arrow_config": None, "velora_config": None, "kasa_config": None,
     "monteclora_config": None, "use_bdlora": None, "megatron_config": None,
@@ -66,12 +79,22 @@ def _their_module(model: Transformer, family: Family, ours: str) -> str:
     if _is_expert(family, ours):
         raise CheckpointError(f"{kind}: {ours} is a MoE expert, which transformers stores fused (one tensor for "
                               "all experts), so PEFT cannot adapt it; target attention projections only")
-    weight = ours + ".weight"
-    for rule in family.rules(model.config, [weight]):
-        if rule.ours == (weight,) and len(rule.theirs) == 1 and rule.to_theirs is same:
-            return rule.theirs[0].removesuffix(".weight")
-    raise CheckpointError(f"{kind}: {ours} is stored fused or transformed in this checkpoint "
-                          "layout, so it cannot carry a PEFT adapter")
+    return _their_tensor(model, family, ours + ".weight").removesuffix(".weight")
+
+
+def _their_tensor(model: Transformer, family: Family, ours: str) -> str:
+    """The transformers name of our tensor ``ours`` where the checkpoint stores it as a plain rename."""
+    for rule in family.rules(model.config, [ours]):
+        if rule.ours == (ours,) and len(rule.theirs) == 1 and rule.to_theirs is same:
+            return rule.theirs[0]
+    raise CheckpointError(f"{family.model_types[0]}: {ours.rsplit('.', 1)[0]} is stored fused or transformed in "
+                          "this checkpoint layout, so it cannot carry a PEFT adapter")
+
+
+def _saved_tensors(model: Transformer, family: Family, modules: list[str]) -> dict[str, tuple[str, str]]:
+    """{PEFT key: (our module, parameter name)} of the modules trained in full (modules_to_save)."""
+    return {f"{PREFIX}{_their_tensor(model, family, f'{name}.{p}')}": (name, p)
+            for name in modules for p, _ in model.get_submodule(name).named_parameters(recurse=False)}
 
 
 def save_adapter(model: Transformer, family: Family | None, directory: str | Path,
@@ -87,6 +110,10 @@ def save_adapter(model: Transformer, family: Family | None, directory: str | Pat
         modules.append(_their_module(model, family, name))
         for ab in ("lora_A", "lora_B"):
             tensors[f"{PREFIX}{modules[-1]}.{ab}.weight"] = getattr(layer, ab).weight.detach().contiguous().cpu()
+    saved = saved_modules(model, config)
+    for key, (name, p) in _saved_tensors(model, family, saved).items():
+        tensors[key] = getattr(model.get_submodule(name), p).detach().contiguous().cpu()
+    their_saved = sorted({_their_tensor(model, family, f"{name}.weight").removesuffix(".weight") for name in saved})
     # Dotted targets are our paths: PEFT gets the transformers path of every adapted layer instead (as it
     # writes itself for "all-linear"), which already says which layers, so no layers_to_transform.
     short = all("." not in t for t in config.target_modules)
@@ -99,7 +126,7 @@ def save_adapter(model: Transformer, family: Family | None, directory: str | Pat
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.alpha,
         "lora_dropout": config.dropout, "target_modules": targets, "bias": "none",
         "layers_to_transform": layers, "layers_pattern": "layers" if layers is not None else None,
-        "use_rslora": config.use_rslora, "fan_in_fan_out": False, "modules_to_save": None,
+        "use_rslora": config.use_rslora, "fan_in_fan_out": False, "modules_to_save": their_saved or None,
         "init_lora_weights": True, "inference_mode": True, "base_model_name_or_path": base_model,
     })
     return directory
@@ -126,7 +153,15 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
     return LoRAConfig(r=cfg.get("r", 8), alpha=float(cfg.get("lora_alpha", 8)),
                       dropout=float(cfg.get("lora_dropout", 0.0)), target_modules=_targets(path, cfg),
                       layers=[layers] if isinstance(layers, int) else layers,
-                      use_rslora=bool(cfg.get("use_rslora", False)))
+                      use_rslora=bool(cfg.get("use_rslora", False)),
+                      modules_to_save=_names(path, cfg, "modules_to_save"))
+
+
+def _names(path: Path, cfg: dict, key: str) -> tuple[str, ...]:
+    value = cfg.get(key) or ()
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise CheckpointError(f"{path}: {key}={value!r} is not supported; list the module names")
+    return tuple(value)
 
 
 def _targets(path: Path, cfg: dict) -> tuple[str, ...]:
@@ -144,6 +179,7 @@ def load_adapter(model: Transformer, family: Family | None, directory: str | Pat
     path, family = Path(directory), _family(family)
     config = read_adapter_config(path)
     config.target_modules = _our_targets(model, family, path / CONFIG_FILE, config.target_modules)
+    config.modules_to_save = _our_saved(model, family, path / CONFIG_FILE, config.modules_to_save)
     try:
         targets = lora_targets(model, config)
     except ValueError as e:  # e.g. target modules or layers this model does not have
@@ -170,6 +206,27 @@ def _our_targets(model: Transformer, family: Family, path: Path, targets: tuple[
     return tuple(ours)
 
 
+def _our_saved(model: Transformer, family: Family, path: Path, theirs: tuple[str, ...]) -> tuple[str, ...]:
+    """PEFT's modules_to_save as the paths of our modules. PEFT selects every module whose name ends with an entry
+    (plain ``str.endswith``: "norm" is every norm, q_norm too); lucidlm's own layout keeps LoRAConfig's rule (a
+    path or a dotted tail), so that "norm" stays the final norm."""
+    own = family.model_types[0] == "lucidlm"
+    candidates = {}
+    for name in savable_modules(model):
+        try:
+            candidates[_their_tensor(model, family, f"{name}.weight").removesuffix(".weight")] = name
+        except CheckpointError:
+            continue  # not stored as a plain rename
+    ours: list[str] = []
+    for t in theirs:
+        hits = [name for module, name in candidates.items() if (targeted(module, (t,)) if own else module.endswith(t))]
+        if not hits:
+            raise CheckpointError(f"{path}: modules_to_save entry {t!r} is no embedding, norm or lm_head of this "
+                                  "model that lucidlm can train in full")
+        ours += [h for h in hits if h not in ours]
+    return tuple(ours)
+
+
 def fill_adapter(model: Transformer, family: Family | None, directory: str | Path) -> None:
     """Load A and B from ``directory`` into a model that already carries the same LoRA layers (resume)."""
     config: LoRAConfig = model.lora_config
@@ -189,6 +246,10 @@ def _adapter_tensors(model: Transformer, family: Family, directory: Path, config
         raise CheckpointError(f"{directory}: no {WEIGHTS_FILE}{found}")
     expected = {f"{PREFIX}{_their_module(model, family, ours)}.{ab}.weight": (ours, ab)
                 for ours in targets for ab in ("lora_A", "lora_B")}
+    try:
+        expected.update(_saved_tensors(model, family, saved_modules(model, config)))
+    except ValueError as e:  # e.g. the embedding of a model whose embeddings are tied
+        raise CheckpointError(f"{directory / CONFIG_FILE}: {e}") from e
     reader = SafetensorsReader(directory, single=WEIGHTS_FILE, index=None)
     stored = {k.replace(".default.", "."): k for k in reader.tensors}  # some PEFT versions keep the adapter name
     missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
@@ -199,8 +260,9 @@ def _adapter_tensors(model: Transformer, family: Family, directory: Path, config
     tensors = {key: reader.get(stored[key]) for key in expected}
     for key, (ours, ab) in expected.items():
         base = model.get_submodule(ours)
-        base = base.base_layer if wrapped else base
-        shape = (config.r, base.in_features) if ab == "lora_A" else (base.out_features, config.r)
+        base = base.base_layer if wrapped and ab in ("lora_A", "lora_B") else base
+        shape = (config.r, base.in_features) if ab == "lora_A" else (base.out_features, config.r) \
+            if ab == "lora_B" else tuple(getattr(base, ab).shape)
         if tuple(tensors[key].shape) != shape:
             raise CheckpointError(f"{weights}: {key} has shape {list(tensors[key].shape)}, the model needs "
                                   f"{list(shape)}")
@@ -209,5 +271,6 @@ def _adapter_tensors(model: Transformer, family: Family, directory: Path, config
 
 def _fill(model: Transformer, expected: dict[str, tuple[str, str]], tensors: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
-        for key, (ours, ab) in expected.items():
-            getattr(model.get_submodule(ours), ab).weight.copy_(tensors[key])
+        for key, (ours, name) in expected.items():
+            target = getattr(model.get_submodule(ours), name)  # lora_A / lora_B, or a saved module's parameter
+            (target.weight if name in ("lora_A", "lora_B") else target).copy_(tensors[key])

@@ -11,7 +11,8 @@ Options, each from a paper the notes discuss:
   attention, Qiu et al. 2025 / Qwen3-Next), lets a head output nothing and removes attention sinks;
 - sliding window: handled by the mask the block receives (see ``masks.py``);
 - dual chunk attention: RoPE positions per (query, key) pair, when the block receives a ``DualChunkRope``
-  (see ``dual_chunk_attention.py``).
+  (see ``dual_chunk_attention.py``);
+- S2-Attn (LongLoRA): in training without a cache, attention within shifted groups (``shifted_sparse_attention.py``).
 
 The score computation is softmax(q·kᵀ·scale + bias + mask)·v via
 ``F.scaled_dot_product_attention``, which picks a fused kernel where one applies (on CPU, a decode
@@ -33,6 +34,7 @@ from .kv_cache import KVCache
 from .linear import Linear
 from .norm import RMSNorm
 from .rope import apply_rope
+from .shifted_sparse_attention import s2_attend
 
 
 def attend(
@@ -75,6 +77,7 @@ class Attention(nn.Module):
         # q, k and v as one quantized layer (model/fused_projections.py: one kernel call instead of three)
         self.qkv_proj: nn.Module | None = None
         self.qkv_split = (q_dim, kv_dim, kv_dim)
+        self.s2_group = cfg.s2_attn_group  # S2-Attn's group size, used by training forwards only
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv_proj is not None:
@@ -92,7 +95,9 @@ class Attention(nn.Module):
         q, k, v = self.heads(x, rope)
         if cache is not None:  # store the new keys/values, attend over all cached ones
             k, v = cache.update(self.layer, k, v)
-        if isinstance(rope, DualChunkRope):  # each score with its region's query rotation (dual_chunk_attention.py)
+        if self.s2_group is not None and self.training and cache is None:  # LongLoRA: full attention at inference
+            out = s2_attend(q, k, v, self.s2_group, mask, self.scale, bias)
+        elif isinstance(rope, DualChunkRope):  # each score with its region's query rotation (dual_chunk_attention.py)
             out = dual_chunk_attend(q, k, v, mask, self.scale, rope, self.rope_interleaved)
         else:
             out = attend(q, k, v, mask, self.scale, bias)  # (b, h, s, hd)

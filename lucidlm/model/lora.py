@@ -5,6 +5,9 @@ the base model exactly. Only A and B train: r·(in + out) parameters per wrapped
 in·out. ``merge`` folds B A · α/r into W for inference at the base model's speed; ``unmerge`` takes
 it back out. ``disabled(model)`` runs the base model alone — the reference policy for DPO and the
 base distribution for the probe's KL term, with no second copy of the weights.
+
+``modules_to_save`` (PEFT's name) trains whole modules beside the adapters: LongLoRA (Chen et al. 2023) trains
+the embedding and every norm (``longlora_modules``), a few parameters that long-context fine-tuning needs.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import nn
 
 from .cpu_kernels import is_packed, pack_weight
 from .linear import Linear
+from .norm import RMSNorm
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -32,6 +36,9 @@ class LoRAConfig:
     target_modules: tuple[str, ...] = TARGETS
     layers: list[int] | None = None  # blocks to adapt (None: all)
     use_rslora: bool = False  # scale α/√r instead of α/r (Kalajdzievski 2023)
+    # embeddings, norms or lm_head trained in full (by path or dotted tail, as targets); their weights are kept
+    # whole in the adapter (PEFT's modules_to_save)
+    modules_to_save: tuple[str, ...] = ()
 
     @property
     def scaling(self) -> float:
@@ -122,8 +129,39 @@ def check_config(model: nn.Module, config: LoRAConfig) -> None:
         raise ValueError(f"LoRA layers {bad} out of range for a model of {n} blocks")
     if any(True for _ in lora_layers(model)):
         raise ValueError("the model already carries LoRA layers (one adapter at a time)")
+    saved_modules(model, config)
     if getattr(model, "bottleneck_config", None) is not None:
         raise ValueError("the model already carries bottleneck adapters (one adapter at a time)")
+
+
+def savable_modules(model: nn.Module) -> list[str]:
+    """The modules ``modules_to_save`` may name: the embedding, the norms and lm_head."""
+    return [name for name, m in model.named_modules()
+            if name in ("embed", "lm_head") or isinstance(m, RMSNorm | nn.LayerNorm)]
+
+
+def saved_modules(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Names of the modules ``config.modules_to_save`` trains in full; ValueError naming an entry that matches no
+    embedding, norm or lm_head, or one whose weight is also the other end of tied embeddings."""
+    names = savable_modules(model)
+    chosen = []
+    for entry in config.modules_to_save:
+        hits = [name for name in names if targeted(name, (entry,))]
+        if not hits:
+            raise ValueError(f"LoRA modules_to_save entry {entry!r} names no embedding, norm or lm_head of the model")
+        chosen += [name for name in hits if name not in chosen]
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "tie_embeddings", False) and {"embed", "lm_head"} & set(chosen):
+        raise ValueError("LoRA modules_to_save: this model ties its embedding to lm_head (tie_embeddings), so "
+                         "training one also changes the other, which a PEFT adapter does not express; save the "
+                         "norms only")
+    return chosen
+
+
+def longlora_modules(model: nn.Module) -> tuple[str, ...]:
+    """LongLoRA's trainable extras: the token embedding and every norm, by path."""
+    return tuple(name for name, m in model.named_modules()
+                 if name == "embed" or isinstance(m, RMSNorm | nn.LayerNorm))
 
 
 def targeted(name: str, targets: tuple[str, ...]) -> bool:
@@ -151,6 +189,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         parent_name, child = name.rsplit(".", 1)
         layer = LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora)
         setattr(model.get_submodule(parent_name), child, layer)
+    for name in saved_modules(model, config):
+        model.get_submodule(name).requires_grad_(True)
     model.lora_config = config
     return model
 
@@ -184,6 +224,9 @@ def unmerge_lora(model: nn.Module) -> None:
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: every LoRA update switched off inside the block (merged layers are
     unmerged for its duration, as PEFT's ``disable_adapter`` does, and merged again after)."""
+    if getattr(getattr(model, "lora_config", None), "modules_to_save", ()):
+        raise ValueError("the LoRA adapter trains modules_to_save in place, so switching the adapters off does not "
+                         "give the base model back (PEFT keeps a copy); load the base model instead")
     layers = [m for _, m in lora_layers(model)]
     merged = [m for m in layers if m.merged]
     for m in merged:

@@ -36,6 +36,7 @@ from .moe import MoE
 from .norm import make_norm
 from .relative_position_bias import RelativePositionBias
 from .rope import RotaryEmbedding
+from .shifted_sparse_attention import check_group
 from .sparse_attention_masks import sparse_pattern_mask
 
 
@@ -194,6 +195,8 @@ class Transformer(nn.Module):
         wanted = self.check_hidden_layers(hidden_layers)
         if prefix_mask is not None and cfg.attention == "linear":
             raise ValueError("prefix_mask needs softmax attention: ModelConfig.attention='linear' is causal only")
+        if cfg.s2_attn_group is not None and self.training and cache is None:  # before any work
+            check_group(s, cfg.s2_attn_group)
         if cache is not None:
             return self._forward_cached(input_ids, attention_mask, position_ids, wanted, return_aux_loss,
                                         cache, range(b) if slots is None else slots, last_only)

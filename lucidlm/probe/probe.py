@@ -50,7 +50,8 @@ Alignment = Literal["own", "predictive"]
 ALIGNMENTS = ("own", "predictive")
 FINGERPRINT_ROWS = 16
 FINGERPRINT_TOLERANCE = 0.02  # of a row's norm: bf16/fp16 casts move it < 0.3%, another model's rows far more
-BOOKKEEPING = ("dtype", "init_std", "bos_token_id", "eos_token_id", "pad_token_id")  # change nothing computed
+# change nothing computed (S2-Attn acts in training forwards only)
+BOOKKEEPING = ("dtype", "init_std", "bos_token_id", "eos_token_id", "pad_token_id", "s2_attn_group")
 
 
 class ProbeError(ValueError):

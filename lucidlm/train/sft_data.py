@@ -134,9 +134,11 @@ class ChatFormatter:
         return ex
 
 
-def pad_batch(examples: list[Example], pad_id: int, prefix_lm: bool = False) -> dict[str, torch.Tensor]:
-    """Right-padded (batch, longest) tensors; padding has attention_mask 0 and label −100."""
-    longest = max(len(e.input_ids) for e in examples)
+def pad_batch(examples: list[Example], pad_id: int, prefix_lm: bool = False,
+              multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right-padded (batch, longest) tensors, longest rounded up to ``multiple`` (S2-Attn's whole groups); padding
+    has attention_mask 0 and label −100."""
+    longest = -(-max(len(e.input_ids) for e in examples) // multiple) * multiple
     ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     labels = torch.full_like(ids, IGNORE_INDEX)
     mask = torch.zeros_like(ids)
@@ -207,11 +209,12 @@ class JsonlDataset(ABC):
 
 class SFTDataset(JsonlDataset):
     def __init__(self, files: list[str | Path], tokenizer: Tokenizer, max_len: int, batch_size: int,
-                 epochs: int | None = None, prefix_lm: bool = False, skip_bad_lines: bool = False) -> None:
+                 epochs: int | None = None, prefix_lm: bool = False, skip_bad_lines: bool = False,
+                 pad_multiple: int = 1) -> None:
         super().__init__(files, batch_size, epochs, skip_bad_lines)
         self.formatter = ChatFormatter(tokenizer, max_len)
         self.pad_id = pad_id(tokenizer)
-        self.prefix_lm = prefix_lm
+        self.prefix_lm, self.pad_multiple = prefix_lm, pad_multiple
 
     @property
     def truncated(self) -> int:
@@ -221,7 +224,7 @@ class SFTDataset(JsonlDataset):
         return self.formatter.from_row(row)
 
     def collate(self, items: list[Example]) -> dict[str, torch.Tensor]:
-        return pad_batch(items, self.pad_id, self.prefix_lm)
+        return pad_batch(items, self.pad_id, self.prefix_lm, self.pad_multiple)
 
 
 class PreferenceDataset(JsonlDataset):
