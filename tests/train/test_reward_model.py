@@ -197,3 +197,18 @@ def test_accuracy_ci_counts_ties_half_and_brackets_the_estimate():
     assert 0.0 <= report["lo"] <= report["accuracy"] <= report["hi"] <= 1.0
     with pytest.raises(ValueError, match="n >= 1"):
         accuracy_ci(torch.tensor([]), torch.tensor([]))
+
+
+def test_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_does(tmp_path):
+    def run(out: str, steps: int) -> RewardModel:
+        model = RewardModel(tiny(), generator=torch.Generator().manual_seed(0))
+        config = TrainConfig(out_dir=str(tmp_path / out), max_steps=steps, lr=1e-2, warmup_steps=1, min_lr_ratio=1.0,
+                             save_every=3, eval_every=1000, progress=False)
+        Trainer(model, config, PairData(), objective=BradleyTerry(), save_weights=save_reward_model,
+                load_weights=fill_reward_model).fit()
+        return model
+
+    whole = run("whole", 6)
+    run("halves", 3)
+    resumed = run("halves", 6)  # a fresh head, filled from the step-3 checkpoint (constant lr: same schedule)
+    torch.testing.assert_close(resumed.head.weight, whole.head.weight)
