@@ -161,8 +161,9 @@ def accuracy_ci(chosen: torch.Tensor, rejected: torch.Tensor, n_boot: int = 1000
                          f"{tuple(rejected.shape)}")
     correct = (chosen > rejected).double() + 0.5 * (chosen == rejected).double()
     g = torch.Generator().manual_seed(seed)
-    draws = torch.randint(0, len(correct), (n_boot, len(correct)), generator=g)
-    means = correct[draws].mean(-1)
+    chunk = max(1, 2**22 // len(correct))  # resamples drawn a few million indices at a time
+    means = torch.cat([correct[torch.randint(0, len(correct), (min(chunk, n_boot - i), len(correct)), generator=g)]
+                       .mean(-1) for i in range(0, n_boot, chunk)])
     lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64))
     return {"accuracy": float(correct.mean()), "lo": float(lo), "hi": float(hi), "pairs": len(correct),
             "mean_margin": float((chosen - rejected).mean())}

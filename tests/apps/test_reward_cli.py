@@ -37,13 +37,12 @@ def _pairs(path, n: int, offset: int = 0):
 def test_reward_train_then_eval(tmp_path):
     base = _checkpoint(tmp_path / "base")
     train, test = _pairs(tmp_path / "train.jsonl", 32), _pairs(tmp_path / "test.jsonl", 16, offset=100)
-    result = runner.invoke(app, ["reward", "train", "--model", str(base), "--data", str(train), "--lora",
-                                 "--lora.r", "4", "--batch-size", "8", "--train.max-steps", "8", "--train.lr", "1e-2",
+    result = runner.invoke(app, ["reward", "train", "--model", str(base), "--data", str(train),
+                                 "--batch-size", "8", "--train.max-steps", "8", "--train.lr", "3e-2",
                                  "--train.warmup-steps", "1", "--train.out-dir", str(tmp_path / "run"),
                                  "--out", str(tmp_path / "rm")])
     assert result.exit_code == 0, result.output
-    assert {p.name for p in (tmp_path / "rm").iterdir()} == {"reward_config.json", "reward_head.safetensors",
-                                                              "adapter_config.json", "adapter_model.safetensors"}
+    assert {p.name for p in (tmp_path / "rm").iterdir()} == {"reward_config.json", "reward_head.safetensors"}
     result = runner.invoke(app, ["reward", "eval", "--reward", str(tmp_path / "rm"), "--data", str(test), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -52,3 +51,18 @@ def test_reward_train_then_eval(tmp_path):
     result = runner.invoke(app, ["reward", "eval", "--reward", str(tmp_path / "rm"), "--data", str(test),
                                  "--model", str(other)])
     assert result.exit_code != 0 and "another base model" in str(result.exception)
+
+
+def test_reward_train_with_lora_writes_the_adapter_that_eval_applies(tmp_path):
+    base = _checkpoint(tmp_path / "base")
+    train = _pairs(tmp_path / "train.jsonl", 4)
+    result = runner.invoke(app, ["reward", "train", "--model", str(base), "--data", str(train), "--lora",
+                                 "--lora.r", "2", "--lora.targets", "v_proj", "--batch-size", "4",
+                                 "--train.max-steps", "2", "--train.warmup-steps", "1",
+                                 "--train.out-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    rm = tmp_path / "run" / "reward"  # the default --out
+    assert json.loads((rm / "reward_config.json").read_text())["has_adapter"] is True
+    assert json.loads((rm / "adapter_config.json").read_text())["target_modules"] == ["v_proj"]
+    result = runner.invoke(app, ["reward", "eval", "--reward", str(rm), "--data", str(train)])
+    assert result.exit_code == 0 and "on 4 pairs" in result.output, result.output
