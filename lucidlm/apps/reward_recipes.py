@@ -98,6 +98,9 @@ def run_reward_eval(reward: str, data: list[str], model: str | None = None, batc
                     max_len: int | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
     """Pairwise accuracy (chosen scored above rejected) of the reward model on ``data``, with its 95% bootstrap
     interval over pairs. ``model``: the base model's directory (default: where the reward model recorded it)."""
+    missing = [d for d in data if not Path(d).is_file()]
+    if not data or missing:
+        raise FileNotFoundError(f"preference JSONL files not found: {missing}" if missing else "no --data given")
     config = read_reward_config(reward)
     model = model or config.base_model
     if model is None:
