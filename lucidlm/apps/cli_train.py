@@ -1,5 +1,5 @@
-"""Training verbs: ``lucidlm pretrain`` (sft, dpo and tokenizer train follow), each driven by a run-config
-dataclass — ``--config run.yaml`` plus one documented option per field."""
+"""Training verbs: ``lucidlm pretrain`` (sft, dpo, reward train/eval and tokenizer train follow), each driven by a
+run-config dataclass — ``--config run.yaml`` plus one documented option per field."""
 
 from __future__ import annotations
 
@@ -84,6 +84,36 @@ def world_build(
                            "exposure": {k: exposure[k] for k in ("0", "1", "2-4", "5+")}, "out": str(out)}))
 
 
+reward_app = typer.Typer(help="Reward models: a scalar head on a causal LM, trained on preference pairs.",
+                         no_args_is_help=True)
+
+
+def _reward_train(run) -> None:
+    from .reward_recipes import run_reward_train
+
+    _report(run_reward_train(run))
+
+
+@reward_app.command("eval")
+def reward_eval(
+    reward: Annotated[Path, typer.Option(help="reward model directory")],
+    data: Annotated[list[Path], typer.Option(help="JSONL file(s) of {prompt, chosen, rejected} pairs (repeatable)")],
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="base model (default: the one recorded)")] = None,
+    batch_size: Annotated[int, typer.Option(help="pairs per batch")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="print the full report as JSON")] = False,
+) -> None:
+    """Pairwise accuracy of a reward model (chosen scored above rejected; ties count one half), with a 95%
+    bootstrap interval over pairs."""
+    from .reward_recipes import run_reward_eval
+
+    report = run_reward_eval(str(reward), [str(d) for d in data], str(model) if model else None, batch_size)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"pairwise accuracy {report['accuracy']:.3f} (95% CI {report['lo']:.3f}-{report['hi']:.3f}) on "
+               f"{report['pairs']} pairs, mean margin {report['mean_margin']:.3f}")
+
+
 probe_app = typer.Typer(help="Hallucination probes: train, evaluate, sweep layers.", no_args_is_help=True)
 
 
@@ -122,6 +152,14 @@ def probe_eval(
 
 def register(app: typer.Typer) -> None:
     from .probe_recipes import ProbeRun
+    from .reward_recipes import RewardRun
+
+    reward_app.command("train")(config_command(
+        RewardRun, _reward_train,
+        "Train a reward model (Bradley-Terry loss) on JSONL {prompt, chosen, rejected} rows: a scalar head on the "
+        "base model's last real token, the base frozen or with --lora adapters; writes the directory --out.\n\n"
+        "Example: lucidlm reward train --model sft/ --data pairs.jsonl --lora --train.max-steps 200 --out rm/"))
+    app.add_typer(reward_app, name="reward")
 
     probe_app.command("train")(config_command(
         ProbeRun, _probe_train,

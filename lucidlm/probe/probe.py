@@ -22,17 +22,14 @@ A probe's shape and identity are checked on lucidlm models (``model.blocks``) an
 LMs (decoder blocks at ``model.model.layers``). A probe is saved as a directory: probe_config.json +
 probe_head.safetensors (+ a PEFT-format adapter when the probe trained LoRA on layers ≤ L).
 
-probe_config.json records the identity of the model the probe was made for (``model_identity``): a hash
-of its lucidlm config and a fingerprint of its embedding matrix, so that a probe is refused on another
-model of the same shape, where it would score silently and meaninglessly. Probes written before the field
-existed load with a warning.
+probe_config.json records the identity of the model the probe was made for (``model_identity``, in
+model/identity.py): a hash of its lucidlm config and a fingerprint of its embedding matrix, so that a probe is
+refused on another model of the same shape, where it would score silently and meaninglessly. Probes written
+before the field existed load with a warning.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,14 +41,11 @@ from torch import nn
 
 from ..atomic_io import atomic_write
 from ..jsonl import read_json, write_json
+from ..model.identity import config_differs, model_identity, same_fingerprint
 
 CONFIG_FILE, HEAD_FILE = "probe_config.json", "probe_head.safetensors"
 Alignment = Literal["own", "predictive"]
 ALIGNMENTS = ("own", "predictive")
-FINGERPRINT_ROWS = 16
-FINGERPRINT_TOLERANCE = 0.02  # of a row's norm: bf16/fp16 casts move it < 0.3%, another model's rows far more
-# change nothing computed (S2-Attn acts in training forwards only)
-BOOKKEEPING = ("dtype", "init_std", "bos_token_id", "eos_token_id", "pad_token_id", "s2_attn_group")
 
 
 class ProbeError(ValueError):
@@ -107,31 +101,6 @@ def hidden_size_of(model: nn.Module) -> int:
     return cfg.dim if hasattr(cfg, "dim") else cfg.hidden_size
 
 
-def model_identity(model: nn.Module) -> dict:
-    """What tells two models of one shape apart, cheaply: the sha256 of the lucidlm config (without its
-    bookkeeping fields; None for a transformers model) and, for rows spread over the input embedding matrix,
-    each row's norm and its projection on a fixed ±1 vector — a bf16/fp16 cast moves these well under the
-    tolerance."""
-    from ..config import ModelConfig
-
-    config = None
-    if isinstance(model.config, ModelConfig):
-        fields = {k: v for k, v in model.config.to_dict().items() if k not in BOOKKEEPING}
-        config = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
-    weight = _input_embedding(model).detach()
-    idx = torch.linspace(0, weight.shape[0] - 1, FINGERPRINT_ROWS).round().long().unique()
-    rows = weight[idx.to(weight.device)].double().cpu()
-    signs = 1.0 - 2.0 * ((torch.arange(rows.shape[1]) * 2654435761 >> 16) & 1).double()  # fixed, no RNG
-    stats = torch.stack([rows.norm(dim=1), rows @ signs / math.sqrt(rows.shape[1])], 1)
-    return {"config_sha256": config, "embedding_rows": idx.tolist(),
-            "embedding_fingerprint": [[float(f"{x:.6g}") for x in row] for row in stats.tolist()]}
-
-
-def _input_embedding(model: nn.Module) -> torch.Tensor:
-    embed = getattr(model, "embed", None)  # lucidlm; transformers models: get_input_embeddings()
-    return embed.weight if isinstance(embed, nn.Embedding) else model.get_input_embeddings().weight
-
-
 def check_identity(saved: dict | None, model: nn.Module, where: Path) -> None:
     """Refuse a probe made for another model; a probe without a recorded identity only warns."""
     if saved is None:
@@ -139,26 +108,12 @@ def check_identity(saved: dict | None, model: nn.Module, where: Path) -> None:
                       "cannot check that this probe was made for this model", stacklevel=3)
         return
     mine = model_identity(model)
-    theirs_config, my_config = saved.get("config_sha256"), mine["config_sha256"]
-    if theirs_config and my_config and theirs_config != my_config:
-        raise ProbeError(f"{where}: this probe was made for another model (its config hash {theirs_config[:12]}… "
-                         f"differs from this model's {my_config[:12]}…)")
-    if not _same_fingerprint(saved, mine):
+    if config_differs(saved, mine):
+        raise ProbeError(f"{where}: this probe was made for another model (its config hash "
+                         f"{saved['config_sha256'][:12]}… differs from this model's {mine['config_sha256'][:12]}…)")
+    if not same_fingerprint(saved, mine):
         raise ProbeError(f"{where}: this probe was made for another model of the same shape (the embedding "
                          "matrix differs); load the model it was trained on, or train a probe for this one")
-
-
-def _same_fingerprint(saved: dict, mine: dict) -> bool:
-    theirs = saved.get("embedding_fingerprint")
-    if saved.get("embedding_rows") != mine["embedding_rows"] or not isinstance(theirs, list) \
-            or len(theirs) != len(mine["embedding_fingerprint"]):
-        return False
-    try:
-        return all(abs(a - b) <= FINGERPRINT_TOLERANCE * max(norm, 1e-12)
-                   for (norm, proj), row in zip(mine["embedding_fingerprint"], theirs)
-                   for a, b in zip((norm, proj), row, strict=True))
-    except (TypeError, ValueError):  # a malformed fingerprint never matches
-        return False
 
 
 class ProbeHead(nn.Module):

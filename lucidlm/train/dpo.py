@@ -60,7 +60,7 @@ class DPO:
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossParts:
         n = self.count(batch)
         # chosen and rejected in one forward: (2n, seq) after padding to a common length
-        ids, mask, labels = _stack_pairs(batch)
+        ids, mask, labels = stack_pairs(batch)
         policy = sequence_logprob(model(ids, attention_mask=mask), labels)
         with torch.no_grad():
             ref = sequence_logprob(self.reference(ids, mask), labels)
@@ -75,7 +75,8 @@ class DPO:
         return LossParts(losses.sum(), n, None, metrics)
 
 
-def _stack_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def stack_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, mask, labels) of the chosen rows then the rejected ones, (2n, longest), right-padded."""
     parts = {}
     for key, pad in (("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
         chosen, rejected = batch[f"chosen_{key}"], batch[f"rejected_{key}"]
