@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_transformer import random_block
 from tiny_lm import tiny_model
 
 from lucidlm.config import ModelConfig, from_preset
@@ -16,8 +17,7 @@ from lucidlm.generate.generation_config import GenerationConfig
 from lucidlm.generate.offline import Generator
 from lucidlm.generate.reference import greedy_no_cache
 from lucidlm.model.deepnorm import deepnorm_alpha, deepnorm_beta, encoder_decoder_constants
-from lucidlm.model.masks import build_mask
-from lucidlm.model.transformer import Block, Transformer
+from lucidlm.model.transformer import Transformer
 
 
 def test_constants_are_the_papers_table_1():
@@ -44,12 +44,7 @@ def naive_layernorm(module, x):
 def test_block_equals_layernorm_of_alpha_x_plus_sublayer():
     cfg = ModelConfig(dim=32, n_heads=4, n_kv_heads=2, vocab_size=16, n_layers=3, ffn_dim=48, positions="none",
                       norm="layernorm", norm_placement="deepnorm")
-    block = Block(cfg, 0).double()
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.3) if p.dim() > 1 else p.normal_(1, 0.5)  # norms are not identities
-    x = torch.randn(2, 6, 32, dtype=torch.float64) * 2
-    mask = build_mask(6, 6, batch=2)
+    block, x, mask = random_block(cfg)
     alpha = 6**0.25  # (2N)^(1/4) with N = 3 layers
 
     h = naive_layernorm(block.attn_norm, alpha * x + block.attn(x, None, mask))

@@ -147,17 +147,21 @@ def naive_norm(cfg: ModelConfig, module, x):
     return (x - mean) / torch.sqrt(var + cfg.norm_eps) * module.weight + module.bias
 
 
+def random_block(cfg: ModelConfig) -> tuple[Block, torch.Tensor, torch.Tensor]:
+    """Block 0 of ``cfg`` in float64 with large random weights (norms are not identities), an input and a mask."""
+    block = Block(cfg, 0).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.normal_(1, 0.5)
+    return block, torch.randn(2, 6, cfg.dim, dtype=torch.float64) * 2, build_mask(6, 6, batch=2)
+
+
 @pytest.mark.parametrize("placement", ["pre", "post", "sandwich"])
 @pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
 def test_norm_placement_equals_formula(placement, norm):
     cfg = ModelConfig(dim=32, n_heads=4, n_kv_heads=2, vocab_size=16, n_layers=1, ffn_dim=48, positions="none",
                       norm=norm, norm_placement=placement)
-    block = Block(cfg, 0).double()
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.3) if p.dim() > 1 else p.normal_(1, 0.5)  # norms are not identities
-    x = torch.randn(2, 6, 32, dtype=torch.float64) * 2
-    mask = build_mask(6, 6, batch=2)
+    block, x, mask = random_block(cfg)
 
     def attn(h):
         return block.attn(h, None, mask)
