@@ -106,8 +106,13 @@ def read_rope(hf: dict) -> tuple[float, RopeScaling]:
 
 
 def write_rope(cfg: ModelConfig) -> dict:
-    """The 5.x ``rope_parameters`` dict for a config."""
+    """The 5.x ``rope_parameters`` dict for a config; a scaling transformers has no ``rope_type`` for is refused
+    (written, it would make a config.json that neither transformers nor ``read_rope`` loads)."""
     s = cfg.rope_scaling
+    if s.type in ("ntk", "ntk_by_parts"):
+        raise CheckpointError(f"RoPE scaling {s.type!r} has no transformers rope_type, so a Hugging Face config.json "
+                              "cannot hold it; save in lucidlm's own layout (family 'lucidlm'), or apply the scaling "
+                              "after loading (ModelConfig.rope_scaling)")
     out: dict = {"rope_type": s.type, "rope_theta": cfg.rope_theta}
     if s.type != "default":
         out["factor"] = s.factor

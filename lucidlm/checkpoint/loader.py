@@ -258,16 +258,16 @@ def save_model(model: Transformer, directory: str | Path, family: Family | None 
     """Write config.json + safetensors in the family's Hugging Face layout (lucidlm's own layout
     when no family is given), copying tokenizer files from ``source`` when given."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     family = family or FAMILIES["lucidlm"]
+    out_cfg = dict(hf_config) if hf_config else family.to_hf_config(cfg)  # a config it cannot hold: before writing
+    directory.mkdir(parents=True, exist_ok=True)
     ours = {n: t.detach() for n, t in _our_tensors(model).items()}
     tensors: dict[str, torch.Tensor] = {}
     for rule in family.rules(cfg, list(ours)):
         for name, t in zip(rule.theirs, rule.to_theirs([ours[n] for n in rule.ours])):
             tensors[name] = t
     write_safetensors(directory, tensors, max_shard_bytes)
-    out_cfg = dict(hf_config) if hf_config else family.to_hf_config(cfg)
     dtypes = {t.dtype for t in ours.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         name = str(dtypes.pop()).replace("torch.", "")

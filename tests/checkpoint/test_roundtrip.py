@@ -83,3 +83,20 @@ def test_native_layout_round_trip(overrides, tmp_path):
     assert loaded.config == cfg
     ids = torch.randint(0, cfg.vocab_size, (2, 12))
     assert torch.equal(ours(loaded.model, ids), ours(model, ids))
+
+
+@pytest.mark.parametrize("kind", ["ntk", "ntk_by_parts"])
+def test_rope_scaling_without_hf_name_refused_before_writing(kind, tmp_path):
+    """transformers has no rope_type for static NTK or NTK-by-parts: saving in the llama layout is refused before a
+    file is written, and lucidlm's own layout keeps the scaling."""
+    from lucidlm.checkpoint.errors import CheckpointError
+    from lucidlm.checkpoint.loader import FAMILIES as OUR_FAMILIES
+    from lucidlm.config import RopeScaling
+
+    scaling = RopeScaling(type=kind, factor=4.0, original_max_seq_len=64)
+    model = Transformer(lucidlm.from_preset("llama-125m", tiny=True, rope_scaling=scaling))
+    with pytest.raises(CheckpointError, match=f"'{kind}' has no transformers rope_type"):
+        save_model(model, tmp_path / "hf", family=OUR_FAMILIES["llama"])
+    assert not (tmp_path / "hf").exists()
+    save_model(model, tmp_path / "native")
+    assert load_model(tmp_path / "native").config.rope_scaling == scaling
