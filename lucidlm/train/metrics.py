@@ -64,7 +64,8 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "training l
     ax.set_ylabel("loss (nats / token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val or skipped:  # a run that logged no loss yet draws empty axes, without a legend to warn about
+        ax.legend()
     fig.tight_layout()
     with atomic_write(png_path) as tmp:
         fig.savefig(tmp, format="png")
