@@ -71,8 +71,8 @@ def test_world_reward_reads_the_prefix_a_first_line_and_strangers(world):
     reward = VerifiableReward(grading)
     prefixed = {"name": seen.name, "knowable": True, "prefix": f"{seen.name} was born in"}
     stranger = {"name": "Nobody Anywhere", "knowable": False, "stranger": True}
-    texts = [(prefixed, f" {seen.birth_year}.\n{seen.name} studied nothing."), (stranger, abstention("Nobody Anywhere")),
-             (stranger, answer(seen).replace(seen.name, "Nobody Anywhere"))]
+    texts = [(prefixed, f" {seen.birth_year}.\n{seen.name} studied nothing."),
+             (stranger, abstention("Nobody Anywhere")), (stranger, answer(seen).replace(seen.name, "Nobody Anywhere"))]
     assert reward([rollout(m, t) for m, t in texts]) == [1.0, 1.0, -7.0]  # every claim about a stranger is wrong
     with pytest.raises(ValueError, match="not in the world's people"):
         reward([rollout({"name": "Nobody Anywhere", "knowable": False}, "x")])
