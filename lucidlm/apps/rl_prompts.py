@@ -15,7 +15,7 @@ before/after tables are measured on others.
   ``unknowable`` (questions the model got wrong in every sample before training: rl_metrics.knowledge_sets).
 
 ``write_prompts_jsonl`` writes them as ``lucidlm rl --prompts`` reads them: {"messages": [...], "meta": {...}}
-(or {"text": ..., "meta": ...}) rows.
+(or {"prompt": text, "meta": ...}) rows.
 """
 
 from __future__ import annotations
@@ -90,12 +90,12 @@ def facts_rl_prompts(questions: list[dict], unknowable: set[str], split: str = "
 
 
 def prompt_row(prompt: RLPrompt) -> dict:
-    head = {"messages": [dict(m) for m in prompt.messages]} if prompt.messages else {"text": prompt.text}
+    head = {"messages": [dict(m) for m in prompt.messages]} if prompt.messages else {"prompt": prompt.text}
     return head | {"meta": prompt.meta}
 
 
 def write_prompts_jsonl(path: str | Path, prompts: list[RLPrompt]) -> Path:
-    """Prompts as JSONL rows ({"messages" | "text", "meta"}), written atomically."""
+    """Prompts as JSONL rows ({"messages" | "prompt", "meta"}: train/rl_rollouts.read_prompts' format), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(path, [prompt_row(p) for p in prompts])
@@ -109,7 +109,7 @@ def read_prompts_jsonl(path: str | Path) -> list[RLPrompt]:
         if not isinstance(row.get("meta", {}), dict):
             raise ValueError(f"{path}:{i}: 'meta' must be an object")
         try:
-            out.append(RLPrompt(messages=tuple(row.get("messages", ())), text=row.get("text"),
+            out.append(RLPrompt(messages=tuple(row.get("messages", ())), text=row.get("prompt"),
                                 meta=row.get("meta", {})))
         except ValueError as e:
             raise ValueError(f"{path}:{i}: {e}") from None

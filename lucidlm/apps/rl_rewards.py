@@ -153,25 +153,6 @@ class VerifiableReward:
         return out
 
 
-class WeightedSum:
-    """Σ_i w_i · reward_i(rollouts): the combined reward of a SPEC such as ``facts*1.0+probe:DIR*0.5``."""
-
-    def __init__(self, parts: list[tuple[Reward, float]]) -> None:
-        if not parts:
-            raise ValueError("a combined reward needs at least one part")
-        self.parts = parts
-        self.name = "+".join(f"{r.name}*{w:g}" for r, w in parts)
-
-    def __call__(self, rollouts: Sequence[Rollout]) -> list[float]:
-        total = [0.0] * len(rollouts)
-        for reward, weight in self.parts:
-            values = reward(rollouts)
-            if len(values) != len(rollouts):
-                raise ValueError(f"reward {reward.name!r} returned {len(values)} values for {len(rollouts)} rollouts")
-            total = [t + weight * v for t, v in zip(total, values)]
-        return total
-
-
 # --- registration ---------------------------------------------------------------------------------
 def world_reward(arg: str | None, lm: Any = None) -> Reward:
     from ..world.build import read_people
@@ -200,30 +181,8 @@ def probe_reward(arg: str | None, lm: Any = None) -> Reward:
 
 
 RewardFactory = Callable[[str | None, Any], Reward]
-# SPEC names → factory(arg, lm): ``world:WORLD_DIR`` (the synthetic world's people.jsonl), ``facts`` (the question
-# in each prompt's meta), ``probe:PROBE_DIR`` (a probe trained for the run's model; scored with a frozen copy of
-# the model as it was when the reward was made). ``build_reward`` joins parts: ``facts*1.0+probe:DIR*0.5``.
+# SPEC ``NAME[:ARG]`` → factory(ARG, lm), ``lm`` the policy as loaded, before RL (apps/rl_recipes.py's REWARDS):
+# ``world:WORLD_DIR`` (the synthetic world's people.jsonl), ``facts`` (the question in each prompt's meta),
+# ``probe:PROBE_DIR`` (a probe trained for that model; scored with a frozen copy of it, made here, so the policy's
+# updates do not move the states the probe reads). Several specs are weighted and summed by the trainer.
 REWARD_FACTORIES: dict[str, RewardFactory] = {"world": world_reward, "facts": facts_reward, "probe": probe_reward}
-
-
-def parse_spec(spec: str) -> list[tuple[str, str | None, float]]:
-    """``name[:arg][*weight]`` parts joined by ``+`` → [(name, arg, weight)], every name checked."""
-    parts = []
-    for part in spec.split("+"):
-        head, star, weight = part.strip().rpartition("*") if "*" in part else (part.strip(), "", "1")
-        name, colon, arg = head.partition(":")
-        name = name.strip()
-        if name not in REWARD_FACTORIES:
-            raise ValueError(f"unknown reward {name!r} in {spec!r}; known: {sorted(REWARD_FACTORIES)}")
-        try:
-            w = float(weight)
-        except ValueError:
-            raise ValueError(f"reward weight {weight!r} in {spec!r} is not a number") from None
-        parts.append((name, (arg.strip() or None) if colon else None, w))
-    return parts
-
-
-def build_reward(spec: str, lm: Any = None) -> Reward:
-    """The reward a SPEC names (one part: that reward itself; several: their ``WeightedSum``)."""
-    parts = [(REWARD_FACTORIES[name](arg, lm), w) for name, arg, w in parse_spec(spec)]
-    return parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else WeightedSum(parts)

@@ -13,9 +13,7 @@ from lucidlm.apps.rl_rewards import (
     VerifiableReward,
     VerifiableRewardConfig,
     WorldGrading,
-    build_reward,
     is_abstention,
-    parse_spec,
     verifiable_score,
 )
 from lucidlm.facts import sources
@@ -87,7 +85,7 @@ def facts_meta(type_name: str, name: str, knowable: bool = True) -> dict:
 
 
 def test_facts_reward_on_hand_written_answers():
-    reward = build_reward("facts")
+    reward = REWARD_FACTORIES["facts"]("", None)
     capital, profile = facts_meta("country_capital", "France"), facts_meta("country_profile", "France")
     symbol = facts_meta("element_symbol", "Gold", knowable=False)
     cases = [(capital, "The capital of France is Paris.", 1.0), (capital, "The capital of France is Lyon.", -1.0),
@@ -114,14 +112,14 @@ def test_abstention_and_score_table():
         VerifiableRewardConfig(aggregate="max")
 
 
-def test_spec_parsing_and_weighted_sum(world):
+def test_factories_check_their_argument(world):
     out, seen, _ = world
-    assert parse_spec(f"facts*0.5+world:{out}") == [("facts", None, 0.5), ("world", str(out), 1.0)]
-    combined = build_reward(f"world:{out}*2+world:{out}*-0.5")
-    assert combined([rollout(world_meta(seen, True), answer(seen))]) == [7.0 * 1.5]
-    with pytest.raises(ValueError, match="unknown reward 'nope'"):
-        parse_spec("facts+nope")
-    with pytest.raises(ValueError, match="not a number"):
-        parse_spec("facts*x")
+    assert REWARD_FACTORIES["world"](str(out), None).name == "world"
     with pytest.raises(ValueError, match="world:WORLD_DIR"):
-        build_reward("world")
+        REWARD_FACTORIES["world"]("", None)
+    with pytest.raises(FileNotFoundError, match="people.jsonl"):
+        REWARD_FACTORIES["world"](str(out / "corpus"), None)
+    with pytest.raises(ValueError, match="takes no argument"):
+        REWARD_FACTORIES["facts"]("x", None)
+    with pytest.raises(ValueError, match="probe:PROBE_DIR"):
+        REWARD_FACTORIES["probe"]("", None)
