@@ -4,10 +4,13 @@ before/after tables are measured on others.
 - ``world_rl_prompts``: "Tell me about X." for the people of a built world, halved by
   ``demo_world.split_people`` (the demo's probe split: "train" its probe-training half, "eval" the other).
   ``meta``: name, mentions, exposure and ``knowable`` = the person was in the corpus (mentions > 0) — a person
-  never mentioned is one the model cannot know. By default the prompt is the question alone (chat messages):
-  the demo's forced opening "X was born in" (``world.texts.answer_prefix``) takes away the choice to abstain
-  (world/abstention.py), which is what RL is to teach; ``prefix=True`` gives the demo's prompt exactly (a text
-  prompt: the chat-templated question + the opening, as world/answers.prompt_ids encodes it).
+  never mentioned is one the model cannot know. ``form``: "messages" (default) the question alone, as chat
+  messages the trainer renders — the demo's forced opening "X was born in" (``world.texts.answer_prefix``) takes
+  away the choice to abstain (world/abstention.py), which is what RL is to teach; "text" the rendered question
+  with the template's trailing space left to the answer, as world/abstention.abstention_context reads
+  P(abstain) (the Q:/A: template ends in "A: ", a lone space token the corpus never has: it wrote "A: I know"
+  as "A", ":", " I"); "prefix" the demo's prompt exactly (the rendered question + the opening, as
+  world/answers.prompt_ids encodes it). "text" and "prefix" need the model's tokenizer.
 - ``facts_rl_prompts``: the facts questions as the demo asks them (facts/answers.prompt_ids: the question as the
   one user message; the model's chat template adds the rest), the entities split by ``facts.splits.split_entities``
   (a country's capital and profile questions on one side). ``meta``: the question (id, type, entity, truth,
@@ -31,17 +34,19 @@ from ..train.rewards import RLPrompt
 from .demo_world import split_people
 
 WORLD_SPLITS = ("train", "eval", "all")
+WORLD_FORMS = ("messages", "text", "prefix")
 
 
-def world_rl_prompts(world: str | Path, split: str = "train", seed: int = 0, prefix: bool = False,
+def world_rl_prompts(world: str | Path, split: str = "train", seed: int = 0, form: str = "messages",
                      tokenizer: Any = None) -> list[RLPrompt]:
     """One prompt per person of the world in ``world`` (its prompts.jsonl) on ``split``'s side of the demo's
-    split (seeded by ``seed``, the demo's world seed). ``prefix``: the demo's forced opening (needs the
-    model's ``tokenizer`` to render the chat template)."""
+    split (seeded by ``seed``, the demo's world seed), in ``form`` (the module docstring)."""
     if split not in WORLD_SPLITS:
         raise ValueError(f"world split must be one of {WORLD_SPLITS}, got {split!r}")
-    if prefix and tokenizer is None:
-        raise ValueError("prefix=True renders the chat template: pass the model's tokenizer")
+    if form not in WORLD_FORMS:
+        raise ValueError(f"world prompt form must be one of {WORLD_FORMS}, got {form!r}")
+    if form != "messages" and tokenizer is None:
+        raise ValueError(f"form={form!r} renders the chat template: pass the model's tokenizer")
     path = Path(world) / "prompts.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{world}: no prompts.jsonl (not a world built by `lucidlm world build`)")
@@ -55,11 +60,14 @@ def world_rl_prompts(world: str | Path, split: str = "train", seed: int = 0, pre
         meta = {"source": "world", "id": r["name"], "name": r["name"], "entity": r["name"], "mentions": r["mentions"],
                 "exposure": r["exposure"], "knowable": r["mentions"] > 0}
         messages = ({"role": "user", "content": r["question"]},)
-        if prefix:
-            head = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        if form == "messages":
+            out.append(RLPrompt(messages=messages, meta=meta))
+            continue
+        head = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        if form == "prefix":
             out.append(RLPrompt(text=head + r["prefix"], meta=meta | {"prefix": r["prefix"]}))
         else:
-            out.append(RLPrompt(messages=messages, meta=meta))
+            out.append(RLPrompt(text=head.rstrip(" "), meta=meta))
     return out
 
 

@@ -58,15 +58,19 @@ def test_world_prompts_respect_the_demo_split_and_the_truth(world):
 
 def test_world_prompts_with_the_forced_prefix_are_the_demos_prompts(world, tmp_path):
     lm = TextLM()
-    prompts = world_rl_prompts(world, "all", prefix=True, tokenizer=lm.tokenizer)
+    prompts = world_rl_prompts(world, "all", form="prefix", tokenizer=lm.tokenizer)
     rows = {r["name"]: r for r in read_jsonl(world / "prompts.jsonl")}
     for p in prompts:
         assert p.text == world_answers.prompt_ids(lm, rows[p.meta["name"]])  # head + prefix, as the demo encodes it
         assert p.meta["prefix"] == f"{p.meta['name']} was born in"
     path = write_prompts_jsonl(tmp_path / "prompts.jsonl", prompts)
     assert set(read_jsonl(path)[0]) == {"prompt", "meta"} and read_prompts_jsonl(path) == prompts
+    text = world_rl_prompts(world, "all", form="text", tokenizer=lm.tokenizer)
+    assert [p.text for p in text] == [f"Q: {rows[p.meta['name']]['question']}\nA:" for p in text]
     with pytest.raises(ValueError, match="tokenizer"):
-        world_rl_prompts(world, "all", prefix=True)
+        world_rl_prompts(world, "all", form="prefix")
+    with pytest.raises(ValueError, match="form"):
+        world_rl_prompts(world, "all", form="chat")
 
 
 def test_facts_prompts_split_entities_and_ask_as_the_demo(tmp_path):
