@@ -180,6 +180,8 @@ def bench(
                                                               "trainable params, loss, time (--model: the base; "
                                                               "default a small random Llama)")] = False,
     steps: Annotated[int, typer.Option(min=1, help="with --adapters: training steps per method")] = 50,
+    deepnorm: Annotated[bool, typer.Option("--deepnorm", help="a 24-layer post-LN vs DeepNorm vs pre-LN stack at "
+                                                              "one learning rate: loss after 25 steps")] = False,
 ) -> None:
     """lucidlm vs transformers on the same random Llama-shaped 125M model: prefill and decode tok/s,
     the memory-bandwidth bound, and an overhead-bound tiny model. Prints a Markdown table.
@@ -200,6 +202,11 @@ def bench(
         result = run_long_bench(LongBenchConfig.quick() if quick else LongBenchConfig(),
                                 print_fn=lambda s: typer.echo(s, err=True))
         typer.echo(long_table(result) + f"\n\nplot: {result['out']}/long_context.png")
+        return
+    if deepnorm:
+        from .bench_deepnorm import deepnorm_table, run_deepnorm_bench
+
+        typer.echo(deepnorm_table(run_deepnorm_bench()))
         return
     if adapters:
         from .bench_adapters import AdapterBench, adapter_table, run_adapter_bench
