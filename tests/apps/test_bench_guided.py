@@ -10,6 +10,7 @@ from tiny_lm import random_probe, tiny_lm
 from lucidlm.apps.bench_guided import (
     GuidedBench,
     answer,
+    bench_guided,
     bootstrap_point,
     graded,
     guided_table,
@@ -89,3 +90,8 @@ def test_bad_bench_config_is_named():
                             (dict(temperature=0.0), "temperature")]:
         with pytest.raises(ValueError, match=message):
             GuidedBench(**fields)
+
+
+def test_without_a_finished_demo_the_bench_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no finished demo"):
+        bench_guided(GuidedBench(demo=tmp_path, out=tmp_path / "out"))
