@@ -147,9 +147,9 @@ def bench(
     llamacpp: Annotated[bool, typer.Option("--llamacpp", help="with --quant: llama.cpp on the same GGUF file, "
                                                               "beside lucidlm (pip install 'lucidlm[llamacpp]')")]
     = False,
-    demo: Annotated[Path | None, typer.Option(help="with --quant or --guided: a finished `lucidlm demo` directory, "
-                                                   "whose probe is measured per format (default: runs/demo when "
-                                                   "it holds one and --model is the demo's)")] = None,
+    demo: Annotated[Path | None, typer.Option(help="a finished `lucidlm demo` directory: with --quant, its probe is "
+                                                   "measured per format (default: runs/demo when it holds one and "
+                                                   "--model is the demo's); with --guided (default runs/demo)")] = None,
     serve: Annotated[bool, typer.Option("--serve", help="measure the HTTP server: aggregate tok/s, time to first "
                                                         "token and inter-token latency per number of clients")]
     = False,
