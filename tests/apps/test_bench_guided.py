@@ -19,7 +19,7 @@ from lucidlm.apps.bench_guided import (
 )
 from lucidlm.generate.probe_guided import GuidedConfig, GuidedResult
 
-COUNTRIES = ["France", "Peru", "Chile", "Japan", "Kenya", "Spain"]
+COUNTRIES = ["France", "Peru", "Chile", "Japan"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def setup():
     lm.probe = random_probe(lm, layer=1)
     questions = [{"id": f"q{i}", "type": "country_capital", "entity": c, "truth": {"capital": ["Paris"]},
                   "question": f"What is the capital of {c}?", "aliases": []} for i, c in enumerate(COUNTRIES)]
-    config = GuidedBench(questions=len(questions), k=2, temperature=1.0, quantiles=(0.3, 0.7), n_boot=50)
+    config = GuidedBench(questions=len(questions), k=2, temperature=1.0, quantiles=(0.5,), n_boot=50)
     report = run_guided_bench(lm, questions, config, prompt=lambda q: lm.encode(q["question"]), print_fn=lambda s: None)
     return lm, questions, report
 

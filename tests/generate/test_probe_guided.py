@@ -4,6 +4,8 @@ sentence end by a naive search of the text."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from tiny_lm import random_probe, tiny_lm
@@ -34,7 +36,7 @@ def run(lm, prompts, guided: GuidedConfig, **options):
 
 def first_sentence(completion, boundaries):
     """Token ids and scores of a completion up to the token holding its first complete boundary's first char."""
-    pieces = [lm_piece for lm_piece in completion.pieces]
+    pieces = completion.pieces
     text, owner = "", []
     for i, piece in enumerate(pieces):
         text += piece
@@ -47,11 +49,12 @@ def first_sentence(completion, boundaries):
 
 
 def with_pieces(lm, prompt, **options):
-    """``lm.generate`` with each token's text (from ``lm.stream``, which the test checks agrees)."""
-    out = lm.generate([prompt], **options)[0]
-    out.pieces = [e.text for e in lm.stream(prompt, **options)]
-    assert "".join(out.pieces) == out.text
-    return out
+    """What ``lm.generate`` gives, with each token's text: ``lm.stream``'s events (tests/generate/
+    test_text_generation.py checks that they add up to ``lm.generate``'s completion)."""
+    events = list(lm.stream(prompt, **options))
+    return SimpleNamespace(token_ids=[e.token_id for e in events], scores=[e.score for e in events],
+                           pieces=[e.text for e in events], text="".join(e.text for e in events),
+                           finish_reason=events[-1].finish_reason)
 
 
 def top(scores):
