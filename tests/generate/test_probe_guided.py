@@ -145,6 +145,31 @@ def test_resample_abstains_when_every_attempt_is_flagged(lm, prompts):
         assert len(got.events[1].attempts) == 2
 
 
+class Spy(Generator):
+    engines: list = []
+
+    def call_engine(self, rows, tokens, **options):
+        self.engines.append(super().call_engine(rows, tokens, **options))
+        return self.engines[-1]
+
+
+def test_resample_requests_reuse_the_prompt_head(lm):
+    """A prompt longer than a prefix-cache block: the attempts' and the continuation's requests copy its cached
+    head instead of prefilling it again, and still give what lm.generate gives."""
+    gen, prompt = lm.generator(), lm.encode("x" * 100)
+    spy = Spy(gen.model, gen.tokenizer, gen.eos_token_ids, gen.probe)
+    boundary = with_pieces(lm, prompt, **SAMPLED).text[2]
+    guided = GuidedConfig(threshold=0.0, mode="resample", max_sentences=1, on_all_flagged="keep_best",
+                          boundaries=(boundary,))
+    got = guided_generate(spy, [prompt], GenerationConfig.from_kwargs(**SAMPLED), guided)[0]
+    assert spy.engines[-1].stats()["prefix_hits"] >= 2
+    event = got.events[1]
+    for attempt in event.attempts:
+        want = first_sentence(with_pieces(lm, prompt, **SAMPLED | dict(seed=attempt.seed)), (boundary,))
+        assert [t.id for t in attempt.tokens] == want[0]
+    assert got.token_ids[:len(event.attempts[event.kept].tokens)] == [t.id for t in event.attempts[event.kept].tokens]
+
+
 class NoWork(Generator):
     def call_engine(self, rows, tokens, **options):
         raise AssertionError("work started before the request was checked")
