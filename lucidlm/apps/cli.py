@@ -147,9 +147,9 @@ def bench(
     llamacpp: Annotated[bool, typer.Option("--llamacpp", help="with --quant: llama.cpp on the same GGUF file, "
                                                               "beside lucidlm (pip install 'lucidlm[llamacpp]')")]
     = False,
-    demo: Annotated[Path | None, typer.Option(help="with --quant: a finished `lucidlm demo` directory of the model, "
-                                                   "whose probe is measured per format (default: runs/demo when "
-                                                   "it holds one and --model is the demo's)")] = None,
+    demo: Annotated[Path | None, typer.Option(help="a finished `lucidlm demo` directory: with --quant, its probe is "
+                                                   "measured per format (default: runs/demo when it holds one and "
+                                                   "--model is the demo's); with --guided (default runs/demo)")] = None,
     serve: Annotated[bool, typer.Option("--serve", help="measure the HTTP server: aggregate tok/s, time to first "
                                                         "token and inter-token latency per number of clients")]
     = False,
@@ -182,12 +182,20 @@ def bench(
     steps: Annotated[int, typer.Option(min=1, help="with --adapters: training steps per method")] = 50,
     deepnorm: Annotated[bool, typer.Option("--deepnorm", help="a 24-layer post-LN vs DeepNorm vs pre-LN stack at "
                                                               "one learning rate: loss after 25 steps")] = False,
+    guided: Annotated[bool, typer.Option("--guided", help="probe-guided decoding on a finished demo's held-out "
+                                                          "questions (--demo, default runs/demo): accuracy vs "
+                                                          "attempt rate of plain, abstain and resample-best-of-k "
+                                                          "(table + PNG under runs/bench-guided)")] = False,
+    questions: Annotated[int, typer.Option(min=1, help="with --guided: held-out questions answered")] = 60,
+    attempts: Annotated[int, typer.Option(min=1, help="with --guided: attempts per resampled sentence (k)")] = 3,
 ) -> None:
     """lucidlm vs transformers on the same random Llama-shaped 125M model: prefill and decode tok/s,
     the memory-bandwidth bound, and an overhead-bound tiny model. Prints a Markdown table.
     With --train: training tokens/s and peak memory on a Llama-shaped 30M model.
     With --long: perplexity beyond the trained context (RoPE scalings, NTK-by-parts, DCA, ALiBi).
     With --probe: the decode-step cost of scoring every token with a probe while streaming.
+    With --guided: probe-guided decoding (abstain or resample a flagged sentence) vs plain, on the demo's test set.
+    With --deepnorm: a 24-layer post-LN vs DeepNorm vs pre-LN stack at one learning rate (loss after 25 steps).
     With --attention: forward time and peak memory of SDPA, linear attention and sparse masks, N = 256..8192.
     With --serve: the OpenAI server under 1, 8 and 32 concurrent streaming clients (continuous batching), a long
     prompt arriving while 32 clients stream (chunked prefill) and a 2nd request sharing a prompt head (prefix
@@ -236,6 +244,13 @@ def bench(
         from .bench_attention import attention_table, run_attention_bench
 
         typer.echo(attention_table(run_attention_bench(repeats=repeats, print_fn=lambda s: typer.echo(s, err=True))))
+        return
+    if guided:
+        from .bench_guided import GuidedBench, bench_guided
+
+        _, table = bench_guided(GuidedBench(demo=demo or Path("runs/demo"), questions=questions, k=attempts),
+                                print_fn=lambda s: typer.echo(s, err=True))
+        typer.echo(table)
         return
     if probe:
         from .bench_probe import probe_table, run_probe_bench

@@ -41,12 +41,13 @@ class Generator:
                       pad_token_id=pad_id(self.tokenizer), tokenizer=self.tokenizer, probe=self.probe,
                       prefill_chunk=self.prefill_chunk, compile=self.compile, **options)
 
-    def call_engine(self, rows: int, tokens: int) -> Engine:
+    def call_engine(self, rows: int, tokens: int, **options) -> Engine:
         """The engine of one library call: ``tokens`` (prompt + new) per row; a compiled one rounds the cache up to a
-        multiple of STATIC_LEN_STEP so that calls of similar lengths share compiled shapes; failures raise."""
+        multiple of STATIC_LEN_STEP so that calls of similar lengths share compiled shapes; failures raise
+        (``options``: e.g. a prefix cache, for a call that sends requests sharing heads: probe_guided.py)."""
         if as_mode(self.compile) != "off":
             tokens = -(-tokens // STATIC_LEN_STEP) * STATIC_LEN_STEP
-        return self.engine(rows, min(self.model.config.max_seq_len, tokens), isolate_failures=False)
+        return self.engine(rows, min(self.model.config.max_seq_len, tokens), isolate_failures=False, **options)
 
     def start(self, prompts: Seq[Seq[int]], choices: Seq[tuple[GenerationConfig, int]]
               ) -> tuple[Engine, list[Sequence], deque[tuple[int, Event]]]:
