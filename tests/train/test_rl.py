@@ -226,3 +226,19 @@ def test_bad_input_is_named_before_any_work(tmp_path):
         _setup(prompts=("x",), prompts_per_step=2)
     with pytest.raises(ValueError, match="context"):
         _setup(prompts=("x" * 300,), prompts_per_step=1, max_new_tokens=8)
+
+
+def test_reward_model_reward_scores_as_the_reward_models_pairs(tmp_path):
+    from lucidlm.train.reward_model import RewardModel, RewardPairDataset, pair_rewards
+    from lucidlm.train.rewards import RewardModelReward, Rollout
+
+    lm = tiny_lm(sharpen=1.0)
+    rm = RewardModel(lm.model, generator=torch.Generator().manual_seed(3))
+    answers = [("Where is Ada?", "In Rome."), ("Who is Bo?", "A baker, I think"), ("Name a town.", "Lyon")]
+    rollouts = [Rollout(RLPrompt(text=p), tuple(lm.encode(p)), tuple(lm.encode(a, False)), a, "stop")
+                for p, a in answers]
+    got = RewardModelReward(rm, lm.tokenizer, batch_size=2)(rollouts)
+    rows = tmp_path / "pairs.jsonl"  # the reward model's own data path: each answer as the chosen side of a pair
+    rows.write_text("".join(json.dumps({"prompt": p, "chosen": a, "rejected": "no"}) + "\n" for p, a in answers))
+    chosen, _ = pair_rewards(rm, RewardPairDataset([rows], lm.tokenizer, 256, 3, epochs=1))
+    assert got == pytest.approx(chosen.tolist(), abs=1e-5)
