@@ -70,7 +70,8 @@ def test_ppo_writes_the_model_with_its_value_head(files, tmp_path):
     (["--algo", "reinforce", "--reward", "model:x"], "unknown RL algorithm 'reinforce'"),
     (["--reward", "nope:1"], "unknown reward 'nope'"),
     (["--algo", "grpo", "--reward", "model:x", "--rl.group-size", "1"], "group_size must be >= 2"),
-    (["--reward", "model:x,model:y", "--reward-weights", "1"], "1 --reward-weights for 2"),
+    (["--reward", "model:x", "--reward", "model:y", "--reward-weights", "1"], "1 --reward-weights for 2"),  # repeats
+    (["--reward", "model:x,model:y,model:z", "--reward-weights", "1,2"], "2 --reward-weights for 3"),  # commas
     ([], "no reward"),
 ])
 def test_bad_input_is_named_before_the_model_loads(files, tmp_path, extra, message):
