@@ -212,7 +212,7 @@ class RolloutSource:
         finally:
             policy.train(was_training)
         prompt_index = [i for i in chosen for _ in range(cfg.group_size)]
-        rollouts = [self._rollout(i, c) for i, c in zip(prompt_index, completions)]
+        rollouts = [self._as_rollout(i, c) for i, c in zip(prompt_index, completions)]
         by_source = {reward.name: self._score(reward, rollouts) for reward, _ in self.rewards}
         total = sum(w * by_source[r.name] for r, w in self.rewards)
         shaped = total
@@ -221,7 +221,7 @@ class RolloutSource:
             shaped = total + overlong_reward_shaping(lengths, cfg.max_new_tokens, cfg.overlong_cache)
         return Scored(prompt_index, completions, total, by_source, shaped)
 
-    def _rollout(self, prompt: int, completion: Completion) -> Rollout:
+    def _as_rollout(self, prompt: int, completion: Completion) -> Rollout:
         ids = list(completion.token_ids)
         if completion.finish_reason == "stop" and ids and ids[-1] in self.stops:
             ids = ids[:-1]  # the reward sees the answer, not its EOS (which is trained: the policy learns to stop)
