@@ -55,11 +55,14 @@ def config_command(cls: type, run: Callable[[Any], None], doc: str) -> Callable[
             params.append(inspect.Parameter(dest, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
                 bool | None, typer.Option(f"{flag}/--no-{flag[2:]}", help=text, show_default=False)]))
             continue
+        # a list option repeats (--reward a --reward b) or takes commas (--reward a,b); the values are joined
+        value_type = list[str] | None if _is_list(kind) else str | None
         params.append(inspect.Parameter(dest, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-            str | None, typer.Option(option_name(dotted), help=text, metavar="VALUE", show_default=False)]))
+            value_type, typer.Option(option_name(dotted), help=text, metavar="VALUE", show_default=False)]))
 
     def command(**values: Any) -> None:
         config, print_config = values.pop("config"), values.pop("print_config")
+        values = {k: (",".join(v) or None) if isinstance(v, list | tuple) else v for k, v in values.items()}
         overrides = {dests[k]: v for k, v in values.items()
                      if v is not None and not (k.startswith("section__") and v is False)}
         cfg = build(cls, config, overrides)
@@ -71,3 +74,7 @@ def config_command(cls: type, run: Callable[[Any], None], doc: str) -> Callable[
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = doc
     return command
+
+
+def _is_list(kind: Any) -> bool:
+    return any(typing.get_origin(t) in (list, tuple) for t in (kind, *typing.get_args(kind)))

@@ -64,6 +64,14 @@ def _dpo(run: DPORun) -> None:
     _report(run_dpo(run))
 
 
+def _rl(run) -> None:
+    from .rl_recipes import run_rl
+
+    last, where = run_rl(run)
+    typer.echo(json.dumps({k: v for k, v in last.items() if isinstance(v, int | float)}))
+    typer.echo(f"result: {where}   metrics: {run.train.out_dir}/metrics.jsonl", err=True)
+
+
 world_app = typer.Typer(help="The synthetic knowledge world: people, corpus, prompts, labels.", no_args_is_help=True)
 
 
@@ -153,6 +161,7 @@ def probe_eval(
 def register(app: typer.Typer) -> None:
     from .probe_recipes import ProbeRun
     from .reward_recipes import RewardRun
+    from .rl_recipes import RLRun
 
     reward_app.command("train")(config_command(
         RewardRun, _reward_train,
@@ -183,6 +192,13 @@ def register(app: typer.Typer) -> None:
         "Direct Preference Optimization on JSONL {prompt, chosen, rejected} rows; the reference is the starting "
         "model (frozen copy, or the adapter switched off with --lora).\n\n"
         "Example: lucidlm dpo --model sft/ --data pairs.jsonl --beta 0.1 --lora --out dpo-adapter/"))
+    app.command("rl")(config_command(
+        RLRun, _rl,
+        "RL fine-tuning on JSONL prompts: PPO (value head, GAE, KL penalty in the reward), GRPO or DAPO (each of its "
+        "four changes also a --rl option); rollouts sampled by the inference engine, scored by --reward specs "
+        "(model:DIR for a reward model); --lora trains a PEFT adapter, the reference being the model with it off.\n\n"
+        "Example: lucidlm rl --algo grpo --model sft/ --prompts prompts.jsonl --reward model:rm/ --lora "
+        "--rl.group-size 8 --train.max-steps 200 --out rl-adapter/"))
     app.command("corpus")(corpus)
     tokenizer_app.command("train")(config_command(
         TokenizerRun, _tokenizer,

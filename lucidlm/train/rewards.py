@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..tokenizer import pad_id
+
 
 @dataclass(frozen=True)
 class RLPrompt:
@@ -44,3 +46,34 @@ class Reward(Protocol):
     name: str
 
     def __call__(self, rollouts: Sequence[Rollout]) -> list[float]: ...
+
+
+class RewardModelReward:
+    """A trained reward model (train/reward_model.py) as a reward: each prompt + response is formatted as the
+    reward model's training pairs were (``ChatFormatter.pair``: the chat template, or prompt + response + EOS)
+    and scored in batches of ``batch_size``. The reward model must be its own copy: the policy trains."""
+
+    def __init__(self, model, tokenizer, max_len: int | None = None, batch_size: int = 16,
+                 name: str = "model") -> None:
+        from .sft_data import ChatFormatter
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.name, self.batch_size = model.eval(), name, batch_size
+        self.formatter = ChatFormatter(tokenizer, max_len or model.config.max_seq_len)
+        self.pad = pad_id(tokenizer)
+
+    def __call__(self, rollouts: Sequence[Rollout]) -> list[float]:
+        import torch
+
+        from .sft_data import pad_batch
+
+        device = next(self.model.parameters()).device
+        scores: list[float] = []
+        for i in range(0, len(rollouts), self.batch_size):
+            examples = [self.formatter.pair(list(r.prompt.messages) or r.prompt.text, r.text)
+                        for r in rollouts[i:i + self.batch_size]]
+            batch = pad_batch(examples, self.pad)
+            with torch.no_grad():
+                scores += self.model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
+        return scores

@@ -198,7 +198,10 @@ class Trainer:
         truncated = getattr(self.train_data, "truncated", None)  # examples cut to the context so far (SFT)
         if truncated:
             record["truncated"] = truncated
-        verdict = self.guard.check(loss_total)
+        # an objective whose loss is no positive scale (RL's surrogate hovers around 0 and changes sign) sets
+        # relative_spike_guard = False: then only a NaN loss is refused
+        relative = getattr(self.objective, "relative_spike_guard", True)
+        verdict = self.guard.check(loss_total) if relative or loss_total != loss_total else Verdict.OK
         if verdict is not Verdict.OK:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
