@@ -17,6 +17,7 @@ Times are medians of ``repeats`` runs; the machines are noisy, so compare ratios
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import time
@@ -127,10 +128,14 @@ def _ours_runner(lm, ids: torch.Tensor, way: str = "eager", ready: dict | None =
 
 
 def measure(runner, batch: int, prompt: int, new: int, repeats: int) -> tuple[float, float, float]:
-    """(prefill tok/s, decode tok/s, seconds per decode step)."""
+    """(prefill tok/s, decode tok/s, seconds per decode step). A decode step is the difference of two medians: on a
+    busy machine, with a tiny model and few repeats, the noise can exceed it; then the decode figures are NaN (shown
+    as "—"), not a negative or absurd rate."""
     t1 = _median_time(runner(1), repeats)
     tn = _median_time(runner(new), repeats)
     step = (tn - t1) / (new - 1)
+    if step <= 0:
+        return batch * prompt / t1, math.nan, math.nan
     return batch * prompt / t1, batch / step, step
 
 

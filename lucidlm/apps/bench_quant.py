@@ -284,8 +284,9 @@ def quant_table(rows: list[QuantRow], bandwidth: float, model: str) -> str:
         return "—" if math.isnan(x) else format(x, spec) + unit
 
     for r in rows:
-        lines.append(f"| {r.label} | {r.weight_bytes / 1e6:.0f} | {r.decode_1:.1f} "
-                     f"| {100 * r.decode_1 / r.bound_1:.0f}% | {cell(r.decode_8, '.1f')} | {r.prefill:.0f} "
+        lines.append(f"| {r.label} | {r.weight_bytes / 1e6:.0f} | {cell(r.decode_1, '.1f')} "
+                     f"| {cell(100 * r.decode_1 / r.bound_1, '.0f', '%')} | {cell(r.decode_8, '.1f')} "
+                     f"| {r.prefill:.0f} "
                      f"| {cell(r.perplexity, '.3f')} | {cell(100 * (r.perplexity / base.perplexity - 1), '+.2f', '%')} "
                      f"| {cell(100 * r.agreement, '.1f', '%')} | {auroc_cell(r.probe, 'probe')} "
                      f"| {auroc_cell(r.probe, 'nll')} |")

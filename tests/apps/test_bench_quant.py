@@ -39,7 +39,9 @@ def test_a_row_per_format_and_the_table(tmp_path):
     assert by["bfloat16"].agreement == 1.0  # the reference itself
     assert by["int8"].weight_bytes < by["bfloat16"].weight_bytes < by["float32"].weight_bytes
     assert by["int4"].weight_bytes < by["int8"].weight_bytes
-    assert all(math.isfinite(r.perplexity) and r.perplexity > 1 and r.decode_1 > 0 and r.decode_8 > 0 for r in rows)
+    assert all(math.isfinite(r.perplexity) and r.perplexity > 1 for r in rows)
+    # a tiny model's decode step can drown in a busy machine's noise: then NaN, never a negative rate
+    assert all(not r.decode_1 <= 0 and not r.decode_8 <= 0 for r in rows)
     assert abs(by["float32"].perplexity / by["bfloat16"].perplexity - 1) < 0.05
     table = quant_table(rows, bandwidth, "tiny")
     assert table.count("\n| ") == len(rows) + 1 and "GGUF as stored (Q4_0)" in table
@@ -109,8 +111,8 @@ def test_a_checkpoint_without_a_tokenizer_gets_the_speed_columns_only(tmp_path):
     save_model(tiny_model("llama-125m", vocab_size=256), tmp_path / "m", FAMILIES["llama"])
     rows, bandwidth = _measure_formats(tmp_path / "m", 8, 4, 1, lambda s: None, "eager", None, None)
     assert [r.label for r in rows] == ["float32", "bfloat16", "int8", "int4"]
-    assert all(r.decode_1 > 0 and r.decode_8 > 0 and math.isnan(r.perplexity) and math.isnan(r.agreement)
-               for r in rows)
+    assert all(not r.decode_1 <= 0 and not r.decode_8 <= 0 for r in rows)  # a rate, or NaN when noise drowned it
+    assert all(math.isnan(r.perplexity) and math.isnan(r.agreement) for r in rows)
     assert "| — |" in quant_table(rows, bandwidth, "random")
     with pytest.raises(ValueError, match="random-125m has no GGUF file nor demo"):
         run_quant_bench(RANDOM_125M, llamacpp=True, print_fn=lambda s: None)

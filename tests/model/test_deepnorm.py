@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from test_transformer import random_block
 from tiny_lm import tiny_model
 
+from lucidlm.apps.bench_deepnorm import DeepNormBench, train_losses
 from lucidlm.config import ModelConfig, from_preset
 from lucidlm.generate.generation_config import GenerationConfig
 from lucidlm.generate.offline import Generator
@@ -109,53 +109,12 @@ def test_cached_decode_equals_recomputation():
         assert completion.token_ids == greedy_no_cache(model, prompt, 8)
 
 
-# --- the paper's claim, in miniature ------------------------------------------------------------
-VOCAB, LAYERS, STEPS, LR = 64, 24, 25, 2e-2
-
-
-def deep_thin_model(placement: str, seed: int) -> Transformer:
-    """24 post-norm layers of width 16. The baseline is the paper's Post-LN: Xavier-normal (gain 1) on every
-    block matrix, residual weight 1; DeepNorm differs from it only by α and the β gains."""
-    cfg = ModelConfig(vocab_size=VOCAB, dim=16, n_layers=LAYERS, n_heads=4, ffn_dim=32, max_seq_len=16,
-                      norm="layernorm", norm_placement=placement, gated_mlp=False, activation="gelu")
-    model = Transformer(cfg)
-    generator = torch.Generator().manual_seed(seed)
-    model.init_weights(generator)
-    if placement == "post":
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.startswith("blocks.") and p.dim() == 2:
-                    torch.nn.init.xavier_normal_(p, generator=generator)
-    return model
-
-
-def train_losses(placement: str, seed: int) -> list[float]:
-    """Adam at a fixed learning rate, no warmup, on sequences that follow a random permutation of the
-    vocabulary (next = perm[current]): learnable to ~0 loss, ln(64) = 4.16 for a model that learned nothing."""
-    model = deep_thin_model(placement, seed)
-    data = torch.Generator().manual_seed(1000 + seed)
-    successor = torch.randperm(VOCAB, generator=data)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    losses = []
-    for _ in range(STEPS):
-        tokens = [torch.randint(0, VOCAB, (8,), generator=data)]
-        for _ in range(16):
-            tokens.append(successor[tokens[-1]])
-        ids = torch.stack(tokens, 1)  # (8, 17)
-        loss = F.cross_entropy(model(ids[:, :-1]).reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            break
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return losses
-
-
+# --- the paper's claim, in miniature (the stack and training of `lucidlm bench --deepnorm`) -------------------
 def test_deep_post_norm_fails_where_deepnorm_trains():
-    chance = math.log(VOCAB)
-    post = train_losses("post", seed=0)
+    bench = DeepNormBench()  # 24 layers, lr 0.02, no warmup: the bench's own setting
+    chance = math.log(bench.vocab)
+    post = train_losses(bench, "post", seed=0)
     assert not all(map(math.isfinite, post)) or min(post) > 0.9 * chance, post  # diverged or never learned
-    deep = train_losses("deepnorm", seed=0)
+    deep = train_losses(bench, "deepnorm", seed=0)
     assert deep[0] > 0.9 * chance  # both start at chance
     assert sum(deep[-5:]) / 5 < 0.4 * chance, deep  # DeepNorm: well below it
