@@ -122,6 +122,47 @@ def reward_eval(
                f"{report['pairs']} pairs, mean margin {report['mean_margin']:.3f}")
 
 
+def rl_prompts(
+    world: Annotated[Path, typer.Option(help="a built world (demo --world: runs/demo-world/world)")],
+    out: Annotated[Path, typer.Option(help="the JSONL prompts file to write")],
+    split: Annotated[str, typer.Option(help="train (the demo's probe-training half of the people), eval or all")
+                     ] = "train",
+    seed: Annotated[int, typer.Option(help="the split's seed (the world demo's)")] = 0,
+) -> None:
+    """Write RL prompts ("Tell me about X.", + meta for the world's verifiable reward) for one side of the world's
+    entity split, so RL trains on some people and ``rl-eval`` measures on the others."""
+    from .rl_prompts import world_rl_prompts, write_prompts_jsonl
+
+    prompts = world_rl_prompts(world, split, seed)
+    write_prompts_jsonl(out, prompts)
+    typer.echo(json.dumps({"prompts": len(prompts), "unknowable": sum(not p.meta["knowable"] for p in prompts),
+                           "out": str(out)}))
+
+
+def rl_eval(
+    model: Annotated[Path, typer.Option("--model", "-m", help="the model to measure (before or after RL)")],
+    prompts: Annotated[Path, typer.Option(help="JSONL prompts with meta (lucidlm rl-prompts)")],
+    grader: Annotated[str, typer.Option(help="world:WORLD_DIR or facts")],
+    out: Annotated[Path, typer.Option(help="where to write the graded answer rows (JSON)")],
+    samples: Annotated[int, typer.Option(min=0, help="sampled answers per prompt, beside the greedy one")] = 3,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens per answer at most")] = 48,
+    known_from: Annotated[Path | None, typer.Option(help="the base model's rows (an earlier rl-eval --out): "
+                                                         "which entities it knew")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="a PEFT adapter on --model (a LoRA RL run's)")] = None,
+) -> None:
+    """Supported-claim rate, claims per answer, no-claim rate, abstention on unknowable and on known entities (95%
+    bootstrap intervals over entities) of greedy + sampled answers, graded against the ground truth."""
+    from ..api import load
+    from ..jsonl import write_json
+    from ..train.rl_rollouts import read_prompts
+    from .rl_eval import evaluate, metrics_table
+
+    rows, metrics = evaluate(load(model, adapter=adapter, compile="off"), read_prompts([prompts]), grader, samples,
+                             max_new_tokens, known_from)
+    write_json(out, rows)
+    typer.echo(metrics_table({str(model): metrics}) + f"\n\n{metrics['answers']} answers; rows: {out}")
+
+
 probe_app = typer.Typer(help="Hallucination probes: train, evaluate, sweep layers.", no_args_is_help=True)
 
 
@@ -199,6 +240,8 @@ def register(app: typer.Typer) -> None:
         "(model:DIR for a reward model); --lora trains a PEFT adapter, the reference being the model with it off.\n\n"
         "Example: lucidlm rl --algo grpo --model sft/ --prompts prompts.jsonl --reward model:rm/ --lora "
         "--rl.group-size 8 --train.max-steps 200 --out rl-adapter/"))
+    app.command("rl-prompts")(rl_prompts)
+    app.command("rl-eval")(rl_eval)
     app.command("corpus")(corpus)
     tokenizer_app.command("train")(config_command(
         TokenizerRun, _tokenizer,

@@ -1,0 +1,88 @@
+"""Hallucination before and after RL, measured on held-out entities: ``lucidlm rl-eval``.
+
+Each prompt is answered greedily and by ``samples`` sampled responses (the engine, as the RL rollouts), every answer
+graded against the ground truth (``rl_rewards``' gradings: the world's labeler, the facts grader), then
+``rl_metrics.hallucination_metrics``: supported-claim rate, claims per answer, no-claim rate, abstention on entities
+the model cannot know and on entities it knew. "Known" must come from the model BEFORE training (``known_from``: the
+rows an earlier ``rl-eval`` of the base model wrote); without it the rows at hand define it (the before run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..jsonl import read_json
+from ..train.rewards import RLPrompt, Rollout
+from ..train.rl_rollouts import encode_prompt
+from .rl_metrics import hallucination_metrics, knowledge_sets, world_unknowable
+from .rl_rewards import FactsGrading, Grading, WorldGrading, graded_row
+
+METRICS = ("supported_rate", "claims_per_answer", "no_claim_rate", "abstention_unknowable", "abstention_known")
+
+
+def grading_for(spec: str) -> tuple[Grading, set[str] | None]:
+    """``world:DIR`` or ``facts`` -> (the grading, the world's unknowable people or None: facts reads ``knowable``
+    from each prompt's meta)."""
+    name, _, arg = spec.partition(":")
+    if name == "world":
+        if not arg:
+            raise ValueError("the grader world:DIR needs the world's directory")
+        from ..world.build import read_people
+
+        return WorldGrading(read_people(arg)), world_unknowable(arg)
+    if name == "facts":
+        return FactsGrading(), None
+    raise ValueError(f"unknown grader {spec!r}: world:DIR or facts")
+
+
+def answer_rows(lm: Any, prompts: list[RLPrompt], grading: Grading, samples: int, max_new_tokens: int,
+                seed: int = 0) -> list[dict]:
+    """Graded rows (``rl_rewards.graded_row`` + "kind": greedy | sample): one greedy answer per prompt, then
+    ``samples`` sampled ones (temperature 1, seed + prompt index)."""
+    ids = [encode_prompt(p, lm.tokenizer) for p in prompts]
+    rows = []
+
+    def add(prompt: RLPrompt, prompt_ids: list[int], completion, kind: str) -> None:
+        rollout = Rollout(prompt, tuple(prompt_ids), tuple(completion.token_ids), completion.text,
+                          completion.finish_reason)
+        rows.append(graded_row(grading, rollout) | {"kind": kind})
+
+    for i, completion in enumerate(lm.generate(ids, max_new_tokens=max_new_tokens)):
+        add(prompts[i], ids[i], completion, "greedy")
+    if samples:
+        for i, prompt in enumerate(prompts):
+            for completion in lm.sample(ids[i], samples, seed=seed + i, max_new_tokens=max_new_tokens):
+                add(prompt, ids[i], completion, "sample")
+    return rows
+
+
+def evaluate(lm: Any, prompts: list[RLPrompt], grader: str, samples: int = 3, max_new_tokens: int = 48,
+             known_from: str | Path | None = None, seed: int = 0) -> tuple[list[dict], dict]:
+    """(graded rows, metrics). Unknowable: the world's never-mentioned people, or the prompts whose meta says
+    knowable = false (facts); known: from ``known_from``'s rows (the base model's), else these."""
+    if not prompts:
+        raise ValueError("no prompts to evaluate")
+    if samples < 0 or max_new_tokens < 1:
+        raise ValueError(f"samples must be >= 0 and max_new_tokens >= 1, got {samples} and {max_new_tokens}")
+    grading, unknowable = grading_for(grader)
+    before = read_json(known_from) if known_from is not None else None  # read first: a bad file fails before work
+    rows = answer_rows(lm, prompts, grading, samples, max_new_tokens, seed)
+    if unknowable is None:
+        unknowable = {str(r["id"]) for r in rows if not r["knowable"]}
+    reference = before if before is not None else rows
+    known = knowledge_sets([r for r in reference if r["knowable"]])["known"]
+    return rows, hallucination_metrics(rows, unknowable, known)
+
+
+def metrics_table(named: dict[str, dict]) -> str:
+    """Markdown: one row per metric, one column per named run (value [95% CI])."""
+    names = list(named)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for metric in METRICS:
+        cells = []
+        for name in names:
+            m = named[name][metric]
+            cells.append("—" if m["n"] == 0 else f"{m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]")
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
