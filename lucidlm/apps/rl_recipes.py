@@ -24,6 +24,7 @@ from ..tokenizer import Tokenizer
 from ..train.checkpointing import ensure_writable_dir
 from ..train.config_file import opt
 from ..train.dpo import frozen_reference
+from ..train.metrics import plot_reward_curve
 from ..train.reward_model import load_reward_model, read_reward_config
 from ..train.rewards import Reward, RewardModelReward
 from ..train.rl import RLConfig, RLModel, RLObjective, RLOptions, rl_weights
@@ -134,6 +135,8 @@ def run_rl(run: RLRun) -> tuple[dict, Path]:
     trainer = Trainer(model, run.train, source, objective=RLObjective(config), save_weights=save,
                       load_weights=load_weights, run_info=info)
     last = trainer.fit()
-    final = Path(run.out) if run.out else Path(run.train.out_dir) / ("adapter" if run.lora else "model")
+    out_dir = Path(run.train.out_dir)
+    plot_reward_curve(out_dir / "metrics.jsonl", out_dir / "reward_curve.png", f"lucidlm rl --algo {config.algo}")
+    final = Path(run.out) if run.out else out_dir / ("adapter" if run.lora else "model")
     _export(trainer, final)
     return last, final

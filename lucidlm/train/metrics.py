@@ -71,3 +71,35 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "training l
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return png_path
+
+
+def plot_reward_curve(metrics_path: Path, png_path: Path, title: str = "RL reward") -> Path:
+    """An RL run's mean reward per step (total and each source: the records' ``reward`` and ``reward_<name>``),
+    with a 10-step moving average over the noisy per-step means, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path, strict=False)
+    keys = ["reward"] + sorted({k for r in records for k in r if k.startswith("reward_")})
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]
+        if not points:
+            continue
+        steps, values = zip(*points)
+        line, = ax.plot(steps, values, linewidth=0.6, alpha=0.4)
+        smooth = [sum(values[max(0, i - 9):i + 1]) / len(values[max(0, i - 9):i + 1]) for i in range(len(values))]
+        ax.plot(steps, smooth, color=line.get_color(), linewidth=1.5, label=f"{key} (10-step mean)")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("mean reward per response")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    with atomic_write(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return png_path

@@ -53,6 +53,7 @@ def test_grpo_with_a_reward_model_and_lora_writes_an_adapter(files, tmp_path):
     last = json.loads(result.output.splitlines()[0])
     assert last["step"] == 2 and "reward_model" in last and "clip_frac" in last and "kl" in last
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "run" / "reward_curve.png").stat().st_size > 1000  # the reward curve is drawn
     lm = load(files / "base", adapter=tmp_path / "adapter", compile="off")
     assert len(lm.generate("Hi", max_new_tokens=2)[0].token_ids) >= 1
 
