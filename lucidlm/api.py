@@ -20,7 +20,9 @@ from .generate import text_generation
 from .generate.compiled_steps import as_mode, default_mode
 from .generate.engine import ProbeScoring
 from .generate.events import Completion, TokenEvent
+from .generate.generation_config import GenerationConfig
 from .generate.offline import Generator
+from .generate.probe_guided import GuidedConfig, GuidedResult, guided_generate
 from .generate.strategies import AnswerExtractor, Scorer, Vote, last_number, mean_logprob
 from .generate.text_generation import Prompt
 from .model.cpu_kernels import pack_linears
@@ -120,6 +122,15 @@ class LM:
                          **options: Any) -> Vote:
         """Majority vote over the answers ``extract`` finds in ``n`` samples (Wang et al. 2022)."""
         return text_generation.self_consistency(self.generator(), prompt, n, extract, **options)
+
+    def guided(self, prompts: Prompt | Sequence[Prompt], guided: GuidedConfig | None = None,
+               **options: Any) -> list[GuidedResult]:
+        """Probe-guided decoding (generate/probe_guided.py): when a token's live probe score passes
+        ``guided.threshold``, abstain, or resample its sentence best of ``guided.k``; one ``GuidedResult`` per
+        prompt. Needs a probe (``load(..., probe=)``); ``options`` as ``generate``'s."""
+        gen = self.generator()
+        config = GenerationConfig.from_kwargs(**options)
+        return guided_generate(gen, text_generation.encode_prompts(gen, prompts), config, guided or GuidedConfig())
 
     def save(self, directory: str | Path) -> Path:
         """Write the model back in the checkpoint's own layout (HF families stay HF); float weights only."""

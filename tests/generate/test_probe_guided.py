@@ -196,3 +196,13 @@ def test_bad_requests_are_named_before_work(lm, prompts):
             guided_generate(generator, prompts, GenerationConfig.from_kwargs(max_new_tokens=4, **options), guided)
     with pytest.raises(ValueError, match="outside"):
         guided_generate(no_work, [[10**6]], GenerationConfig(), GuidedConfig())
+
+
+def test_lm_guided_is_guided_generate_on_the_lms_generator(lm, prompts):
+    """``lm.guided`` encodes text prompts and runs the same decoding as ``guided_generate``."""
+    guided = GuidedConfig(threshold=0.0, mode="abstain")
+    via_lm = lm.guided(["Hello world", "Another prompt"], guided, max_new_tokens=6)
+    direct = run(lm, prompts, guided, max_new_tokens=6)
+    assert [(r.text, r.finish_reason, r.token_ids) for r in via_lm] == [(r.text, r.finish_reason, r.token_ids)
+                                                                       for r in direct]
+    assert all(r.abstained for r in via_lm)
