@@ -42,13 +42,27 @@ def _step(record: dict) -> float:
     return step if isinstance(step, int | float) else float("inf")  # a record without a usable step: dropped
 
 
-def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "training loss") -> Path:
-    """Train loss per step (and validation loss where measured) against steps, as a PNG."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_png(plt, fig, png_path: Path) -> Path:
+    """The figure as a PNG, written atomically (a reader never sees half an image), then closed."""
+    fig.tight_layout()
+    with atomic_write(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return png_path
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "training loss") -> Path:
+    """Train loss per step (and validation loss where measured) against steps, as a PNG."""
+    plt = _pyplot()
     records = read_metrics(metrics_path, strict=False)  # a torn or planted line does not fail a finished run
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
@@ -66,21 +80,13 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "training l
     ax.grid(alpha=0.3)
     if train or val or skipped:  # a run that logged no loss yet draws empty axes, without a legend to warn about
         ax.legend()
-    fig.tight_layout()
-    with atomic_write(png_path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return png_path
+    return _save_png(plt, fig, png_path)
 
 
 def plot_reward_curve(metrics_path: Path, png_path: Path, title: str = "RL reward") -> Path:
     """An RL run's mean reward per step (total and each source: the records' ``reward`` and ``reward_<name>``),
     with a 10-step moving average over the noisy per-step means, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     records = read_metrics(metrics_path, strict=False)
     keys = ["reward"] + sorted({k for r in records for k in r if k.startswith("reward_")})
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
@@ -98,8 +104,4 @@ def plot_reward_curve(metrics_path: Path, png_path: Path, title: str = "RL rewar
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend()
-    fig.tight_layout()
-    with atomic_write(png_path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return png_path
+    return _save_png(plt, fig, png_path)
