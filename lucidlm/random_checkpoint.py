@@ -17,10 +17,10 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def build_random_checkpoint(out: Path, seed: int = 0) -> Path:
+def build_random_checkpoint(out: Path, seed: int = 0, max_seq_len: int = 512) -> Path:
     tok = byte_tokenizer()
     cfg = from_preset("llama-125m", dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=704,
-                      vocab_size=tok.vocab_size, max_seq_len=512, bos_token_id=tok.bos_token_id,
+                      vocab_size=tok.vocab_size, max_seq_len=max_seq_len, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
     model = Transformer(cfg)

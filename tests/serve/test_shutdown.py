@@ -16,6 +16,8 @@ from waiting import HANG_GUARD
 from lucidlm.random_checkpoint import build_random_checkpoint
 from lucidlm.serve.server import free_port, wait_until_healthy
 
+LONG = 4000
+
 
 def read_stream(url: str, max_tokens: int, started: threading.Event, out: dict, started_at: int = 1) -> None:
     """Stream a completion into ``out``; ``started`` is set once ``started_at`` tokens have arrived (or it ended)."""
@@ -39,7 +41,9 @@ def read_stream(url: str, max_tokens: int, started: threading.Event, out: dict, 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_finishes_short_streams_and_cleanly_ends_long_ones(tmp_path, sig):
-    build_random_checkpoint(tmp_path / "ck")
+    # the long stream asks for 4000 tokens, many times what the 1.5 s of draining can decode even on a fast machine (a
+    # 480-token one finished within them on CI's), so the deadline is what ends it
+    build_random_checkpoint(tmp_path / "ck", max_seq_len=4096)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "lucidlm", "serve", "-m", str(tmp_path / "ck"), "--port",
@@ -52,7 +56,7 @@ def test_a_signal_finishes_short_streams_and_cleanly_ends_long_ones(tmp_path, si
         # the short stream is one token from its end when the signal comes, however slow the machine: it finishes
         # within the 1.5 s of draining
         threads = [threading.Thread(target=read_stream, args=(url, 6, events[0], short, 5)),
-                   threading.Thread(target=read_stream, args=(url, 480, events[1], long))]
+                   threading.Thread(target=read_stream, args=(url, LONG, events[1], long))]
         for t in threads:
             t.start()
         assert all(e.wait(HANG_GUARD) for e in events)
@@ -60,7 +64,7 @@ def test_a_signal_finishes_short_streams_and_cleanly_ends_long_ones(tmp_path, si
         for t in threads:
             t.join(HANG_GUARD)
         assert short == {"tokens": 6, "finish": "length", "done": True}
-        assert long["finish"] == "abort" and long["done"] and long["tokens"] < 480
+        assert long["finish"] == "abort" and long["done"] and long["tokens"] < LONG
         assert proc.wait(HANG_GUARD) == 0
     finally:
         if proc.poll() is None:
