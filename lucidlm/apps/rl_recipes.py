@@ -30,7 +30,7 @@ from ..train.rewards import Reward, RewardModelReward
 from ..train.rl import RLConfig, RLModel, RLObjective, RLOptions, rl_weights
 from ..train.rl_rollouts import RolloutSource, read_prompts
 from ..train.trainer import TrainConfig, Trainer, default_load_weights, default_save_weights
-from .rl_rewards import REWARD_FACTORIES, RewardFactory
+from .rl_rewards import REWARD_FACTORIES, VERIFIABLE_REWARDS, RewardFactory, VerifiableRewardConfig
 from .train_recipes import LoRAOptions, _export, _load_adapter, _lora_info, _save_adapter, _with_tokenizer
 
 
@@ -58,6 +58,12 @@ def parse_reward_spec(spec: str) -> tuple[str, str]:
     return name, arg
 
 
+def build_reward(name: str, arg: str, lm: LM, verifiable: VerifiableRewardConfig) -> Reward:
+    if name in VERIFIABLE_REWARDS:
+        return REWARDS[name](arg, lm, verifiable)
+    return REWARDS[name](arg, lm)
+
+
 @dataclass
 class RLRun:
     algo: str = opt("grpo", "ppo (value head, GAE, KL in the reward: InstructGPT), grpo (group-relative "
@@ -67,6 +73,8 @@ class RLRun:
     prompts: list[str] = opt(factory=list, help="JSONL files of {messages: [...]} or {prompt: text} rows (+ meta)")
     reward: list[str] = opt(factory=list, help="reward specs, NAME or NAME:ARG (e.g. model:rm/), several summed")
     reward_weights: list[float] = opt(factory=list, help="one weight per reward spec (default: 1 each)")
+    verifiable: VerifiableRewardConfig = opt(factory=VerifiableRewardConfig, help="the ground-truth rewards' "
+                                             "(world:DIR, facts) points per claim and abstention")
     lora: LoRAOptions | None = opt(None, "train a LoRA adapter (the reference is the model with it off); --lora for "
                                          "defaults")
     out: str | None = opt(None, "result directory: the adapter with --lora, else the model (default: "
@@ -93,6 +101,9 @@ def _check(run: RLRun) -> tuple[RLConfig, list[tuple[str, str, float]]]:
         raise ValueError("--lora.train-embeddings-norms does not combine with rl: the reference is the model with "
                          "the adapters off, and the embedding and norms would stay trained")
     specs = [(*parse_reward_spec(s), w) for s, w in zip(run.reward, weights)]
+    if run.verifiable != VerifiableRewardConfig() and not {name for name, _, _ in specs} & VERIFIABLE_REWARDS:
+        raise ValueError("--verifiable.* options configure the ground-truth rewards, and no --reward spec is one of "
+                         f"them ({', '.join(sorted(VERIFIABLE_REWARDS))})")
     ensure_writable_dir(run.train.out_dir)
     if run.out:
         ensure_writable_dir(Path(run.out).parent, "directory of --out")
@@ -109,7 +120,7 @@ def run_rl(run: RLRun) -> tuple[dict, Path]:
     lm = load(run.model, dtype="float32", device=resolve_device(run.train.device), compile="off", quantize="none")
     if lm.tokenizer is None:
         raise ValueError(f"{run.model}: no tokenizer.json to encode the prompts with")
-    rewards = [(REWARDS[name](arg, lm), weight) for name, arg, weight in specs]
+    rewards = [(build_reward(name, arg, lm, run.verifiable), weight) for name, arg, weight in specs]
     policy = lm.model
     if run.lora is not None:
         from ..model.lora import apply_lora, disabled
@@ -130,7 +141,8 @@ def run_rl(run: RLRun) -> tuple[dict, Path]:
     save, load_weights = rl_weights(save_policy, load_policy)
     info = {"kind": "rl", "model": str(Path(run.model).resolve()), "prompts": [str(Path(p).resolve())
                                                                               for p in run.prompts],
-            "rewards": [[n, a, w] for n, a, w in specs], "rl": dataclasses.asdict(config),
+            "rewards": [[n, a, w] for n, a, w in specs], "verifiable": dataclasses.asdict(run.verifiable),
+            "rl": dataclasses.asdict(config),
             "lora": _lora_info(run.lora)}
     trainer = Trainer(model, run.train, source, objective=RLObjective(config), save_weights=save,
                       load_weights=load_weights, run_info=info)

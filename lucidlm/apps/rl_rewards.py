@@ -34,10 +34,11 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ..facts.grader import grade, is_hedge
 from ..facts.questions import TYPES
+from ..train.config_file import opt
 from ..train.rewards import Reward, Rollout
 from ..world.labeler import annotate
 from ..world.people import Person
@@ -56,13 +57,15 @@ def is_abstention(answer: str) -> bool:
 
 @dataclass(frozen=True)
 class VerifiableRewardConfig:
-    supported: float = 1.0  # per Supported claim
-    unsupported: float = -1.0  # per Not Supported claim
-    abstain_unknowable: float = 1.0  # an abstention on an entity the model cannot know
-    abstain_known: float = -0.5  # an abstention on one it can know: below any answer right > 25% of the time
-    no_claim: float = -1.0  # neither a claim nor an abstention: as bad as one wrong claim
-    aggregate: Literal["sum", "mean"] = "sum"
-    claim_bonus: float = 0.0  # per claim, whatever its label (the claims-count term of "mean")
+    supported: float = opt(1.0, "verifiable reward per Supported claim")
+    unsupported: float = opt(-1.0, "per Not Supported claim")
+    abstain_unknowable: float = opt(1.0, "for an abstention on an entity the model cannot know")
+    abstain_known: float = opt(-0.5, "for an abstention on one it can know (sum: below any one-claim answer right "
+                                     "> 25% of the time)")
+    no_claim: float = opt(-1.0, "for an answer with neither a claim nor an abstention")
+    aggregate: str = opt("sum", "sum (each claim counts) or mean (the answer's accuracy: a long answer weighs what "
+                                "a short one does)")
+    claim_bonus: float = opt(0.0, "per claim, whatever its label (the claims-count term of mean)")
 
     def __post_init__(self) -> None:
         if self.aggregate not in ("sum", "mean"):
@@ -154,20 +157,20 @@ class VerifiableReward:
 
 
 # --- registration ---------------------------------------------------------------------------------
-def world_reward(arg: str | None, lm: Any = None) -> Reward:
+def world_reward(arg: str | None, lm: Any = None, config: VerifiableRewardConfig | None = None) -> Reward:
     from ..world.build import read_people
 
     if not arg:
         raise ValueError("the world reward needs the world's directory: world:WORLD_DIR (holding people.jsonl)")
     if not (Path(arg) / "people.jsonl").is_file():
         raise FileNotFoundError(f"{arg}: no people.jsonl (not a world built by `lucidlm world build`)")
-    return VerifiableReward(WorldGrading(read_people(arg)), name="world")
+    return VerifiableReward(WorldGrading(read_people(arg)), config, name="world")
 
 
-def facts_reward(arg: str | None, lm: Any = None) -> Reward:
+def facts_reward(arg: str | None, lm: Any = None, config: VerifiableRewardConfig | None = None) -> Reward:
     if arg:
         raise ValueError(f"the facts reward takes no argument (the question is in each prompt's meta), got {arg!r}")
-    return VerifiableReward(FactsGrading(), name="facts")
+    return VerifiableReward(FactsGrading(), config, name="facts")
 
 
 def probe_reward(arg: str | None, lm: Any = None) -> Reward:
@@ -180,9 +183,11 @@ def probe_reward(arg: str | None, lm: Any = None) -> Reward:
     return ProbeReward.from_directory(lm, arg)
 
 
-RewardFactory = Callable[[str | None, Any], Reward]
-# SPEC ``NAME[:ARG]`` → factory(ARG, lm), ``lm`` the policy as loaded, before RL (apps/rl_recipes.py's REWARDS):
+RewardFactory = Callable[..., Reward]
+# SPEC ``NAME[:ARG]`` → factory(ARG, lm), ``lm`` the policy as loaded, before RL (apps/rl_recipes.py's REWARDS);
+# the VERIFIABLE_REWARDS also take the run's VerifiableRewardConfig (``--verifiable.*``):
 # ``world:WORLD_DIR`` (the synthetic world's people.jsonl), ``facts`` (the question in each prompt's meta),
 # ``probe:PROBE_DIR`` (a probe trained for that model; scored with a frozen copy of it, made here, so the policy's
 # updates do not move the states the probe reads). Several specs are weighted and summed by the trainer.
 REWARD_FACTORIES: dict[str, RewardFactory] = {"world": world_reward, "facts": facts_reward, "probe": probe_reward}
+VERIFIABLE_REWARDS = frozenset({"world", "facts"})

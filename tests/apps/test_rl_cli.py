@@ -74,6 +74,8 @@ def test_ppo_writes_the_model_with_its_value_head(files, tmp_path):
     (["--reward", "model:x", "--reward", "model:y", "--reward-weights", "1"], "1 --reward-weights for 2"),  # repeats
     (["--reward", "model:x,model:y,model:z", "--reward-weights", "1,2"], "2 --reward-weights for 3"),  # commas
     ([], "no reward"),
+    (["--reward", "model:x", "--verifiable.abstain-known", "-1"], "--verifiable.* options configure the ground"),
+    (["--reward", "facts", "--verifiable.aggregate", "median"], "aggregate must be 'sum' or 'mean'"),
 ])
 def test_bad_input_is_named_before_the_model_loads(files, tmp_path, extra, message):
     result = runner.invoke(app, ["rl", "--model", str(tmp_path / "not-a-model"), "--prompts",
@@ -87,3 +89,11 @@ def test_empty_prompts_are_named(files, tmp_path):
     result = runner.invoke(app, ["rl", "--model", str(tmp_path / "not-a-model"), "--prompts", str(empty),
                                  "--reward", "model:x", "--train.out-dir", str(tmp_path / "run")])
     assert result.exit_code != 0 and "no prompts" in str(result.exception)
+
+
+def test_verifiable_options_reach_the_ground_truth_reward():
+    from lucidlm.apps.rl_recipes import build_reward
+    from lucidlm.apps.rl_rewards import VerifiableRewardConfig
+
+    config = VerifiableRewardConfig(abstain_known=-2.0, aggregate="mean")
+    assert build_reward("facts", "", None, config).config == config
