@@ -12,9 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..generate.generation_config import GenerationConfig
 from ..jsonl import read_json
 from ..train.rewards import RLPrompt, Rollout
-from ..train.rl_rollouts import encode_prompt
+from ..train.rl_rollouts import encode_prompt, prompt_options
 from .rl_metrics import hallucination_metrics, knowledge_sets, world_unknowable
 from .rl_rewards import FactsGrading, Grading, WorldGrading, graded_row
 
@@ -39,21 +40,25 @@ def grading_for(spec: str) -> tuple[Grading, set[str] | None]:
 def answer_rows(lm: Any, prompts: list[RLPrompt], grading: Grading, samples: int, max_new_tokens: int,
                 seed: int = 0) -> list[dict]:
     """Graded rows (``rl_rewards.graded_row`` + "kind": greedy | sample): one greedy answer per prompt, then
-    ``samples`` sampled ones (temperature 1, seed + prompt index)."""
+    ``samples`` sampled ones (temperature 1, seed + prompt index), each prompt within its own limits as the
+    rollouts (rl_rollouts.prompt_options: a facts question's max_new_tokens and stop strings)."""
+    gen = lm.generator()
     ids = [encode_prompt(p, lm.tokenizer) for p in prompts]
-    rows = []
+    options = [prompt_options(p, max_new_tokens) for p in prompts]
 
-    def add(prompt: RLPrompt, prompt_ids: list[int], completion, kind: str) -> None:
-        rollout = Rollout(prompt, tuple(prompt_ids), tuple(completion.token_ids), completion.text,
-                          completion.finish_reason)
-        rows.append(graded_row(grading, rollout) | {"kind": kind})
+    def graded(completions: list, n: int, kind: str) -> list[dict]:
+        out = []
+        for row, completion in enumerate(completions):
+            i = row // n
+            rollout = Rollout(prompts[i], tuple(ids[i]), tuple(completion.token_ids), completion.text,
+                              completion.finish_reason)
+            out.append(graded_row(grading, rollout) | {"kind": kind})
+        return out
 
-    for i, completion in enumerate(lm.generate(ids, max_new_tokens=max_new_tokens)):
-        add(prompts[i], ids[i], completion, "greedy")
+    rows = graded(gen.generate(ids, [GenerationConfig.from_kwargs(**o) for o in options]), 1, "greedy")
     if samples:
-        for i, prompt in enumerate(prompts):
-            for completion in lm.sample(ids[i], samples, seed=seed + i, max_new_tokens=max_new_tokens):
-                add(prompt, ids[i], completion, "sample")
+        configs = [GenerationConfig.from_kwargs(**o, temperature=1.0, seed=seed + i) for i, o in enumerate(options)]
+        rows += graded(gen.generate(ids, configs, n=samples), samples, "sample")
     return rows
 
 

@@ -56,27 +56,40 @@ class Generator:
         returned queue as (row, event)."""
         if not choices:
             raise ValueError("no choices given: at least one (config, sample index) per prompt")
+        return self.start_each(prompts, [choices] * len(prompts))
+
+    def start_each(self, prompts: Seq[Seq[int]], choices: Seq[Seq[tuple[GenerationConfig, int]]]
+                   ) -> tuple[Engine, list[Sequence], deque[tuple[int, Event]]]:
+        """``start`` with each prompt's own choices (as many for every prompt): e.g. its own stop strings."""
         prompts = check_prompts(prompts, self.model.config.vocab_size, self.model.config.max_seq_len)
-        n = len(choices)
-        longest = max(len(p) for p in prompts) + max(c.max_new_tokens for c, _ in choices)
+        if len(choices) != len(prompts) or len({len(c) for c in choices}) != 1 or not choices[0]:
+            raise ValueError(f"need the same number (>= 1) of choices for each of the {len(prompts)} prompts, got "
+                             f"{[len(c) for c in choices]}")
+        n = len(choices[0])
+        longest = max(len(p) + max(c.max_new_tokens for c, _ in each) for p, each in zip(prompts, choices))
         engine = self.call_engine(len(prompts) * n, longest)
         events: deque[tuple[int, Event]] = deque()
         seqs = [Sequence(p, config, lambda e, row=i * n + j: events.append((row, e)), sample_index=index)
-                for i, p in enumerate(prompts) for j, (config, index) in enumerate(choices)]
+                for i, (p, each) in enumerate(zip(prompts, choices)) for j, (config, index) in enumerate(each)]
         engine.add([seqs[i * n:(i + 1) * n] for i in range(len(prompts))], fit_budget=False)
         return engine, seqs, events
 
-    def generate(self, prompts: Seq[Seq[int]], config: GenerationConfig, n: int = 1) -> list[Completion]:
-        """Every completion, row i·n + j being sample j of prompt i (seed + j)."""
+    def generate(self, prompts: Seq[Seq[int]], config: GenerationConfig | Seq[GenerationConfig], n: int = 1
+                 ) -> list[Completion]:
+        """Every completion, row i·n + j being sample j of prompt i (seed + j); ``config`` one for all prompts or
+        one per prompt."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        return self.generate_choices(prompts, [(config, j) for j in range(n)])
+        configs = [config] * len(prompts) if isinstance(config, GenerationConfig) else list(config)
+        return self._drive(*self.start_each(prompts, [[(c, j) for j in range(n)] for c in configs]))
 
     def generate_choices(self, prompts: Seq[Seq[int]], choices: Seq[tuple[GenerationConfig, int]]
                          ) -> list[Completion]:
         """For every prompt one completion per choice (its own options, e.g. a greedy answer and seeded samples),
         all of a prompt's choices sharing one prefill; row i·len(choices) + j is choice j of prompt i."""
-        engine, seqs, events = self.start(prompts, choices)
+        return self._drive(*self.start(prompts, choices))
+
+    def _drive(self, engine: Engine, seqs: list[Sequence], events: deque[tuple[int, Event]]) -> list[Completion]:
         got: list[list[TokenEvent]] = [[] for _ in seqs]
         while engine.has_work():
             engine.step()

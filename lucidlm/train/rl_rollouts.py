@@ -88,6 +88,18 @@ def encode_prompt(prompt: RLPrompt, tokenizer: Tokenizer | None) -> list[int]:
     return tokenizer.encode(prompt.text)
 
 
+def prompt_options(prompt: RLPrompt, max_new_tokens: int) -> dict:
+    """A prompt's own generation limits from its meta (the facts prompts carry their type's): "max_new_tokens"
+    (capped at ``max_new_tokens``, the run's) and "stop" strings; without them, ``max_new_tokens`` and none."""
+    own = prompt.meta.get("max_new_tokens", max_new_tokens)
+    stop = prompt.meta.get("stop", [])
+    if not isinstance(own, int) or isinstance(own, bool) or own < 1:
+        raise ValueError(f"prompt meta 'max_new_tokens' must be an integer >= 1, got {own!r}")
+    if not isinstance(stop, list | tuple) or not all(isinstance(x, str) and x for x in stop):
+        raise ValueError(f"prompt meta 'stop' must be a list of non-empty strings, got {stop!r}")
+    return {"max_new_tokens": min(own, max_new_tokens), "stop": tuple(stop)}
+
+
 # --- one rollout round -----------------------------------------------------------------------------
 @dataclass
 class Scored:
@@ -136,6 +148,7 @@ class RolloutSource:
         self.model, self.generator, self.reference = model, generator, reference
         self.prompts, self.rewards = list(prompts), list(rewards)
         self.prompt_ids = [encode_prompt(p, generator.tokenizer) for p in self.prompts]
+        self.options = [prompt_options(p, config.max_new_tokens) for p in self.prompts]
         limit = model.config.max_seq_len
         for i, ids in enumerate(self.prompt_ids):
             if not ids or len(ids) + config.max_new_tokens > limit:
@@ -169,10 +182,10 @@ class RolloutSource:
         rng = np.random.default_rng(derived_seed(self.config.seed, step, attempt, 0))
         return rng.choice(len(self.prompts), self.config.prompts_per_step, replace=False).tolist()
 
-    def generation_config(self, seed: int) -> GenerationConfig:
+    def generation_config(self, prompt: int, seed: int) -> GenerationConfig:
         cfg = self.config
-        return GenerationConfig.from_kwargs(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                            top_p=cfg.top_p, seed=seed)
+        return GenerationConfig.from_kwargs(**self.options[prompt], temperature=cfg.temperature, top_p=cfg.top_p,
+                                            seed=seed)
 
     # --- a rollout step ------------------------------------------------------------------------------
     def rollout(self) -> list[Batch]:
@@ -206,9 +219,9 @@ class RolloutSource:
         was_training = policy.training
         policy.eval()  # no LoRA dropout while sampling: the responses come from the policy the log-probs score
         try:
+            seed = self.sampling_seed(step, attempt)
             completions = self.generator.generate([self.prompt_ids[i] for i in chosen],
-                                                  self.generation_config(self.sampling_seed(step, attempt)),
-                                                  n=cfg.group_size)
+                                                  [self.generation_config(i, seed) for i in chosen], n=cfg.group_size)
         finally:
             policy.train(was_training)
         prompt_index = [i for i in chosen for _ in range(cfg.group_size)]

@@ -51,6 +51,25 @@ def test_seed_reproducible_and_independent_of_batching(lm):
     assert other_seed.token_ids != alone.token_ids
 
 
+def test_one_config_per_prompt_equals_each_prompt_alone(lm):
+    from lucidlm.generate.generation_config import GenerationConfig
+
+    gen = lm.generator()
+    ids = [lm.encode("Hello"), lm.encode("World")]
+    first = lm.generate("Hello", max_new_tokens=16, temperature=1.0, seed=3)[0]
+    stop = first.text[5:7]
+    configs = [GenerationConfig.from_kwargs(max_new_tokens=16, temperature=1.0, seed=3, stop=[stop]),
+               GenerationConfig.from_kwargs(max_new_tokens=5, temperature=1.0, seed=9)]
+    both = gen.generate(ids, configs, n=2)
+    for i, config in enumerate(configs):
+        alone = gen.generate(ids[i:i + 1], config, n=2)
+        assert [c.token_ids for c in both[2 * i:2 * i + 2]] == [c.token_ids for c in alone]
+    assert both[0].text == first.text[:first.text.index(stop)] and both[0].finish_reason == "stop"
+    assert [len(c.token_ids) for c in both[2:]] == [5, 5]
+    with pytest.raises(ValueError, match="same number"):
+        gen.start_each(ids, [[(configs[0], 0)]])
+
+
 def test_best_of_keeps_the_highest_mean_logprob(lm):
     samples = lm.sample("Hello", n=4, max_new_tokens=8, seed=7)
     assert len({tuple(s.token_ids) for s in samples}) > 1

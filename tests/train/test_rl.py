@@ -16,7 +16,7 @@ from tiny_lm import tiny_lm
 from lucidlm.train.dpo import frozen_reference
 from lucidlm.train.rewards import RLPrompt
 from lucidlm.train.rl import RLConfig, RLModel, RLObjective, rl_weights, token_logprobs
-from lucidlm.train.rl_rollouts import RolloutSource, read_prompts
+from lucidlm.train.rl_rollouts import RolloutSource, derived_seed, read_prompts
 from lucidlm.train.trainer import TrainConfig, Trainer
 
 TARGET = 73  # the most likely first token of the sharpened tiny model after "x", at p ≈ 0.125
@@ -121,6 +121,31 @@ def test_rollouts_are_the_engines_samples_and_old_logp_its_logprobs():
     assert (logp[mask] - batch["old_logp"][mask]).abs().max() < 1e-6
     parts = RLObjective(source.config)(model, batch)
     assert parts.metrics["clip_frac"] == 0.0 and parts.metrics["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rollouts_keep_each_prompts_own_limits_from_its_meta():
+    lm = tiny_lm(sharpen=3.0)
+    seed = derived_seed(0, 0, 0, 1)  # the rollout seed of step 0, round 0 (checked below)
+    text = lm.sample("ab", n=1, seed=seed, temperature=1.0, max_new_tokens=8)[0].text
+    stop = next(text[i:i + 2] for i in range(1, len(text) - 1)  # a piece of sample 0 (no partial UTF-8 byte)
+                if text[i:i + 2].isprintable() and "\ufffd" not in text[i:i + 2])
+    prompts = [RLPrompt(text="ab", meta={"stop": [stop]}), RLPrompt(text="cd", meta={"max_new_tokens": 3}),
+               RLPrompt(text="ef", meta={"max_new_tokens": 50})]  # capped at the run's 8
+    model = RLModel(lm.model, generator=torch.Generator().manual_seed(0))
+    source = RolloutSource(model, lm.generator(), prompts, [(Hit(), 1.0)],
+                           RLConfig(group_size=2, prompts_per_step=3, max_new_tokens=8), frozen_reference(lm.model))
+    scored = source.sample_round(0, 0)
+    assert source.sampling_seed(0, 0) == seed
+    for g, i in enumerate(source.draw(0, 0)):
+        limits = {0: dict(stop=[stop], max_new_tokens=8), 1: dict(max_new_tokens=3), 2: dict(max_new_tokens=8)}[i]
+        ref = lm.sample(prompts[i].text, n=2, seed=source.sampling_seed(0, 0), temperature=1.0, **limits)
+        assert [c.token_ids for c in scored.completions[2 * g:2 * g + 2]] == [c.token_ids for c in ref]
+        if i == 0:
+            assert ref[0].finish_reason == "stop" and stop not in ref[0].text
+        assert all(len(c.token_ids) <= limits["max_new_tokens"] for c in ref)
+    with pytest.raises(ValueError, match="'stop' must be a list"):
+        RolloutSource(model, lm.generator(), [RLPrompt(text="ab", meta={"stop": "x"})], [(Hit(), 1.0)],
+                      RLConfig(group_size=2, prompts_per_step=1), frozen_reference(lm.model))
 
 
 def test_dynamic_sampling_drops_all_equal_groups_and_refills():
