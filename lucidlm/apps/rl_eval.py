@@ -36,25 +36,33 @@ def grading_for(spec: str) -> tuple[Grading, set[str] | None]:
     raise ValueError(f"unknown grader {spec!r}: world:DIR or facts")
 
 
+def sampled_rollouts(lm: Any, prompts: list[RLPrompt], samples: int, max_new_tokens: int, seed: int = 0,
+                     greedy: bool = True) -> list[tuple[Rollout, str]]:
+    """(rollout, kind) from the engine: with ``greedy``, one greedy answer per prompt ("greedy"), then ``samples``
+    sampled ones per prompt ("sample": temperature 1, seed + prompt index), prompt by prompt. The one generation
+    path of ``rl-eval`` and ``rl-pairs``."""
+    ids = [encode_prompt(p, lm.tokenizer) for p in prompts]
+    out = []
+
+    def add(i: int, completion, kind: str) -> None:
+        out.append((Rollout(prompts[i], tuple(ids[i]), tuple(completion.token_ids), completion.text,
+                            completion.finish_reason), kind))
+
+    if greedy:
+        for i, completion in enumerate(lm.generate(ids, max_new_tokens=max_new_tokens)):
+            add(i, completion, "greedy")
+    if samples:
+        for i in range(len(prompts)):
+            for completion in lm.sample(ids[i], samples, seed=seed + i, max_new_tokens=max_new_tokens):
+                add(i, completion, "sample")
+    return out
+
+
 def answer_rows(lm: Any, prompts: list[RLPrompt], grading: Grading, samples: int, max_new_tokens: int,
                 seed: int = 0) -> list[dict]:
-    """Graded rows (``rl_rewards.graded_row`` + "kind": greedy | sample): one greedy answer per prompt, then
-    ``samples`` sampled ones (temperature 1, seed + prompt index)."""
-    ids = [encode_prompt(p, lm.tokenizer) for p in prompts]
-    rows = []
-
-    def add(prompt: RLPrompt, prompt_ids: list[int], completion, kind: str) -> None:
-        rollout = Rollout(prompt, tuple(prompt_ids), tuple(completion.token_ids), completion.text,
-                          completion.finish_reason)
-        rows.append(graded_row(grading, rollout) | {"kind": kind})
-
-    for i, completion in enumerate(lm.generate(ids, max_new_tokens=max_new_tokens)):
-        add(prompts[i], ids[i], completion, "greedy")
-    if samples:
-        for i, prompt in enumerate(prompts):
-            for completion in lm.sample(ids[i], samples, seed=seed + i, max_new_tokens=max_new_tokens):
-                add(prompt, ids[i], completion, "sample")
-    return rows
+    """Graded rows (``rl_rewards.graded_row`` + "kind": greedy | sample) of ``sampled_rollouts``."""
+    return [graded_row(grading, rollout) | {"kind": kind}
+            for rollout, kind in sampled_rollouts(lm, prompts, samples, max_new_tokens, seed)]
 
 
 def evaluate(lm: Any, prompts: list[RLPrompt], grader: str, samples: int = 3, max_new_tokens: int = 48,
