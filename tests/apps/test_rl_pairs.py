@@ -42,6 +42,15 @@ def prompt_of(country: str) -> RLPrompt:
     return RLPrompt(messages=({"role": "user", "content": f"{country}?"},), meta=meta)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors on a shared machine: a second thread only waits for the first (10 s against 0.2 s here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny llama taught TAUGHT (each answer of a prompt equally often), saved with its chat template."""
@@ -57,7 +66,7 @@ def checkpoint(tmp_path_factory):
     batch = pad_batch([formatter.pair(list(prompt_of(c).messages), a) for c, answers in TAUGHT.items()
                        for a in answers], tok.pad_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(60):
+    for _ in range(80):
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
         optimizer.zero_grad()
@@ -80,45 +89,58 @@ def naive_reward(meta: dict, text: str, abstain_unknowable: float = 1.0) -> floa
     return -1.0
 
 
-def expected_pairs(lm, prompts: list[RLPrompt], abstain_unknowable: float) -> list[tuple[str, str, str]]:
-    """(id, chosen, rejected): the engine's samples straight from ``lm.sample``, regraded here."""
+@pytest.fixture(scope="module")
+def sampled(checkpoint) -> list[list[str]]:
+    """Each prompt's answers straight from ``lm.sample`` (seed = the prompt's index, as rl-pairs samples)."""
+    lm = lucidlm.load(checkpoint, compile="off")
     out = []
-    for i, p in enumerate(prompts):
-        ids = lm.tokenizer.apply_chat_template(list(p.messages), add_generation_prompt=True, tokenize=True)
-        texts = [c.text for c in lm.sample(ids, SAMPLES, seed=i, max_new_tokens=12)]
-        rewards = [naive_reward(p.meta, t, abstain_unknowable) for t in texts]
-        if max(rewards) > min(rewards):
-            out.append((p.meta["id"], texts[rewards.index(max(rewards))], texts[rewards.index(min(rewards))]))
+    for i, country in enumerate(TAUGHT):
+        ids = lm.tokenizer.apply_chat_template(list(prompt_of(country).messages), add_generation_prompt=True,
+                                               tokenize=True)
+        out.append([c.text for c in lm.sample(ids, SAMPLES, seed=i, max_new_tokens=14)])
     return out
 
 
-def test_pairs_are_the_best_and_worst_of_the_regraded_samples_ties_skipped(checkpoint):
+def expected_pairs(sampled: list[list[str]], abstain_unknowable: float) -> list[tuple[str, str, str, float, float]]:
+    """(id, chosen, rejected, their rewards): the samples regraded here, ties left out."""
+    out = []
+    for country, texts in zip(TAUGHT, sampled):
+        meta = prompt_of(country).meta
+        rewards = [naive_reward(meta, t, abstain_unknowable) for t in texts]
+        hi, lo = max(rewards), min(rewards)
+        if hi > lo:
+            out.append((meta["id"], texts[rewards.index(hi)], texts[rewards.index(lo)], hi, lo))
+    return out
+
+
+def as_tuples(rows: list[dict]) -> list[tuple]:
+    return [(r["id"], r["chosen"], r["rejected"], r["chosen_reward"], r["rejected_reward"]) for r in rows]
+
+
+def test_pairs_are_the_best_and_worst_of_the_regraded_samples_ties_skipped(checkpoint, sampled):
     lm = lucidlm.load(checkpoint, compile="off")
     prompts = [prompt_of(c) for c in TAUGHT]
-    for abstain_unknowable, pairs in ((1.0, 1), (0.5, 2)):  # Germany's right answer and its hedge tie at 1.0
-        config = VerifiableRewardConfig(abstain_unknowable=abstain_unknowable)
-        rows, summary = build_pairs(lm, prompts, FactsGrading(), SAMPLES, config, max_new_tokens=12)
-        assert [(r["id"], r["chosen"], r["rejected"]) for r in rows] == expected_pairs(lm, prompts, abstain_unknowable)
-        assert (summary["pairs"], summary["skipped_ties"], summary["retokenized"]) == (pairs, 3 - pairs, 0)
-        for r in rows:
-            meta = next(p.meta for p in prompts if p.meta["id"] == r["id"])
-            chosen, rejected = (naive_reward(meta, r[k], abstain_unknowable) for k in ("chosen", "rejected"))
-            assert (r["chosen_reward"], r["rejected_reward"]) == (chosen, rejected) and chosen > rejected
-        assert summary["mean_chosen_reward"] == pytest.approx(sum(r["chosen_reward"] for r in rows) / pairs)
+    rows, summary = build_pairs(lm, prompts, FactsGrading(), SAMPLES, VerifiableRewardConfig(), max_new_tokens=14)
+    expected = expected_pairs(sampled, 1.0)
+    assert as_tuples(rows) == expected and all(hi > lo for *_, hi, lo in expected)
+    # Italy's answers are all "Rome."; Germany's right answer and its hedge (unknowable) are both +1: ties
+    assert (summary["pairs"], summary["skipped_ties"], summary["retokenized"]) == (1, 2, 0)
+    assert summary["mean_chosen_reward"] == expected[0][3] and summary["mean_rejected_reward"] == expected[0][4]
     assert best_and_worst([0.5, -1.0, 0.5, -1.0]) == (0, 1) and best_and_worst([1.0, 1.0]) is None
 
 
-def test_the_cli_writes_pairs_dpo_reads_on_rls_tokens_and_trains_on(checkpoint, tmp_path):
+def test_the_cli_writes_pairs_dpo_reads_on_rls_tokens_and_trains_on(checkpoint, sampled, tmp_path):
     prompts = [prompt_of(c) for c in TAUGHT]
     write_prompts_jsonl(tmp_path / "prompts.jsonl", prompts)
     pairs = tmp_path / "pairs.jsonl"
     result = runner.invoke(app, ["rl-pairs", "-m", str(checkpoint), "--prompts", str(tmp_path / "prompts.jsonl"),
-                                 "--grader", "facts", "--samples", str(SAMPLES), "--max-new-tokens", "12",
+                                 "--grader", "facts", "--samples", str(SAMPLES), "--max-new-tokens", "14",
                                  "--verifiable.abstain-unknowable", "0.5", "--out", str(pairs)])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
-    assert (summary["pairs"], summary["skipped_ties"]) == (2, 1)
+    assert (summary["pairs"], summary["skipped_ties"]) == (2, 1)  # the hedge on Germany now scores below "Berlin."
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert as_tuples(rows) == expected_pairs(sampled, 0.5)
     assert [r["prompt"] for r in rows] == [list(prompts[0].messages), list(prompts[2].messages)]
 
     lm = lucidlm.load(checkpoint, compile="off")
