@@ -10,8 +10,10 @@ A row is what ``lucidlm dpo --data`` reads (train/sft_data.PreferenceDataset): {
 "chosen": text, "rejected": text} (+ "id", "chosen_reward", "rejected_reward", which the reader ignores). A messages
 prompt stays messages, so DPO renders it through the same chat template, generation prompt included, and trains on
 the prompt tokens RL sampled after; this is checked prompt by prompt before any answer. A text prompt is kept only
-without a chat template: DPO would wrap it in the template again. A response's text is re-encoded by DPO; the
-summary counts the pairs whose re-encoded tokens differ from those sampled (``retokenized``).
+without a chat template: DPO would wrap it in the template again. DPO re-encodes a response's text and closes it
+as the template closes an assistant turn; the summary counts the pairs whose text re-encodes to other tokens than
+were sampled (``retokenized``) and those where a response the model ended with EOS ends otherwise in DPO
+(``end_differs``: a template whose turns end without EOS, e.g. the world's Q:/A: one, which ends them with "\\n").
 """
 
 from __future__ import annotations
@@ -98,11 +100,16 @@ def best_and_worst(rewards: list[float]) -> tuple[int, int] | None:
     return None if hi == lo else (rewards.index(hi), rewards.index(lo))
 
 
-def retokenized(formatter: ChatFormatter, head: list[dict] | str, rollout: Rollout) -> bool:
-    """Whether DPO's tokens of this response (its text re-encoded) differ from the ones sampled."""
+def token_differences(formatter: ChatFormatter, head: list[dict] | str, rollout: Rollout) -> tuple[bool, bool]:
+    """(whether DPO's tokens of the response text differ from those sampled, whether a response the model ended
+    with EOS ends otherwise in DPO's rendering: a template that closes the turn without EOS)."""
     example = formatter.pair(head, rollout.text)
-    start = example.prefix_len
-    return tuple(example.input_ids[start: start + len(rollout.token_ids)]) != rollout.token_ids
+    eos = formatter.tokenizer.eos_token_id
+    sampled = list(rollout.token_ids)
+    stopped = bool(sampled) and sampled[-1] == eos  # the engine's token ids keep the EOS it stopped on
+    body = sampled[:-1] if stopped else sampled
+    dpo = example.input_ids[example.prefix_len:]
+    return dpo[: len(body)] != body, stopped and dpo[len(body): len(body) + 1] != [eos]
 
 
 def build_pairs(lm: Any, prompts: list[RLPrompt], grading: Grading, samples: int, config: VerifiableRewardConfig,
@@ -113,7 +120,7 @@ def build_pairs(lm: Any, prompts: list[RLPrompt], grading: Grading, samples: int
     check_prompt_tokens(prompts, lm.tokenizer)  # before any answer
     answers = sampled_rollouts(lm, prompts, samples, max_new_tokens, seed, greedy=False)
     formatter = ChatFormatter(lm.tokenizer, max_len=1 << 30)
-    rows, changed = [], 0
+    rows, retokenized, end_differs = [], 0, 0
     for i, prompt in enumerate(prompts):
         group = [rollout for rollout, _ in answers[i * samples: (i + 1) * samples]]
         rewards = [score(grading, r, config) for r in group]
@@ -122,13 +129,14 @@ def build_pairs(lm: Any, prompts: list[RLPrompt], grading: Grading, samples: int
             continue
         head = dpo_prompt(prompt, lm.tokenizer)
         (c, r) = picked
-        changed += retokenized(formatter, head, group[c]) or retokenized(formatter, head, group[r])
+        (text_c, end_c), (text_r, end_r) = (token_differences(formatter, head, group[k]) for k in (c, r))
+        retokenized, end_differs = retokenized + (text_c or text_r), end_differs + (end_c or end_r)
         rows.append({"prompt": head, "chosen": group[c].text, "rejected": group[r].text,
                      "id": prompt.meta.get("id"), "chosen_reward": rewards[c], "rejected_reward": rewards[r]})
     mean = (lambda key: sum(row[key] for row in rows) / len(rows)) if rows else (lambda key: math.nan)
     summary = {"prompts": len(prompts), "pairs": len(rows), "skipped_ties": len(prompts) - len(rows),
                "mean_chosen_reward": mean("chosen_reward"), "mean_rejected_reward": mean("rejected_reward"),
-               "retokenized": changed}
+               "retokenized": retokenized, "end_differs": end_differs}
     return rows, summary
 
 

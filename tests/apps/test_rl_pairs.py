@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import lucidlm
 from lucidlm.apps.cli import app
-from lucidlm.apps.rl_pairs import best_and_worst, build_pairs, dpo_prompt
+from lucidlm.apps.rl_pairs import best_and_worst, build_pairs, dpo_prompt, token_differences
 from lucidlm.apps.rl_prompts import write_prompts_jsonl
 from lucidlm.apps.rl_rewards import FactsGrading, VerifiableRewardConfig
 from lucidlm.checkpoint import FAMILIES, save_model
@@ -25,7 +25,7 @@ from lucidlm.facts.grader import grade, is_hedge
 from lucidlm.facts.questions import question_of
 from lucidlm.model.transformer import Transformer
 from lucidlm.tokenizer import byte_tokenizer
-from lucidlm.train.rewards import RLPrompt
+from lucidlm.train.rewards import RLPrompt, Rollout
 from lucidlm.train.sft_data import ChatFormatter, PreferenceDataset, pad_batch
 
 # a short template keeps the sequences short (the model trains in the test)
@@ -124,7 +124,7 @@ def test_pairs_are_the_best_and_worst_of_the_regraded_samples_ties_skipped(check
     expected = expected_pairs(sampled, 1.0)
     assert as_tuples(rows) == expected and all(hi > lo for *_, hi, lo in expected)
     # Italy's answers are all "Rome."; Germany's right answer and its hedge (unknowable) are both +1: ties
-    assert (summary["pairs"], summary["skipped_ties"], summary["retokenized"]) == (1, 2, 0)
+    assert [summary[k] for k in ("pairs", "skipped_ties", "retokenized", "end_differs")] == [1, 2, 0, 0]
     assert summary["mean_chosen_reward"] == expected[0][3] and summary["mean_rejected_reward"] == expected[0][4]
     assert best_and_worst([0.5, -1.0, 0.5, -1.0]) == (0, 1) and best_and_worst([1.0, 1.0]) is None
 
@@ -171,7 +171,27 @@ def test_bad_input_is_refused_before_the_model_loads(tmp_path):
         result = runner.invoke(app, base + args)
         assert result.exit_code != 0 and message in str(result.exception), (args, result.exception)
     assert not (tmp_path / "pairs.jsonl").exists()
-    with pytest.raises(ValueError, match="DPO would wrap the text in the template again"):
+    with pytest.raises(ValueError, match="DPO would wrap the text in the template again"):  # (no model needed)
         tok = byte_tokenizer()
         tok.chat_template = TEMPLATE
         dpo_prompt(RLPrompt(text="France?", meta={}), tok)
+
+
+def test_token_differences_see_a_retokenized_text_and_a_turn_that_ends_without_eos():
+    tok = byte_tokenizer()
+    prompt = prompt_of("France")
+    eos = [tok.eos_token_id]
+    q_a = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n{% else %}A: {{ m['content'] }}"
+           "\n{% endif %}{% endfor %}{% if add_generation_prompt %}A: {% endif %}")  # the world's: turns end in \n
+    for template, ends_with_eos in ((TEMPLATE, True), (q_a, False)):
+        tok.chat_template = template
+        formatter = ChatFormatter(tok, 64)
+        head = dpo_prompt(prompt, tok)
+
+        def rollout(ids: list[int]) -> Rollout:
+            return Rollout(prompt, (), tuple(ids), "Paris.", "stop")
+
+        assert token_differences(formatter, head, rollout(tok.encode("Paris.", False) + eos)) == (
+            False, not ends_with_eos)
+        assert token_differences(formatter, head, rollout(tok.encode("Paris!", False) + eos))[0]
+        assert token_differences(formatter, head, rollout(tok.encode("Paris.", False))) == (False, False)  # cut
