@@ -27,8 +27,10 @@ def option_name(dotted: str) -> str:
     return "--" + dotted.replace("_", "-")
 
 
-def config_command(cls: type, run: Callable[[Any], None], doc: str) -> Callable[..., None]:
-    """A function typer can register (``app.command(name)(fn)``) whose options are ``cls``'s fields."""
+def config_command(cls: type, run: Callable[[Any], None], doc: str,
+                   short: dict[str, str] | None = None) -> Callable[..., None]:
+    """A function typer can register (``app.command(name)(fn)``) whose options are ``cls``'s fields; ``short``
+    gives some of them a short flag too ({"model": "-m"})."""
     dests: dict[str, str] = {}
     params = [
         inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
@@ -57,8 +59,9 @@ def config_command(cls: type, run: Callable[[Any], None], doc: str) -> Callable[
             continue
         # a list option repeats (--reward a --reward b) or takes commas (--reward a,b); the values are joined
         value_type = list[str] | None if _is_list(kind) else str | None
+        flags = [option_name(dotted)] + ([short[dotted]] if short and dotted in short else [])
         params.append(inspect.Parameter(dest, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-            value_type, typer.Option(option_name(dotted), help=text, metavar="VALUE", show_default=False)]))
+            value_type, typer.Option(*flags, help=text, metavar="VALUE", show_default=False)]))
 
     def command(**values: Any) -> None:
         config, print_config = values.pop("config"), values.pop("print_config")

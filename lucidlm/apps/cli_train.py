@@ -139,6 +139,12 @@ def rl_prompts(
                            "out": str(out)}))
 
 
+def _rl_pairs(run) -> None:
+    from .rl_pairs import run_rl_pairs
+
+    typer.echo(json.dumps(run_rl_pairs(run)))
+
+
 def rl_eval(
     model: Annotated[Path, typer.Option("--model", "-m", help="the model to measure (before or after RL)")],
     prompts: Annotated[Path, typer.Option(help="JSONL prompts with meta (lucidlm rl-prompts)")],
@@ -202,6 +208,7 @@ def probe_eval(
 def register(app: typer.Typer) -> None:
     from .probe_recipes import ProbeRun
     from .reward_recipes import RewardRun
+    from .rl_pairs import RLPairsRun
     from .rl_recipes import RLRun
 
     reward_app.command("train")(config_command(
@@ -242,6 +249,13 @@ def register(app: typer.Typer) -> None:
         "--rl.group-size 8 --train.max-steps 200 --out rl-adapter/"))
     app.command("rl-prompts")(rl_prompts)
     app.command("rl-eval")(rl_eval)
+    app.command("rl-pairs")(config_command(
+        RLPairsRun, _rl_pairs,
+        "DPO pairs from the RL prompts: --samples answers per prompt from the engine, graded against the ground "
+        "truth and scored as lucidlm rl's verifiable reward (--verifiable.*); chosen = the best, rejected = the worst, "
+        "prompts whose answers all tie skipped; writes JSONL that lucidlm dpo --data reads.\n\n"
+        "Example: lucidlm rl-pairs -m sft/ --prompts train.jsonl --grader facts --samples 8 --out pairs.jsonl",
+        short={"model": "-m"}))
     app.command("corpus")(corpus)
     tokenizer_app.command("train")(config_command(
         TokenizerRun, _tokenizer,

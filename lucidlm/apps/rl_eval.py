@@ -37,29 +37,36 @@ def grading_for(spec: str) -> tuple[Grading, set[str] | None]:
     raise ValueError(f"unknown grader {spec!r}: world:DIR or facts")
 
 
-def answer_rows(lm: Any, prompts: list[RLPrompt], grading: Grading, samples: int, max_new_tokens: int,
-                seed: int = 0) -> list[dict]:
-    """Graded rows (``rl_rewards.graded_row`` + "kind": greedy | sample): one greedy answer per prompt, then
-    ``samples`` sampled ones (temperature 1, seed + prompt index), each prompt within its own limits as the
-    rollouts (rl_rollouts.prompt_options: a facts question's max_new_tokens and stop strings)."""
+def sampled_rollouts(lm: Any, prompts: list[RLPrompt], samples: int, max_new_tokens: int, seed: int = 0,
+                     greedy: bool = True) -> list[tuple[Rollout, str]]:
+    """(rollout, kind) from the engine: with ``greedy``, one greedy answer per prompt ("greedy"), then ``samples``
+    sampled ones per prompt ("sample": temperature 1, seed + prompt index), each prompt within its own limits as
+    the RL rollouts (rl_rollouts.prompt_options: a facts question's max_new_tokens and stop strings). The one
+    generation path of ``rl-eval`` and ``rl-pairs``."""
     gen = lm.generator()
     ids = [encode_prompt(p, lm.tokenizer) for p in prompts]
     options = [prompt_options(p, max_new_tokens) for p in prompts]
+    out = []
 
-    def graded(completions: list, n: int, kind: str) -> list[dict]:
-        out = []
+    def add(completions: list, n: int, kind: str) -> None:
         for row, completion in enumerate(completions):
             i = row // n
-            rollout = Rollout(prompts[i], tuple(ids[i]), tuple(completion.token_ids), completion.text,
-                              completion.finish_reason)
-            out.append(graded_row(grading, rollout) | {"kind": kind})
-        return out
+            out.append((Rollout(prompts[i], tuple(ids[i]), tuple(completion.token_ids), completion.text,
+                                completion.finish_reason), kind))
 
-    rows = graded(gen.generate(ids, [GenerationConfig.from_kwargs(**o) for o in options]), 1, "greedy")
+    if greedy:
+        add(gen.generate(ids, [GenerationConfig.from_kwargs(**o) for o in options]), 1, "greedy")
     if samples:
         configs = [GenerationConfig.from_kwargs(**o, temperature=1.0, seed=seed + i) for i, o in enumerate(options)]
-        rows += graded(gen.generate(ids, configs, n=samples), samples, "sample")
-    return rows
+        add(gen.generate(ids, configs, n=samples), samples, "sample")
+    return out
+
+
+def answer_rows(lm: Any, prompts: list[RLPrompt], grading: Grading, samples: int, max_new_tokens: int,
+                seed: int = 0) -> list[dict]:
+    """Graded rows (``rl_rewards.graded_row`` + "kind": greedy | sample) of ``sampled_rollouts``."""
+    return [graded_row(grading, rollout) | {"kind": kind}
+            for rollout, kind in sampled_rollouts(lm, prompts, samples, max_new_tokens, seed)]
 
 
 def evaluate(lm: Any, prompts: list[RLPrompt], grader: str, samples: int = 3, max_new_tokens: int = 48,

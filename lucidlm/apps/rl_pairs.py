@@ -1,0 +1,159 @@
+"""DPO on pairs built from the same labels as the RL reward: ``lucidlm rl-pairs``.
+
+Each RL prompt is answered by ``samples`` sampled responses from the engine (``rl_eval.sampled_rollouts``, the path
+``rl-eval`` answers by), each graded against the ground truth (``rl_rewards.graded_row``) and scored as ``lucidlm
+rl`` scores it (``verifiable_score`` with the same ``--verifiable.*`` options). One preference pair per prompt:
+chosen = its highest-reward answer, rejected = its lowest (the first of them on a tie); a prompt whose answers all
+score the same says nothing about which to prefer and is skipped.
+
+A row is what ``lucidlm dpo --data`` reads (train/sft_data.PreferenceDataset): {"prompt": messages | text,
+"chosen": text, "rejected": text} (+ "id", "chosen_reward", "rejected_reward", which the reader ignores). A messages
+prompt stays messages, so DPO renders it through the same chat template, generation prompt included, and trains on
+the prompt tokens RL sampled after; this is checked prompt by prompt before any answer. A text prompt is kept only
+without a chat template: DPO would wrap it in the template again. DPO re-encodes a response's text and closes it
+as the template closes an assistant turn; the summary counts the pairs whose text re-encodes to other tokens than
+were sampled (``retokenized``) and those where a response the model ended with EOS ends otherwise in DPO
+(``end_differs``: a template whose turns end without EOS, e.g. the world's Q:/A: one, which ends them with "\\n").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..jsonl import write_jsonl
+from ..train.checkpointing import ensure_writable_dir
+from ..train.config_file import opt
+from ..train.rewards import RLPrompt, Rollout
+from ..train.rl_rollouts import encode_prompt
+from ..train.sft_data import ChatFormatter
+from .rl_eval import grading_for, sampled_rollouts
+from .rl_rewards import Grading, VerifiableRewardConfig, graded_row, verifiable_score
+
+
+@dataclass
+class RLPairsRun:
+    model: str | None = opt(None, "checkpoint directory of the model to sample from (the policy RL would train)")
+    prompts: list[str] = opt(factory=list, help="JSONL RL prompts with meta (lucidlm rl-prompts)")
+    grader: str | None = opt(None, "world:WORLD_DIR or facts: the ground truth the answers are graded against")
+    samples: int = opt(4, "sampled answers per prompt (>= 2): the pair is the best and the worst of them")
+    out: str | None = opt(None, "the JSONL pairs file to write (lucidlm dpo --data reads it)")
+    seed: int = opt(0, "sampling seed (prompt i samples with seed + i, as rl-eval)")
+    max_new_tokens: int = opt(48, "tokens per answer at most")
+    verifiable: VerifiableRewardConfig = opt(factory=VerifiableRewardConfig, help="points per claim and abstention "
+                                             "(as lucidlm rl's --verifiable.*)")
+
+
+def check(run: RLPairsRun) -> None:
+    """Everything that can be checked before the model loads."""
+    if run.model is None:
+        raise ValueError("give the model to sample from: --model DIR")
+    if run.grader is None:
+        raise ValueError("give the grader: --grader world:WORLD_DIR or facts")
+    if not run.prompts:
+        raise ValueError("no prompts: give --prompts FILE")
+    missing = [p for p in run.prompts if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"prompt files not found: {missing}")
+    if run.samples < 2:
+        raise ValueError(f"--samples must be >= 2 (a pair needs two answers to compare), got {run.samples}")
+    if run.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {run.max_new_tokens}")
+    if run.out is None:
+        raise ValueError("give the pairs file to write: --out FILE")
+    ensure_writable_dir(Path(run.out).parent, "directory of --out")
+
+
+def dpo_prompt(prompt: RLPrompt, tokenizer: Any) -> list[dict] | str:
+    """The prompt as a DPO row holds it: the messages, or the text when the tokenizer has no chat template."""
+    if prompt.messages:
+        return [dict(m) for m in prompt.messages]
+    if tokenizer.chat_template is not None:
+        raise ValueError("a text prompt cannot become a DPO pair with a chat-template tokenizer: DPO would wrap the "
+                         "text in the template again and train on other tokens than RL sampled; write the prompts "
+                         "as messages (lucidlm rl-prompts)")
+    return prompt.text
+
+
+def check_prompt_tokens(prompts: list[RLPrompt], tokenizer: Any) -> None:
+    """DPO's prompt tokens (``ChatFormatter.pair``, everything before the response) must be RL's
+    (``encode_prompt``): the template rendered prefix by prefix, no merge across the start of the answer."""
+    formatter = ChatFormatter(tokenizer, max_len=1 << 30)
+    for i, prompt in enumerate(prompts):
+        example = formatter.pair(dpo_prompt(prompt, tokenizer), "")
+        if example.input_ids[: example.prefix_len] != encode_prompt(prompt, tokenizer):
+            raise ValueError(f"prompt {i} ({prompt.meta.get('id')!r}): DPO would tokenize it differently from RL "
+                             "(the chat template's rendering or a merge across the answer's start)")
+
+
+def score(grading: Grading, rollout: Rollout, config: VerifiableRewardConfig) -> float:
+    """The verifiable reward of one answer, as ``rl_rewards.VerifiableReward`` gives it."""
+    row = graded_row(grading, rollout)
+    return verifiable_score([a["label"] for a in row["annotations"]], row["abstained"], row["knowable"], config)
+
+
+def best_and_worst(rewards: list[float]) -> tuple[int, int] | None:
+    """(index of the highest reward, of the lowest), the first of each on a tie; None when all are equal."""
+    hi, lo = max(rewards), min(rewards)
+    return None if hi == lo else (rewards.index(hi), rewards.index(lo))
+
+
+def token_differences(formatter: ChatFormatter, head: list[dict] | str, rollout: Rollout) -> tuple[bool, bool]:
+    """(whether DPO's tokens of the response text differ from those sampled, whether a response the model ended
+    with EOS ends otherwise in DPO's rendering: a template that closes the turn without EOS)."""
+    example = formatter.pair(head, rollout.text)
+    eos = formatter.tokenizer.eos_token_id
+    sampled = list(rollout.token_ids)
+    stopped = bool(sampled) and sampled[-1] == eos  # the engine's token ids keep the EOS it stopped on
+    body = sampled[:-1] if stopped else sampled
+    dpo = example.input_ids[example.prefix_len:]
+    return dpo[: len(body)] != body, stopped and dpo[len(body): len(body) + 1] != [eos]
+
+
+def build_pairs(lm: Any, prompts: list[RLPrompt], grading: Grading, samples: int, config: VerifiableRewardConfig,
+                max_new_tokens: int = 48, seed: int = 0) -> tuple[list[dict], dict]:
+    """(pair rows, summary): ``samples`` answers per prompt, the best and the worst of each as a pair."""
+    if samples < 2:
+        raise ValueError(f"samples must be >= 2 (a pair needs two answers to compare), got {samples}")
+    check_prompt_tokens(prompts, lm.tokenizer)  # before any answer
+    answers = sampled_rollouts(lm, prompts, samples, max_new_tokens, seed, greedy=False)
+    formatter = ChatFormatter(lm.tokenizer, max_len=1 << 30)
+    rows, retokenized, end_differs = [], 0, 0
+    for i, prompt in enumerate(prompts):
+        group = [rollout for rollout, _ in answers[i * samples: (i + 1) * samples]]
+        rewards = [score(grading, r, config) for r in group]
+        picked = best_and_worst(rewards)
+        if picked is None:
+            continue
+        head = dpo_prompt(prompt, lm.tokenizer)
+        (c, r) = picked
+        (text_c, end_c), (text_r, end_r) = (token_differences(formatter, head, group[k]) for k in (c, r))
+        retokenized, end_differs = retokenized + (text_c or text_r), end_differs + (end_c or end_r)
+        rows.append({"prompt": head, "chosen": group[c].text, "rejected": group[r].text,
+                     "id": prompt.meta.get("id"), "chosen_reward": rewards[c], "rejected_reward": rewards[r]})
+    mean = (lambda key: sum(row[key] for row in rows) / len(rows)) if rows else (lambda key: math.nan)
+    summary = {"prompts": len(prompts), "pairs": len(rows), "skipped_ties": len(prompts) - len(rows),
+               "mean_chosen_reward": mean("chosen_reward"), "mean_rejected_reward": mean("rejected_reward"),
+               "retokenized": retokenized, "end_differs": end_differs}
+    return rows, summary
+
+
+def run_rl_pairs(run: RLPairsRun) -> dict:
+    """Check, load, sample, pair, write ``run.out`` atomically; the summary (+ "out")."""
+    from ..api import load
+    from ..train.rl_rollouts import read_prompts
+
+    check(run)
+    grading, _ = grading_for(run.grader)  # an unknown grader or a world without people fails before the model loads
+    prompts = read_prompts(run.prompts)
+    lm = load(run.model, compile="off")
+    if lm.tokenizer is None:
+        raise ValueError(f"{run.model}: no tokenizer.json to encode the prompts with")
+    rows, summary = build_pairs(lm, prompts, grading, run.samples, run.verifiable, run.max_new_tokens, run.seed)
+    if not rows:
+        raise ValueError(f"every one of the {len(prompts)} prompts' {run.samples} answers scored the same: no pair to "
+                         "write (more --samples, or a model whose answers differ)")
+    write_jsonl(Path(run.out), rows)
+    return summary | {"out": run.out}
