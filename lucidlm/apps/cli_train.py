@@ -122,18 +122,48 @@ def reward_eval(
                f"{report['pairs']} pairs, mean margin {report['mean_margin']:.3f}")
 
 
-def rl_prompts(
-    world: Annotated[Path, typer.Option(help="a built world (demo --world: runs/demo-world/world)")],
-    out: Annotated[Path, typer.Option(help="the JSONL prompts file to write")],
-    split: Annotated[str, typer.Option(help="train (the demo's probe-training half of the people), eval or all")
-                     ] = "train",
-    seed: Annotated[int, typer.Option(help="the split's seed (the world demo's)")] = 0,
-) -> None:
-    """Write RL prompts ("Tell me about X.", + meta for the world's verifiable reward) for one side of the world's
-    entity split, so RL trains on some people and ``rl-eval`` measures on the others."""
-    from .rl_prompts import world_rl_prompts, write_prompts_jsonl
+def _tokenizer_of(model: Path):
+    from ..tokenizer import Tokenizer
 
-    prompts = world_rl_prompts(world, split, seed)
+    tokenizer = Tokenizer.from_dir(model)
+    if tokenizer is None:
+        raise typer.BadParameter(f"{model}: no tokenizer.json")
+    return tokenizer
+
+
+def rl_prompts(
+    out: Annotated[Path, typer.Option(help="the JSONL prompts file to write")],
+    world: Annotated[Path | None, typer.Option(help="a built world (demo --world: runs/demo-world/world)")] = None,
+    facts: Annotated[Path | None, typer.Option(help="a finished `lucidlm demo` (runs/demo): its questions, split "
+                                                    "and answers (knowable: right in some sample)")] = None,
+    split: Annotated[str, typer.Option(help="world: train (the demo's probe-training half of the people), eval or "
+                                            "all; facts: train, validation or test (the probe's held-out side)")
+                     ] = "train",
+    seed: Annotated[int, typer.Option(help="the world split's seed (the world demo's)")] = 0,
+    system: Annotated[str | None, typer.Option(help="facts: a system message before each question (e.g. one "
+                                                    "allowing \"I don't know\")")] = None,
+    form: Annotated[str, typer.Option(help="world: messages (the template renders them at RL time), text (rendered "
+                                           "now, the template's trailing space left to the answer as the corpus "
+                                           "tokenizes it; needs --model) or prefix (+ the demo's forced opening)")
+                    ] = "messages",
+    model: Annotated[Path | None, typer.Option(help="world, form text/prefix: the model whose tokenizer renders "
+                                                    "the question")] = None,
+) -> None:
+    """Write RL prompts (+ meta for the verifiable reward) for one side of an entity split, so RL trains on some
+    entities and ``rl-eval`` measures on the others: the world's people ("Tell me about X.") or the real-model
+    demo's one-claim facts questions."""
+    from .rl_prompts import demo_facts_rl_prompts, world_rl_prompts, write_prompts_jsonl
+
+    if (world is None) == (facts is None):
+        raise typer.BadParameter("give one of --world DIR or --facts DEMO_DIR")
+    if system is not None and facts is None:
+        raise typer.BadParameter("--system is for --facts prompts")
+    if (form != "messages") != (model is not None) or (model is not None and world is None):
+        raise typer.BadParameter("--form text/prefix (world prompts) renders the chat template: give --model, and "
+                                 "--model only with them")
+    tokenizer = _tokenizer_of(model) if model is not None else None
+    prompts = (world_rl_prompts(world, split, seed, form, tokenizer) if world
+               else demo_facts_rl_prompts(facts, split, system))
     write_prompts_jsonl(out, prompts)
     typer.echo(json.dumps({"prompts": len(prompts), "unknowable": sum(not p.meta["knowable"] for p in prompts),
                            "out": str(out)}))

@@ -129,13 +129,20 @@ def probe_stage(cache: Cache, config: DemoConfig, lm, rows: list[dict]) -> tuple
     return cache.out / "probe" / "probe", read_json(cache.out / "probe" / "benchmark.json")
 
 
+def demo_splits(rows: list[dict], config: DemoConfig) -> dict[str, set]:
+    """The demo's entity split ("train", "validation", "test" -> entities) of its answer rows with claims."""
+    from ..facts.splits import split_entities
+
+    return split_entities([r for r in rows if r["annotations"]], config.seed, config.split)
+
+
 def _split_rows(rows: list[dict], config: DemoConfig) -> dict[str, list[dict]]:
     """{"train", "val", "test"} -> annotated answers; an entity's answers of every type land on one side (a
     country's capital and profile answers alike)."""
-    from ..facts.splits import rows_in, split_entities
+    from ..facts.splits import rows_in
 
     annotated = [r for r in rows if r["annotations"]]
-    splits = split_entities(annotated, config.seed, config.split)
+    splits = demo_splits(rows, config)
     return {name: rows_in(annotated, splits[key]) for name, key in (("train", "train"), ("val", "validation"),
                                                                     ("test", "test"))}
 

@@ -73,11 +73,12 @@ def world_rl_prompts(world: str | Path, split: str = "train", seed: int = 0, for
 
 def facts_rl_prompts(questions: list[dict], unknowable: set[str], split: str = "train", seed: int = 0,
                      fractions: tuple[float, float, float] = (0.5, 0.15, 0.35),
-                     splits: dict[str, set] | None = None) -> list[RLPrompt]:
+                     splits: dict[str, set] | None = None, system: str | None = None) -> list[RLPrompt]:
     """The questions whose entity is on ``split``'s side ("train", "validation", "test") of
     ``split_entities(questions, seed, fractions)`` — or of ``splits`` when given (e.g. the demo's split of its
     answer rows, to keep the probe's test entities held out); a question in ``unknowable`` (ids) gets
-    ``knowable`` False."""
+    ``knowable`` False. ``system``: a system message before each question (e.g. one that allows "I don't
+    know": a model that never abstains gives RL no abstention to reinforce)."""
     if split not in SPLITS:
         raise ValueError(f"facts split must be one of {SPLITS}, got {split!r}")
     unknown = sorted({q.get("type") for q in questions} - set(TYPES), key=str)
@@ -93,8 +94,32 @@ def facts_rl_prompts(questions: list[dict], unknowable: set[str], split: str = "
         meta = {"source": "facts", "id": q["id"], "type": q["type"], "entity": q["entity"], "truth": q["truth"],
                 "aliases": q.get("aliases", []), "knowable": q["id"] not in unknowable,
                 "max_new_tokens": TYPES[q["type"]].max_new_tokens, "stop": stops_for(q["type"])}
-        out.append(RLPrompt(messages=({"role": "user", "content": q["question"]},), meta=meta))
+        head = ({"role": "system", "content": system},) if system else ()
+        out.append(RLPrompt(messages=(*head, {"role": "user", "content": q["question"]}), meta=meta))
     return out
+
+
+def demo_facts_rl_prompts(demo: str | Path, split: str = "train", system: str | None = None,
+                          types: tuple[str, ...] | None = None) -> list[RLPrompt]:
+    """``facts_rl_prompts`` for a finished ``lucidlm demo`` (its questions/ and answers/): the demo's entity split
+    of its answers (so "test" is the probe's held-out side), ``knowable`` False for the questions the demo's model
+    got wrong in every sample (rl_metrics.knowledge_sets). ``types``: default the one-claim types."""
+    from .demo import DemoConfig, demo_splits
+    from .rl_metrics import knowledge_sets
+
+    demo = Path(demo)
+    questions_file, answers_file = demo / "questions" / "questions.jsonl", demo / "answers" / "answers.jsonl"
+    if not (questions_file.is_file() and answers_file.is_file()):
+        raise FileNotFoundError(f"{demo}: no finished demo (questions/ and answers/); run `lucidlm demo` first")
+    types = types or tuple(name for name, t in TYPES.items() if not t.long_form)
+    unknown = sorted(set(types) - set(TYPES))
+    if unknown:
+        raise ValueError(f"unknown question types {unknown}; known: {sorted(TYPES)}")
+    questions = [q for q in read_jsonl(questions_file) if q["type"] in types]
+    answers = read_jsonl(answers_file)
+    unknowable = knowledge_sets([r for r in answers if r["type"] in types])["unknowable"]
+    splits = demo_splits(answers, DemoConfig())  # over all its answers, as the demo split them
+    return facts_rl_prompts(questions, unknowable, split, splits=splits, system=system)
 
 
 def prompt_row(prompt: RLPrompt) -> dict:
