@@ -100,3 +100,44 @@ def test_facts_prompts_split_entities_and_ask_as_the_demo(tmp_path):
     assert set(read_jsonl(path)[0]) == {"messages", "meta"}
     with pytest.raises(ValueError, match="unknown question types"):
         facts_rl_prompts([{"type": "nope"}], set())
+
+
+def test_demo_facts_prompts_take_the_demos_split_and_knowledge(tmp_path):
+    from typer.testing import CliRunner
+
+    from lucidlm.apps.cli import app
+    from lucidlm.jsonl import write_jsonl
+
+    questions = build_questions(0, {"country_capital": 20, "country_profile": 20, "element_symbol": 10},
+                                ["country_capital", "country_profile", "element_symbol"])
+    answers = []  # two samples each; a question is right in sample 0 when its index is even, never when it is odd
+    for i, q in enumerate(questions):
+        for sample in (0, 1):
+            label = "Supported" if i % 2 == 0 and sample == 0 else "Not Supported"
+            answers.append({"id": q["id"], "type": q["type"], "entity": q["entity"], "sample": sample,
+                            "annotations": [{"span": "x", "label": label, "index": 0}]})
+    for part in ("questions", "answers"):
+        (tmp_path / "demo" / part).mkdir(parents=True)
+    write_jsonl(tmp_path / "demo" / "questions" / "questions.jsonl", questions)
+    write_jsonl(tmp_path / "demo" / "answers" / "answers.jsonl", answers)
+    from lucidlm.apps.rl_prompts import demo_facts_rl_prompts
+
+    test = demo_facts_rl_prompts(tmp_path / "demo", "test", system="Say I don't know if unsure.")
+    assert {p.meta["entity"] for p in test} == {q["entity"] for q in questions if q["type"] != "country_profile"
+                                                and q["entity"] in split_entities(answers, 0)["test"]}
+    assert {p.meta["type"] for p in test} <= {"country_capital", "element_symbol"}  # long-form left out
+    wrong = {q["id"] for i, q in enumerate(questions) if i % 2}
+    assert all(p.meta["knowable"] is (p.meta["id"] not in wrong) for p in test)
+    assert all(p.messages[0] == {"role": "system", "content": "Say I don't know if unsure."} for p in test)
+    runner = CliRunner()
+    result = runner.invoke(app, ["rl-prompts", "--facts", str(tmp_path / "demo"), "--split", "test",
+                                 "--out", str(tmp_path / "p.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert [p.meta["id"] for p in read_prompts_jsonl(tmp_path / "p.jsonl")] == [p.meta["id"] for p in test]
+    both = runner.invoke(app, ["rl-prompts", "--facts", str(tmp_path / "demo"), "--world", str(tmp_path),
+                               "--out", str(tmp_path / "q.jsonl")])
+    assert both.exit_code != 0 and "one of --world DIR or --facts" in both.output
+    form = runner.invoke(app, ["rl-prompts", "--world", str(tmp_path), "--form", "text", "--out", "q.jsonl"])
+    assert form.exit_code != 0 and "give --model" in form.output
+    with pytest.raises(FileNotFoundError, match="no finished demo"):
+        demo_facts_rl_prompts(tmp_path / "nothing")
