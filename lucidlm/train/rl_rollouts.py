@@ -78,13 +78,19 @@ def read_prompts(files: Sequence[str | Path]) -> list[RLPrompt]:
 
 def encode_prompt(prompt: RLPrompt, tokenizer: Tokenizer | None) -> list[int]:
     """Token ids: chat messages through the tokenizer's chat template (with the assistant's generation prompt),
-    a text prompt as it is."""
+    a text prompt as it is.
+
+    The prompt boundary: a template whose generation prompt ends in a space ("A: ") would end the prompt in a lone
+    space token, where a byte-level BPE writes that space into the answer's first word (" I"): the model never
+    saw the space alone there, in its corpus or in SFT/DPO's rendering of the same conversation (which tokenizes
+    the whole turn). The trailing spaces are left to the answer, as the corpus writes them."""
     if tokenizer is None:
         raise ValueError("RL prompts are text: the model needs a tokenizer")
     if prompt.messages:
         if tokenizer.chat_template is None:
             raise ValueError("'messages' prompts need a chat template; the tokenizer has none")
-        return tokenizer.apply_chat_template(list(prompt.messages), add_generation_prompt=True, tokenize=True)
+        head = tokenizer.apply_chat_template(list(prompt.messages), add_generation_prompt=True)
+        return tokenizer.encode(head.rstrip(" "), add_special_tokens=False)
     return tokenizer.encode(prompt.text)
 
 

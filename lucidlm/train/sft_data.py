@@ -120,7 +120,10 @@ class ChatFormatter:
                                 "so its assistant turns cannot be located")
             spans.append((len(start), len(through)))
         enc = self.tokenizer.backend.encode(full, add_special_tokens=False)
-        labels = [t if any(s <= a < e for s, e in spans) else IGNORE_INDEX for t, (a, _) in zip(enc.ids, enc.offsets)]
+        # a token is the answer's when it overlaps an assistant span: after a template ending in "A: " the answer's
+        # first token is " Gideon", starting on the template's space
+        labels = [t if any(a < e and b > s for s, e in spans) else IGNORE_INDEX
+                  for t, (a, b) in zip(enc.ids, enc.offsets)]
         first = next((i for i, y in enumerate(labels) if y != IGNORE_INDEX), len(labels))
         return self._cut(Example(list(enc.ids), labels, first))
 
