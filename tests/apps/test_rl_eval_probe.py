@@ -125,6 +125,8 @@ def test_real_generations_read_back_as_the_engines_text(world, tmp_path):
     saved_probe(lm, tmp_path / "probe", layer=0)
     prompts = [RLPrompt(text="Who is " + p.meta["name"] + "?\nA:", meta=p.meta | {"stop": ["."]})
                for p in world_rl_prompts(world, "all")[:4]]
+    pieces = lm.encode("aé", False) + [lm.tokenizer.eos_token_id]  # é: two bytes, one character; EOS: no text
+    assert token_offsets(lm.tokenizer, pieces) == ([(0, 1), (1, 2), (1, 2), (2, 2)], "aé")
     answers = rl_eval.sampled_rollouts(lm, prompts, 2, 12)
     for rollout, _ in answers:  # random bytes: partial UTF-8 characters, stop strings cut mid-token
         offsets, text = token_offsets(lm.tokenizer, rollout.token_ids)
