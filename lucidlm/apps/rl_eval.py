@@ -95,10 +95,10 @@ def evaluate(lm: Any, prompts: list[RLPrompt], grader: str, samples: int = 3, ma
 
 def metric_cell(m: dict | None) -> str:
     """value [95% CI], a count alone, or "—" (not measured in this run, nothing to measure, or undefined)."""
+    if m is not None and "lo" not in m:  # a count
+        return str(int(m["value"]))
     if m is None or m["n"] == 0 or m["value"] != m["value"]:  # NaN: e.g. an AUROC over one class
         return "—"
-    if "lo" not in m:
-        return str(int(m["value"]))
     return f"{m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]"
 
 

@@ -115,7 +115,9 @@ def test_span_scores_are_the_probe_on_the_completions_own_tokens(world, tmp_path
         assert m["lo"] <= m["value"] <= m["hi"]
         assert (m["n"], m["positives"], m["entities"]) == (len(labels), sum(labels), len(set(groups)))
     assert metrics["probe_spans"]["value"] == len(labels) and metrics["probe_unscored"]["value"] == 0
-    assert "| probe_auroc | " in metrics_table({"after": metrics})
+    table = metrics_table({"before": {k: v for k, v in metrics.items() if "probe" not in k}, "after": metrics})
+    assert f"| probe_auroc | — | {metrics['probe_auroc']['value']:.3f} [" in table  # the run without a probe: —
+    assert "| probe_unscored | — | 0 |" in table
     again = rl_eval.probe_metrics(json.loads(json.dumps(rows)))  # the rows written recompute the table
     assert json.dumps(again) == json.dumps({k: metrics[k] for k in again})
 
