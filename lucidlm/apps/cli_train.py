@@ -185,16 +185,19 @@ def rl_eval(
     known_from: Annotated[Path | None, typer.Option(help="the base model's rows (an earlier rl-eval --out): "
                                                          "which entities it knew")] = None,
     adapter: Annotated[Path | None, typer.Option(help="a PEFT adapter on --model (a LoRA RL run's)")] = None,
+    probe: Annotated[Path | None, typer.Option(help="a probe trained for this model (the base): its span-max AUROC "
+                                                    "on the answers' claims, beside the token NLL's")] = None,
 ) -> None:
     """Supported-claim rate, claims per answer, no-claim rate, abstention on unknowable and on known entities (95%
-    bootstrap intervals over entities) of greedy + sampled answers, graded against the ground truth."""
+    bootstrap intervals over entities) of greedy + sampled answers, graded against the ground truth; with --probe,
+    the probe's AUROC on the model's own tokens."""
     from ..api import load
     from ..jsonl import write_json
     from ..train.rl_rollouts import read_prompts
     from .rl_eval import evaluate, metrics_table
 
     rows, metrics = evaluate(load(model, adapter=adapter, compile="off"), read_prompts([prompts]), grader, samples,
-                             max_new_tokens, known_from)
+                             max_new_tokens, known_from, probe=probe)
     write_json(out, rows)
     typer.echo(metrics_table({str(model): metrics}) + f"\n\n{metrics['answers']} answers; rows: {out}")
 

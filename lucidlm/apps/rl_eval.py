@@ -5,6 +5,8 @@ graded against the ground truth (``rl_rewards``' gradings: the world's labeler, 
 ``rl_metrics.hallucination_metrics``: supported-claim rate, claims per answer, no-claim rate, abstention on entities
 the model cannot know and on entities it knew. "Known" must come from the model BEFORE training (``known_from``: the
 rows an earlier ``rl-eval`` of the base model wrote); without it the rows at hand define it (the before run).
+With ``probe`` (a probe trained for the base model), each claim span is also scored by the probe on the model's own
+tokens and the probe's span-max AUROC reported beside the NLL baseline's (``rl_probe_eval.py``).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from ..jsonl import read_json
 from ..train.rewards import RLPrompt, Rollout
 from ..train.rl_rollouts import encode_prompt, prompt_options
 from .rl_metrics import hallucination_metrics, knowledge_sets, world_unknowable
+from .rl_probe_eval import attach_eval_probe, probe_metrics, probe_spans
 from .rl_rewards import FactsGrading, Grading, WorldGrading, graded_row
 
-METRICS = ("supported_rate", "claims_per_answer", "no_claim_rate", "abstention_unknowable", "abstention_known")
+METRICS = ("supported_rate", "claims_per_answer", "no_claim_rate", "abstention_unknowable", "abstention_known",
+           "probe_auroc", "nll_auroc", "probe_spans", "probe_positives", "probe_unscored")
 
 
 def grading_for(spec: str) -> tuple[Grading, set[str] | None]:
@@ -62,39 +66,50 @@ def sampled_rollouts(lm: Any, prompts: list[RLPrompt], samples: int, max_new_tok
     return out
 
 
-def answer_rows(lm: Any, prompts: list[RLPrompt], grading: Grading, samples: int, max_new_tokens: int,
-                seed: int = 0) -> list[dict]:
-    """Graded rows (``rl_rewards.graded_row`` + "kind": greedy | sample) of ``sampled_rollouts``."""
-    return [graded_row(grading, rollout) | {"kind": kind}
-            for rollout, kind in sampled_rollouts(lm, prompts, samples, max_new_tokens, seed)]
-
-
 def evaluate(lm: Any, prompts: list[RLPrompt], grader: str, samples: int = 3, max_new_tokens: int = 48,
-             known_from: str | Path | None = None, seed: int = 0) -> tuple[list[dict], dict]:
+             known_from: str | Path | None = None, seed: int = 0,
+             probe: str | Path | None = None) -> tuple[list[dict], dict]:
     """(graded rows, metrics). Unknowable: the world's never-mentioned people, or the prompts whose meta says
-    knowable = false (facts); known: from ``known_from``'s rows (the base model's), else these."""
+    knowable = false (facts); known: from ``known_from``'s rows (the base model's), else these. ``probe``: a probe
+    directory, attached (and refused if made for another model) before any answer; each row then holds
+    "probe_spans" and the metrics the probe's and the NLL's span-max AUROC (rl_probe_eval.py)."""
     if not prompts:
         raise ValueError("no prompts to evaluate")
     if samples < 0 or max_new_tokens < 1:
         raise ValueError(f"samples must be >= 0 and max_new_tokens >= 1, got {samples} and {max_new_tokens}")
     grading, unknowable = grading_for(grader)
     before = read_json(known_from) if known_from is not None else None  # read first: a bad file fails before work
-    rows = answer_rows(lm, prompts, grading, samples, max_new_tokens, seed)
+    attached = attach_eval_probe(lm, probe) if probe is not None else None
+    answers = sampled_rollouts(lm, prompts, samples, max_new_tokens, seed)
+    rows = [graded_row(grading, rollout) | {"kind": kind} for rollout, kind in answers]
+    if attached is not None:
+        scored = probe_spans(lm, attached, [r for r, _ in answers], rows, grading)
+        rows = [row | {"probe_spans": spans} for row, spans in zip(rows, scored)]
     if unknowable is None:
         unknowable = {str(r["id"]) for r in rows if not r["knowable"]}
     reference = before if before is not None else rows
     known = knowledge_sets([r for r in reference if r["knowable"]])["known"]
-    return rows, hallucination_metrics(rows, unknowable, known)
+    metrics = hallucination_metrics(rows, unknowable, known)
+    return rows, metrics | (probe_metrics(rows) if attached is not None else {})
+
+
+def metric_cell(m: dict | None) -> str:
+    """value [95% CI], a count alone, or "—" (not measured in this run, nothing to measure, or undefined)."""
+    if m is not None and "lo" not in m:  # a count
+        return str(int(m["value"]))
+    if m is None or m["n"] == 0 or m["value"] != m["value"]:  # NaN: e.g. an AUROC over one class
+        return "—"
+    return f"{m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]"
 
 
 def metrics_table(named: dict[str, dict]) -> str:
-    """Markdown: one row per metric, one column per named run (value [95% CI])."""
+    """Markdown: one row per metric, one column per named run (value [95% CI]; "—" where a run lacks it). The
+    probe's rows only when some run has them: a table without a probe reads as before."""
     names = list(named)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for metric in METRICS:
-        cells = []
-        for name in names:
-            m = named[name][metric]
-            cells.append("—" if m["n"] == 0 else f"{m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]")
+        if not any(metric in named[name] for name in names):
+            continue  # a row no run measured (no run had a probe)
+        cells = [metric_cell(named[name].get(metric)) for name in names]
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -114,6 +114,12 @@ class WorldGrading:
         answer = (meta.get("prefix", "") + text).split("\n")[0].strip()
         return answer, annotate(person, answer)
 
+    @staticmethod
+    def answer_offset(meta: dict[str, Any], text: str) -> int:
+        """Where ``grade``'s answer starts in ``text``: answer[i] is text[i + offset] (negative inside the prefix)."""
+        full = meta.get("prefix", "") + text
+        return len(full) - len(full.lstrip()) - len(meta.get("prefix", ""))
+
 
 class FactsGrading:
     """Grades an answer to a facts question (facts/grader.py), the question read from the prompt's meta."""
@@ -126,6 +132,11 @@ class FactsGrading:
         question = {k: meta[k] for k in ("type", "entity", "truth")} | {"aliases": meta.get("aliases", [])}
         answer = text.strip()
         return answer, grade(question, answer)
+
+    @staticmethod
+    def answer_offset(meta: dict[str, Any], text: str) -> int:
+        """Where ``grade``'s answer starts in ``text``: answer[i] is text[i + offset]."""
+        return len(text) - len(text.lstrip())
 
 
 Grading = WorldGrading | FactsGrading

@@ -77,14 +77,13 @@ def render(tokenizer: Tokenizer, conversation: list[dict]) -> tuple[str, int]:
     return full, len(head)
 
 
-def label_row(row: dict, tokenizer: Tokenizer, stats: LabelStats | None = None,
-              max_len: int | None = None) -> LabeledExample:
-    """max_len: keep the first max_len tokens (the model's context), counted in ``stats``."""
+def span_ranges(content: str, annotations: list[dict], start: int = 0,
+                stats: LabelStats | None = None) -> tuple[list[tuple[int, int]], list[int]]:
+    """(character ranges shifted by ``start``, labels) of the annotations found in ``content``: at their ``index``
+    when the span is there, else its first occurrence; a span not in ``content`` is counted in ``stats`` and left
+    out (so a range's position is not its annotation's index once one is missing)."""
     stats = stats if stats is not None else LabelStats()
-    conversation, annotations = check_row(row)
-    full, start = render(tokenizer, conversation)
-    content = conversation[-1]["content"]
-    spans: list[tuple[int, int]] = []  # character ranges in the full text
+    spans: list[tuple[int, int]] = []
     span_labels: list[int] = []
     for a in annotations:
         at = a.get("index")
@@ -98,14 +97,14 @@ def label_row(row: dict, tokenizer: Tokenizer, stats: LabelStats | None = None,
             continue
         spans.append((start + at, start + at + len(a["span"])))
         span_labels.append(LABELS[a["label"]])
-    stats.rows += 1
-    enc = tokenizer.backend.encode(full, add_special_tokens=False)
-    ids, offsets = list(enc.ids), list(enc.offsets)
-    if max_len is not None and len(ids) > max_len:
-        ids, offsets = ids[:max_len], offsets[:max_len]
-        end = offsets[-1][1] if offsets else 0
-        stats.truncated += 1
-        stats.truncated_spans += sum(s >= end for s, _ in spans)
+    return spans, span_labels
+
+
+def token_labels(offsets: list[tuple[int, int]], spans: list[tuple[int, int]], span_labels: list[int],
+                 start: int) -> tuple[list[int], list[int]]:
+    """(labels, span ids) of tokens whose characters are ``offsets``: a token belongs to the first span its
+    characters overlap (positive if any span it overlaps is); outside every span, 0 from character ``start`` on
+    (the response) and ignored before it."""
     labels, span_ids = [], []
     for a, b in offsets:
         inside = [i for i, (s, e) in enumerate(spans) if a < e and s < b]  # character overlap
@@ -115,6 +114,25 @@ def label_row(row: dict, tokenizer: Tokenizer, stats: LabelStats | None = None,
         else:
             span_ids.append(-1)
             labels.append(0 if a >= start else IGNORE)
+    return labels, span_ids
+
+
+def label_row(row: dict, tokenizer: Tokenizer, stats: LabelStats | None = None,
+              max_len: int | None = None) -> LabeledExample:
+    """max_len: keep the first max_len tokens (the model's context), counted in ``stats``."""
+    stats = stats if stats is not None else LabelStats()
+    conversation, annotations = check_row(row)
+    full, start = render(tokenizer, conversation)
+    spans, span_labels = span_ranges(conversation[-1]["content"], annotations, start, stats)
+    stats.rows += 1
+    enc = tokenizer.backend.encode(full, add_special_tokens=False)
+    ids, offsets = list(enc.ids), list(enc.offsets)
+    if max_len is not None and len(ids) > max_len:
+        ids, offsets = ids[:max_len], offsets[:max_len]
+        end = offsets[-1][1] if offsets else 0
+        stats.truncated += 1
+        stats.truncated_spans += sum(s >= end for s, _ in spans)
+    labels, span_ids = token_labels(offsets, spans, span_labels, start)
     return LabeledExample(ids, labels, span_ids, span_labels)
 
 

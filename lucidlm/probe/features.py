@@ -46,15 +46,17 @@ class TokenFeatures:
 @torch.no_grad()
 def extract(model: nn.Module, examples: list[LabeledExample], layers: list[int], pad_id: int,
             alignments: tuple[str, ...] = ("own",), batch_size: int = 16, dtype: torch.dtype = torch.float32,
-            progress: bool | None = None) -> TokenFeatures:
-    """One forward per batch (examples sorted by length to pad little) over ``examples``."""
+            progress: bool | None = None, base_baselines: bool = True) -> TokenFeatures:
+    """One forward per batch (examples sorted by length to pad little) over ``examples``. ``base_baselines``: on
+    a model with LoRA layers, NLL and entropy from the model with its adapters off (a LoRA probe's base model);
+    False: from the model as it is (the adapter is the model being measured, e.g. a LoRA RL run's)."""
     if not examples:
         raise ValueError("no examples to extract features from")
     bad = [a for a in alignments if a not in ALIGNMENTS]
     if bad:
         raise ValueError(f"unknown alignments {bad}; choose from {list(ALIGNMENTS)}")
     device = next(model.parameters()).device
-    adapted = getattr(model, "lora_config", None) is not None
+    adapted = base_baselines and getattr(model, "lora_config", None) is not None
     model.eval()
     parts: dict[str, list] = {k: [] for k in ("labels", "span", "example", "nll", "entropy")}
     hidden: dict[str, dict[int, list]] = {a: {layer: [] for layer in layers} for a in alignments}
