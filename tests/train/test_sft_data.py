@@ -139,3 +139,25 @@ def test_resume_from_the_end_of_an_epoch(tmp_path):
     second.load_state_dict(first.state_dict())
     nxt = next(iter(second))
     assert torch.equal(nxt["input_ids"], head[0]["input_ids"])  # the next epoch starts again at row 1
+
+
+def test_a_template_ending_in_a_space_trains_the_answers_first_word(tmp_path):
+    """Byte-level BPE writes the space into the next word (" Anna"): after "A: " the answer's first token starts
+    on the template's space and must still be trained; the prompt it leaves is what RL encodes (encode_prompt)."""
+    from lucidlm.train.rewards import RLPrompt
+    from lucidlm.train.rl_rollouts import encode_prompt
+    from lucidlm.train.tokenizer_training import train_bpe_tokenizer
+
+    corpus = write(tmp_path / "c.txt", ["Q: Who bakes?\nA: Anna bakes.\nQ: Who fishes?\nA: Ben fishes."] * 50)
+    template = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n{% else %}A: "
+                "{{ m['content'] }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}A: {% endif %}")
+    tok = train_bpe_tokenizer([corpus], 300, chat_template=template)
+    assert len(tok.encode(" Anna")) == 1  # the space merged into the word
+    question = [{"role": "user", "content": "Who bakes?"}]
+    row = {"messages": question + [{"role": "assistant", "content": "Anna bakes."}]}
+    batch = next(iter(SFTDataset([write(tmp_path / "a.jsonl", [row])], tok, 512, 1, 1)))
+    assert trained_text(tok, batch) == " Anna bakes.\n"
+    keep = (batch["labels"][0] != -100).tolist()
+    prompt = batch["input_ids"][0][:keep.index(True)].tolist()
+    assert prompt == encode_prompt(RLPrompt(messages=tuple(question)), tok)
+    assert tok.decode(prompt) == "Q: Who bakes?\nA:"
