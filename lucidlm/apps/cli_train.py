@@ -169,6 +169,17 @@ def rl_prompts(
                            "out": str(out)}))
 
 
+def rl_compare(
+    rows: Annotated[list[Path], typer.Argument(help="rl-eval --out rows files, the base model's first")],
+    grader: Annotated[str, typer.Option(help="world:WORLD_DIR or facts (as the rows were graded)")],
+    known_from: Annotated[Path | None, typer.Option(help="the base model's rows (default: the first file)")] = None,
+) -> None:
+    """The before/after table of saved rl-eval rows: one column per file, the entities "known" from the base's."""
+    from .rl_eval import compare
+
+    typer.echo(compare(rows, grader, known_from))
+
+
 def _rl_pairs(run) -> None:
     from .rl_pairs import run_rl_pairs
 
@@ -281,6 +292,7 @@ def register(app: typer.Typer) -> None:
         "Example: lucidlm rl --algo grpo --model sft/ --prompts prompts.jsonl --reward model:rm/ --lora "
         "--rl.group-size 8 --train.max-steps 200 --out rl-adapter/"))
     app.command("rl-prompts")(rl_prompts)
+    app.command("rl-compare")(rl_compare)
     app.command("rl-eval")(rl_eval)
     app.command("rl-pairs")(config_command(
         RLPairsRun, _rl_pairs,

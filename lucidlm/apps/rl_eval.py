@@ -85,12 +85,32 @@ def evaluate(lm: Any, prompts: list[RLPrompt], grader: str, samples: int = 3, ma
     if attached is not None:
         scored = probe_spans(lm, attached, [r for r, _ in answers], rows, grading)
         rows = [row | {"probe_spans": spans} for row, spans in zip(rows, scored)]
+    return rows, rows_metrics(rows, unknowable, before)
+
+
+def rows_metrics(rows: list[dict], unknowable: set[str] | None, before: list[dict] | None = None) -> dict:
+    """The metrics of graded rows (``evaluate``'s, or as saved): unknowable None = the rows' knowable flags; known
+    from ``before``'s rows (the base model's), else these; the probe's rows when the rows hold probe spans."""
     if unknowable is None:
         unknowable = {str(r["id"]) for r in rows if not r["knowable"]}
     reference = before if before is not None else rows
     known = knowledge_sets([r for r in reference if r["knowable"]])["known"]
     metrics = hallucination_metrics(rows, unknowable, known)
-    return rows, metrics | (probe_metrics(rows) if attached is not None else {})
+    return metrics | (probe_metrics(rows) if rows and all("probe_spans" in r for r in rows) else {})
+
+
+def compare(files: list[str | Path], grader: str, known_from: str | Path | None = None) -> str:
+    """The markdown table of saved ``rl-eval --out`` rows, one column per file (named by its stem), "known" from
+    ``known_from`` (default: the first file's rows, the base model's)."""
+    if not files:
+        raise ValueError("no rows files to compare")
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"rows files not found: {missing}")
+    _, unknowable = grading_for(grader)
+    runs = {Path(f).stem: read_json(f) for f in files}
+    before = read_json(known_from) if known_from is not None else next(iter(runs.values()))
+    return metrics_table({name: rows_metrics(rows, unknowable, before) for name, rows in runs.items()})
 
 
 def metric_cell(m: dict | None) -> str:

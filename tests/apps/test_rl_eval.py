@@ -10,10 +10,10 @@ from tiny_lm import tiny_lm
 from typer.testing import CliRunner
 
 from lucidlm.apps.cli import app
-from lucidlm.apps.rl_eval import evaluate, grading_for, metrics_table
+from lucidlm.apps.rl_eval import compare, evaluate, grading_for, metrics_table, rows_metrics
 from lucidlm.apps.rl_metrics import hallucination_metrics, knowledge_sets, world_unknowable
 from lucidlm.apps.rl_prompts import world_rl_prompts
-from lucidlm.jsonl import write_json
+from lucidlm.jsonl import read_json, write_json
 from lucidlm.train.rewards import RLPrompt
 from lucidlm.world.build import WorldConfig, build_world
 
@@ -49,6 +49,15 @@ def test_rows_are_the_engines_answers_graded_and_the_metrics_theirs(world, tmp_p
     knowable = {r["id"] for r in rows if r["knowable"]}
     assert after["abstention_known"]["entities"] == len(knowable)
     assert "| supported_rate |" in metrics_table({"before": metrics, "after": after})
+
+    saved = tmp_path / "after.json"  # rl-compare: the same table from the saved rows
+    write_json(saved, rows)
+    assert compare([before, saved], f"world:{world}") == metrics_table({"before": rows_metrics(
+        read_json(before), unknowable), "after": after})
+    result = CliRunner().invoke(app, ["rl-compare", str(before), str(saved), "--grader", f"world:{world}"])
+    assert result.exit_code == 0 and result.output.strip() == compare([before, saved], f"world:{world}")
+    with pytest.raises(FileNotFoundError, match="rows files not found"):
+        compare([tmp_path / "nope.json"], f"world:{world}")
 
 
 def test_the_cli_writes_prompts_and_rows(world, tmp_path):
