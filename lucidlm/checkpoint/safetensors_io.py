@@ -145,3 +145,24 @@ def write_safetensors(
         if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", old.name) and old.name not in names:
             old.unlink()
     return [directory / n for n in names]
+
+
+def read_small_tensors(directory: str | Path, name: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The tensors of a small head file in ``directory`` (a probe's, a reward model's) when they are exactly
+    ``shapes`` and finite: the file resolved inside the directory (no link out of it), read without unpickling.
+    CheckpointError naming the file and what is wrong."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = checkpoint_file(directory, name)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != shapes:
+        raise CheckpointError(f"{path}: expected tensors {shapes}, got {got}")
+    bad = [k for k, v in state.items() if not torch.isfinite(v.float()).all()]
+    if bad:
+        raise CheckpointError(f"{path}: {', '.join(bad)} hold NaN or inf")
+    return state

@@ -36,10 +36,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..atomic_io import atomic_write
+from ..checkpoint.errors import CheckpointError
+from ..checkpoint.safetensors_io import read_small_tensors
 from ..jsonl import read_json, write_json
 from ..model.identity import config_differs, model_identity, same_fingerprint
 
@@ -199,22 +201,16 @@ def load_probe(directory: str | Path) -> tuple[ProbeHead, ProbeConfig]:
         config = ProbeConfig(**data)
     except (TypeError, ValueError) as e:
         raise ProbeError(f"{path}: {e}") from None
-    return _read_head(directory / HEAD_FILE, config.hidden_size), config
+    return _read_head(directory, config.hidden_size), config
 
 
-def _read_head(path: Path, hidden_size: int) -> ProbeHead:
-    from safetensors import SafetensorError
-
-    if not path.is_file():
-        raise ProbeError(f"{path}: missing (a probe directory holds {CONFIG_FILE} and {HEAD_FILE})")
+def _read_head(directory: Path, hidden_size: int) -> ProbeHead:
+    if not (directory / HEAD_FILE).is_file():
+        raise ProbeError(f"{directory / HEAD_FILE}: missing (a probe directory holds {CONFIG_FILE} and {HEAD_FILE})")
     try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise ProbeError(f"{path}: not a readable safetensors file ({e})") from None
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    if shapes != {"linear.weight": (1, hidden_size), "linear.bias": (1,)}:
-        raise ProbeError(f"{path}: expected linear.weight (1, {hidden_size}) and linear.bias (1,), got {shapes}")
-    _check_finite(state, path)
+        state = read_small_tensors(directory, HEAD_FILE, {"linear.weight": (1, hidden_size), "linear.bias": (1,)})
+    except CheckpointError as e:
+        raise ProbeError(f"probe head {e}; retrain it (diverged: a lower learning rate, a larger l2)") from None
     head = ProbeHead(hidden_size)
     head.load_state_dict(state)
     return head.eval()

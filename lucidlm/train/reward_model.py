@@ -26,10 +26,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..atomic_io import atomic_write
+from ..checkpoint.errors import CheckpointError
+from ..checkpoint.safetensors_io import read_small_tensors
 from ..jsonl import DataError, read_json, write_json
 from ..model.identity import config_differs, model_identity, same_fingerprint
 from ..model.transformer import Transformer
@@ -235,7 +237,7 @@ def load_reward_model(directory: str | Path, base: Transformer, family=None) -> 
     if config_differs(config.model_identity, mine) or not same_fingerprint(config.model_identity, mine):
         raise RewardModelError(f"{where}: made for another base model (its config hash or embedding fingerprint "
                                f"differs from this one's); load {config.base_model or 'the model it was trained on'}")
-    head = _read_head(directory / HEAD_FILE, config.hidden_size)
+    head = _read_head(directory, config.hidden_size)
     if config.has_adapter:
         from ..checkpoint.peft_adapter import load_adapter
 
@@ -247,27 +249,21 @@ def fill_reward_model(model: RewardModel, directory: str | Path, family=None) ->
     """Load a checkpoint's head (and LoRA weights) into a reward model of the same layout (the trainer's resume)."""
     directory = Path(directory)
     with torch.no_grad():
-        model.head.weight.copy_(_read_head(directory / HEAD_FILE, model.config.dim).weight)
+        model.head.weight.copy_(_read_head(directory, model.config.dim).weight)
     if getattr(model.base, "lora_config", None) is not None:
         from ..checkpoint.peft_adapter import fill_adapter
 
         fill_adapter(model.base, family, directory)
 
 
-def _read_head(path: Path, dim: int) -> nn.Linear:
-    from safetensors import SafetensorError
-
-    if not path.is_file():
-        raise RewardModelError(f"{path}: missing (a reward model directory holds {CONFIG_FILE} and {HEAD_FILE})")
+def _read_head(directory: Path, dim: int) -> nn.Linear:
+    if not (directory / HEAD_FILE).is_file():
+        raise RewardModelError(f"{directory / HEAD_FILE}: missing (a reward model directory holds {CONFIG_FILE} and "
+                               f"{HEAD_FILE})")
     try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise RewardModelError(f"{path}: not a readable safetensors file ({e})") from None
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    if shapes != {"weight": (1, dim)}:
-        raise RewardModelError(f"{path}: expected one tensor 'weight' of shape (1, {dim}), got {shapes}")
-    if not torch.isfinite(state["weight"].float()).all():
-        raise RewardModelError(f"{path}: the reward head holds NaN or inf")
+        state = read_small_tensors(directory, HEAD_FILE, {"weight": (1, dim)})
+    except CheckpointError as e:
+        raise RewardModelError(f"reward head {e}") from None
     head = nn.Linear(dim, 1, bias=False)
     head.load_state_dict(state)
     return head

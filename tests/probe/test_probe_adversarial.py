@@ -111,7 +111,7 @@ def test_a_non_finite_head_is_refused_by_name(made, tmp_path, poison):
     head = {"linear.weight": torch.full((1, 256), poison), "linear.bias": torch.zeros(1)}
     save_file(head, str(probe / HEAD_FILE))
     code, err = _eval(made, probe)
-    assert code == 2 and "probe_head.safetensors: probe head has non-finite weights (linear.weight" in err
+    assert code == 2 and "probe_head.safetensors: linear.weight hold NaN or inf" in err
     with pytest.raises(ProbeError, match="non-finite"):  # nor is such a head saved
         from lucidlm.probe.probe import ProbeHead
 
@@ -121,11 +121,21 @@ def test_a_non_finite_head_is_refused_by_name(made, tmp_path, poison):
     assert not (tmp_path / "q").exists()
 
 
+def test_a_head_linked_out_of_its_directory_is_refused(made, tmp_path):
+    probe = _copy_probe(made, tmp_path / "p")
+    outside = tmp_path / "elsewhere.safetensors"
+    (probe / HEAD_FILE).rename(outside)
+    (probe / HEAD_FILE).symlink_to(outside)
+    code, err = _eval(made, probe)
+    assert code == 2 and "outside" in err and "probe_head.safetensors" in err
+
+
 def test_a_head_of_the_wrong_shape_names_the_file(made, tmp_path):
     probe = _copy_probe(made, tmp_path / "p")
     save_file({"linear.weight": torch.zeros(1, 256), "extra": torch.zeros(3)}, str(probe / HEAD_FILE))
     code, err = _eval(made, probe)
-    assert code == 2 and "probe_head.safetensors: expected linear.weight (1, 256) and linear.bias (1,)" in err
+    assert code == 2 and "probe_head.safetensors: expected tensors {'linear.weight': (1, 256), 'linear.bias': (1,)}" \
+        in err
 
 
 def test_a_probe_refuses_another_model_of_the_same_shape(made):
