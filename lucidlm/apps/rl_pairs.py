@@ -82,7 +82,9 @@ def check_prompt_tokens(prompts: list[RLPrompt], tokenizer: Any) -> None:
     (``encode_prompt``): the template rendered prefix by prefix, no merge across the start of the answer."""
     formatter = ChatFormatter(tokenizer, max_len=1 << 30)
     for i, prompt in enumerate(prompts):
-        example = formatter.pair(dpo_prompt(prompt, tokenizer), "")
+        # a one-word answer: an empty one has no token for the answer's span to start at (after "A: " the
+        # answer's first token carries the template's space)
+        example = formatter.pair(dpo_prompt(prompt, tokenizer), "I")
         if example.input_ids[: example.prefix_len] != encode_prompt(prompt, tokenizer):
             raise ValueError(f"prompt {i} ({prompt.meta.get('id')!r}): DPO would tokenize it differently from RL "
                              "(the chat template's rendering or a merge across the answer's start)")
