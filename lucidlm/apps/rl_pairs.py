@@ -1,4 +1,5 @@
-"""DPO on pairs built from the same labels as the RL reward: ``lucidlm rl-pairs``.
+"""DPO pairs (and R-Tuning SFT rows, ``--kind sft``) built from the same labels as the RL reward:
+``lucidlm rl-pairs``.
 
 Each RL prompt is answered by ``samples`` sampled responses from the engine (``rl_eval.sampled_rollouts``, the path
 ``rl-eval`` answers by), each graded against the ground truth (``rl_rewards.graded_row``) and scored as ``lucidlm
@@ -14,6 +15,10 @@ without a chat template: DPO would wrap it in the template again. DPO re-encodes
 as the template closes an assistant turn; the summary counts the pairs whose text re-encodes to other tokens than
 were sampled (``retokenized``) and those where a response the model ended with EOS ends otherwise in DPO
 (``end_differs``: a template whose turns end without EOS, e.g. the world's Q:/A: one, which ends them with "\\n").
+
+``--kind sft`` writes ``lucidlm sft --data`` rows instead (``build_sft_rows``): the abstention for the prompts whose
+entity the model cannot know, its own best supported answer for the others: a model that never abstains (the
+real model) learns when to, and RL then has abstentions to reinforce.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from ..train.rewards import RLPrompt, Rollout
 from ..train.rl_rollouts import encode_prompt
 from ..train.sft_data import ChatFormatter
 from .rl_eval import grading_for, sampled_rollouts
-from .rl_rewards import Grading, VerifiableRewardConfig, graded_row, verifiable_score
+from .rl_rewards import Grading, VerifiableRewardConfig, graded_row, knowable, verifiable_score
 
 
 @dataclass
@@ -44,6 +49,10 @@ class RLPairsRun:
     max_new_tokens: int = opt(48, "tokens per answer at most")
     verifiable: VerifiableRewardConfig = opt(factory=VerifiableRewardConfig, help="points per claim and abstention "
                                              "(as lucidlm rl's --verifiable.*)")
+    kind: str = opt("dpo", "dpo: best vs worst pairs; sft: R-Tuning's refusal-aware SFT rows - the abstention on an "
+                           "entity the model cannot know (meta knowable false), its best answer with a supported "
+                           "claim on the others (none: left out)")
+    abstention: str = opt("I don't know.", "sft: the answer written for an entity the model cannot know")
 
 
 def check(run: RLPairsRun) -> None:
@@ -57,12 +66,17 @@ def check(run: RLPairsRun) -> None:
     missing = [p for p in run.prompts if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"prompt files not found: {missing}")
-    if run.samples < 2:
-        raise ValueError(f"--samples must be >= 2 (a pair needs two answers to compare), got {run.samples}")
+    if run.samples < (2 if run.kind == "dpo" else 1):
+        raise ValueError(f"--samples must be >= 2 (a pair needs two answers to compare), got {run.samples}"
+                         if run.kind == "dpo" else f"--samples must be >= 1, got {run.samples}")
     if run.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {run.max_new_tokens}")
     if run.out is None:
         raise ValueError("give the pairs file to write: --out FILE")
+    if run.kind not in ("dpo", "sft"):
+        raise ValueError(f"--kind must be dpo or sft, got {run.kind!r}")
+    if run.kind == "sft" and not run.abstention.strip():
+        raise ValueError("--abstention must be a non-empty answer")
     ensure_writable_dir(Path(run.out).parent, "directory of --out")
 
 
@@ -142,6 +156,36 @@ def build_pairs(lm: Any, prompts: list[RLPrompt], grading: Grading, samples: int
     return rows, summary
 
 
+def build_sft_rows(lm: Any, prompts: list[RLPrompt], grading: Grading, samples: int,
+                   config: VerifiableRewardConfig, abstention: str, max_new_tokens: int = 48,
+                   seed: int = 0) -> tuple[list[dict], dict]:
+    """(SFT rows, summary): R-Tuning (Zhang et al. 2023, refusal-aware instruction tuning) on the model's own
+    knowledge - a prompt whose entity it cannot know gets ``abstention`` as its answer, any other its best of
+    ``samples`` answers when that one makes a supported claim (its reward > 0), else no row (the model does not
+    know it yet, and writing the truth would teach facts rather than when to abstain)."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    for prompt in prompts:
+        if not prompt.messages:
+            raise ValueError("sft rows are conversations: write the prompts as messages (lucidlm rl-prompts)")
+    answers = sampled_rollouts(lm, prompts, samples, max_new_tokens, seed, greedy=False)
+    rows, abstained, answered = [], 0, 0
+    for i, prompt in enumerate(prompts):
+        if not knowable(prompt.meta):
+            target, abstained = abstention, abstained + 1
+        else:
+            group = [rollout for rollout, _ in answers[i * samples: (i + 1) * samples]]
+            rewards = [score(grading, r, config) for r in group]
+            best = max(range(len(group)), key=rewards.__getitem__)
+            if rewards[best] <= 0:
+                continue
+            target, answered = group[best].text.strip(), answered + 1
+        rows.append({"messages": [dict(m) for m in prompt.messages] + [{"role": "assistant", "content": target}],
+                     "id": prompt.meta.get("id")})
+    return rows, {"prompts": len(prompts), "rows": len(rows), "abstentions": abstained, "answers": answered,
+                  "left_out": len(prompts) - len(rows)}
+
+
 def run_rl_pairs(run: RLPairsRun) -> dict:
     """Check, load, sample, pair, write ``run.out`` atomically; the summary (+ "out")."""
     from ..api import load
@@ -153,6 +197,11 @@ def run_rl_pairs(run: RLPairsRun) -> dict:
     lm = load(run.model, compile="off")
     if lm.tokenizer is None:
         raise ValueError(f"{run.model}: no tokenizer.json to encode the prompts with")
+    if run.kind == "sft":
+        rows, summary = build_sft_rows(lm, prompts, grading, run.samples, run.verifiable, run.abstention,
+                                       run.max_new_tokens, run.seed)
+        write_jsonl(Path(run.out), rows)
+        return summary | {"out": run.out}
     rows, summary = build_pairs(lm, prompts, grading, run.samples, run.verifiable, run.max_new_tokens, run.seed)
     if not rows:
         raise ValueError(f"every one of the {len(prompts)} prompts' {run.samples} answers scored the same: no pair to "

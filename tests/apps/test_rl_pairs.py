@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import lucidlm
 from lucidlm.apps.cli import app
-from lucidlm.apps.rl_pairs import best_and_worst, build_pairs, dpo_prompt, token_differences
+from lucidlm.apps.rl_pairs import best_and_worst, build_pairs, build_sft_rows, dpo_prompt, token_differences
 from lucidlm.apps.rl_prompts import write_prompts_jsonl
 from lucidlm.apps.rl_rewards import FactsGrading, VerifiableRewardConfig
 from lucidlm.checkpoint import FAMILIES, save_model
@@ -195,3 +195,26 @@ def test_token_differences_see_a_retokenized_text_and_a_turn_that_ends_without_e
             False, not ends_with_eos)
         assert token_differences(formatter, head, rollout(tok.encode("Paris!", False) + eos))[0]
         assert token_differences(formatter, head, rollout(tok.encode("Paris.", False))) == (False, False)  # cut
+
+
+def test_sft_rows_abstain_where_unknowable_and_keep_the_best_supported_answer(checkpoint, sampled):
+    """R-Tuning rows: Germany (unknowable) gets the abstention; France and Italy their best sample when it is
+    right (regraded here); a knowable prompt never answered right gets no row."""
+    lm = lucidlm.load(checkpoint, compile="off")
+    prompts = [prompt_of(c) for c in TAUGHT]
+    rows, summary = build_sft_rows(lm, prompts, FactsGrading(), SAMPLES, VerifiableRewardConfig(), "I don't know.",
+                                   max_new_tokens=14)
+    expected = {}
+    for country, texts in zip(TAUGHT, sampled):
+        meta = prompt_of(country).meta
+        if not meta["knowable"]:
+            expected[meta["id"]] = "I don't know."
+            continue
+        rewards = [naive_reward(meta, t) for t in texts]
+        if max(rewards) > 0:
+            expected[meta["id"]] = texts[rewards.index(max(rewards))].strip()
+    assert {r["id"]: r["messages"][-1]["content"] for r in rows} == expected
+    assert all(r["messages"][:-1] == list(prompt_of(c).messages) for r, c in zip(rows, TAUGHT))
+    assert summary == {"prompts": 3, "rows": 3, "abstentions": 1, "answers": 2, "left_out": 0}
+    wrong_only = RLPrompt(messages=prompts[0].messages, meta=prompts[0].meta | {"truth": {"capital": ["Lyon"]}})
+    assert build_sft_rows(lm, [wrong_only], FactsGrading(), 2, VerifiableRewardConfig(), "?", 14)[0] == []
