@@ -111,14 +111,19 @@ class WorldGrading:
                 raise ValueError(f"the prompt's meta names {name!r}, who is not in the world's people (a name "
                                  "outside the world needs meta['stranger'] = true)")
             person = STRANGER
-        answer = (meta.get("prefix", "") + text).split("\n")[0].strip()
+        answer = self.answer_of(meta, text)[0]
         return answer, annotate(person, answer)
 
     @staticmethod
-    def answer_offset(meta: dict[str, Any], text: str) -> int:
-        """Where ``grade``'s answer starts in ``text``: answer[i] is text[i + offset] (negative inside the prefix)."""
-        full = meta.get("prefix", "") + text
-        return len(full) - len(full.lstrip()) - len(meta.get("prefix", ""))
+    def answer_of(meta: dict[str, Any], text: str) -> tuple[str, int]:
+        """(the graded answer: the forced prefix + the response's first line, stripped; where it starts in
+        ``text``: answer[i] is text[i + offset], negative inside the prefix)."""
+        prefix = meta.get("prefix", "")
+        full = prefix + text
+        return full.split("\n")[0].strip(), len(full) - len(full.lstrip()) - len(prefix)
+
+    def answer_offset(self, meta: dict[str, Any], text: str) -> int:
+        return self.answer_of(meta, text)[1]
 
 
 class FactsGrading:
@@ -130,13 +135,16 @@ class FactsGrading:
             raise ValueError(f"the prompt's meta is not a facts question (missing {missing}, type "
                              f"{meta.get('type')!r}); build prompts with rl_prompts.facts_rl_prompts")
         question = {k: meta[k] for k in ("type", "entity", "truth")} | {"aliases": meta.get("aliases", [])}
-        answer = text.strip()
+        answer = self.answer_of(meta, text)[0]
         return answer, grade(question, answer)
 
     @staticmethod
-    def answer_offset(meta: dict[str, Any], text: str) -> int:
-        """Where ``grade``'s answer starts in ``text``: answer[i] is text[i + offset]."""
-        return len(text) - len(text.lstrip())
+    def answer_of(meta: dict[str, Any], text: str) -> tuple[str, int]:
+        """(the graded answer: the response stripped; where it starts in ``text``)."""
+        return text.strip(), len(text) - len(text.lstrip())
+
+    def answer_offset(self, meta: dict[str, Any], text: str) -> int:
+        return self.answer_of(meta, text)[1]
 
 
 Grading = WorldGrading | FactsGrading
