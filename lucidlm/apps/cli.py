@@ -89,6 +89,32 @@ def convert(
 
 
 @app.command()
+def merge(
+    model: Annotated[Path, typer.Argument(help="the base checkpoint the adapter was trained on")],
+    adapter: Annotated[Path, typer.Argument(help="a PEFT LoRA adapter directory (adapter_config.json + "
+                                                 "adapter_model.safetensors)")],
+    out: Annotated[Path, typer.Argument(help="directory to write the merged checkpoint to")],
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (the checkpoint's)")] = "auto",
+) -> None:
+    """Fold a LoRA adapter into its base model's weights (PEFT's merge_and_unload) and save the result as an
+    ordinary checkpoint in the base's layout, with its tokenizer: one to serve without the adapter, or to
+    fine-tune further (a second adapter on top of the first)."""
+    from ..api import load
+    from ..checkpoint import CheckpointError
+    from ..checkpoint.files import has_file
+    from ..checkpoint.peft_adapter import CONFIG_FILE
+    from ..model.lora import merge_and_unload
+
+    if not has_file(adapter, CONFIG_FILE):  # a bottleneck adapter adds modules: there is nothing to fold it into
+        raise CheckpointError(f"{adapter}: no {CONFIG_FILE}; merge folds a PEFT LoRA adapter into the weights")
+    if out.resolve() in (Path(model).resolve(), adapter.resolve()):
+        raise ValueError(f"--out {out} is the model's or the adapter's own directory; write the merge elsewhere")
+    lm = load(model, adapter=adapter, dtype=dtype, device="cpu", quantize="none")
+    merge_and_unload(lm.model)
+    typer.echo(f"wrote {lm.save(out)} ({lm.model.num_parameters() / 1e6:.1f}M params, {lm.dtype})")
+
+
+@app.command()
 def demo(
     out: Annotated[Path | None, typer.Option(help="cache directory: every stage is kept here and reused "
                                                   "(default runs/demo, or runs/demo-world with --world)")] = None,

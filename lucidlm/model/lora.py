@@ -215,6 +215,19 @@ def merge_lora(model: nn.Module) -> None:
         m.merge()
 
 
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """PEFT's ``merge_and_unload``: fold every B A · scaling into its base weight and put the plain layer back, so
+    the model is an ordinary one again (saved, loaded or fine-tuned further like any checkpoint). The
+    modules_to_save were trained in place and stay as they are."""
+    for name, layer in list(lora_layers(model)):
+        layer.merge()
+        parent_name, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent_name), child, layer.base_layer)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
 def unmerge_lora(model: nn.Module) -> None:
     for _, m in lora_layers(model):
         m.unmerge()

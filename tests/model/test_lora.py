@@ -188,3 +188,16 @@ def test_a_second_adapter_is_refused():
     with pytest.raises(ValueError, match="already carries LoRA layers"):
         apply_lora(model, LoRAConfig(r=2, target_modules=("k_proj",)))
     assert {n.rsplit(".", 1)[-1] for n, _ in lora_layers(model)} == {"q_proj"}
+
+
+def test_merge_and_unload_keeps_the_adapted_output_with_plain_layers():
+    from lucidlm.model.lora import merge_and_unload
+
+    model = apply_lora(tiny_model(), LoRAConfig(r=2, alpha=4)).eval()
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.weight.normal_(0, 0.3)
+        adapted = model(IDS)
+        merge_and_unload(model)
+        torch.testing.assert_close(model(IDS), adapted, rtol=1e-4, atol=1e-4)
+    assert not hasattr(model, "lora_config") and not list(lora_layers(model))
