@@ -18,12 +18,15 @@ were sampled (``retokenized``) and those where a response the model ended with E
 
 ``--kind sft`` writes ``lucidlm sft --data`` rows instead (``build_sft_rows``): the abstention for the prompts whose
 entity the model cannot know, its own best supported answer for the others: a model that never abstains (the
-real model) learns when to, and RL then has abstentions to reinforce.
+real model) learns when to, and RL then has abstentions to reinforce. ``--balance`` repeats the fewer of the two
+within each question type (``balance_by_type``): in the facts demo most cities are unknowable and most elements
+known, and unbalanced rows teach the type ("a city: I don't know") instead of the model's own knowledge.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,8 @@ class RLPairsRun:
                            "entity the model cannot know (meta knowable false), its best answer with a supported "
                            "claim on the others (none: left out)")
     abstention: str = opt("I don't know.", "sft: the answer written for an entity the model cannot know")
+    balance: bool = opt(False, "sft: as many answers as abstentions within each question type (meta type), the "
+                               "fewer repeated, so the type alone does not predict the abstention")
 
 
 def check(run: RLPairsRun) -> None:
@@ -75,6 +80,8 @@ def check(run: RLPairsRun) -> None:
         raise ValueError("give the pairs file to write: --out FILE")
     if run.kind not in ("dpo", "sft"):
         raise ValueError(f"--kind must be dpo or sft, got {run.kind!r}")
+    if run.balance and run.kind != "sft":
+        raise ValueError("--balance balances R-Tuning's SFT rows: it needs --kind sft")
     if run.kind == "sft" and not run.abstention.strip():
         raise ValueError("--abstention must be a non-empty answer")
     ensure_writable_dir(Path(run.out).parent, "directory of --out")
@@ -181,9 +188,31 @@ def build_sft_rows(lm: Any, prompts: list[RLPrompt], grading: Grading, samples: 
                 continue
             target, answered = group[best].text.strip(), answered + 1
         rows.append({"messages": [dict(m) for m in prompt.messages] + [{"role": "assistant", "content": target}],
-                     "id": prompt.meta.get("id")})
+                     "id": prompt.meta.get("id"), "type": prompt.meta.get("type"),
+                     "abstention": not knowable(prompt.meta)})
     return rows, {"prompts": len(prompts), "rows": len(rows), "abstentions": abstained, "answers": answered,
                   "left_out": len(prompts) - len(rows)}
+
+
+def balance_by_type(rows: list[dict], seed: int) -> tuple[list[dict], dict]:
+    """(rows, summary): within each question type the fewer of abstentions and answers repeated in turn up to the
+    count of the other, then all shuffled (seeded): ``lucidlm sft`` streams its file in order, and the repeats, like
+    the prompts of one type, would otherwise come in blocks. A type with only one kind is kept as it is (nothing to
+    balance it with) and named in the summary."""
+    by_type: dict[Any, tuple[list[dict], list[dict]]] = {}
+    for row in rows:
+        abstentions, answers = by_type.setdefault(row.get("type"), ([], []))
+        (abstentions if row["abstention"] else answers).append(row)
+    added, one_kind = [], []
+    for kind, (abstentions, answers) in by_type.items():
+        fewer, more = sorted((abstentions, answers), key=len)
+        if not fewer:
+            one_kind.append(kind)
+            continue
+        added += [fewer[i % len(fewer)] for i in range(len(more) - len(fewer))]
+    balanced = rows + added
+    random.Random(seed).shuffle(balanced)
+    return balanced, {"repeated": len(added), "unbalanced_types": one_kind}
 
 
 def run_rl_pairs(run: RLPairsRun) -> dict:
@@ -200,6 +229,9 @@ def run_rl_pairs(run: RLPairsRun) -> dict:
     if run.kind == "sft":
         rows, summary = build_sft_rows(lm, prompts, grading, run.samples, run.verifiable, run.abstention,
                                        run.max_new_tokens, run.seed)
+        if run.balance:
+            rows, balanced = balance_by_type(rows, run.seed)
+            summary |= balanced | {"rows": len(rows)}
         write_jsonl(Path(run.out), rows)
         return summary | {"out": run.out}
     rows, summary = build_pairs(lm, prompts, grading, run.samples, run.verifiable, run.max_new_tokens, run.seed)

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 import lucidlm
 from lucidlm.apps.cli import app
-from lucidlm.apps.rl_pairs import best_and_worst, build_pairs, build_sft_rows, dpo_prompt, token_differences
+from lucidlm.apps.rl_pairs import (balance_by_type, best_and_worst, build_pairs, build_sft_rows, dpo_prompt,
+                                  token_differences)
 from lucidlm.apps.rl_prompts import write_prompts_jsonl
 from lucidlm.apps.rl_rewards import FactsGrading, VerifiableRewardConfig
 from lucidlm.checkpoint import FAMILIES, save_model
@@ -166,7 +167,8 @@ def test_bad_input_is_refused_before_the_model_loads(tmp_path):
     base = ["rl-pairs", "-m", str(tmp_path / "no-model"), "--out", str(tmp_path / "pairs.jsonl")]
     cases = [(["--prompts", str(prompts), "--grader", "probe"], "unknown grader 'probe'"),
              (["--prompts", str(prompts), "--grader", "facts", "--samples", "1"], "--samples must be >= 2"),
-             (["--prompts", str(tmp_path / "none.jsonl"), "--grader", "facts"], "prompt files not found")]
+             (["--prompts", str(tmp_path / "none.jsonl"), "--grader", "facts"], "prompt files not found"),
+             (["--prompts", str(prompts), "--grader", "facts", "--balance"], "--balance balances R-Tuning's SFT")]
     for args, message in cases:  # the model directory does not exist: a load would fail otherwise
         result = runner.invoke(app, base + args)
         assert result.exit_code != 0 and message in str(result.exception), (args, result.exception)
@@ -216,5 +218,22 @@ def test_sft_rows_abstain_where_unknowable_and_keep_the_best_supported_answer(ch
     assert {r["id"]: r["messages"][-1]["content"] for r in rows} == expected
     assert all(r["messages"][:-1] == list(prompt_of(c).messages) for r, c in zip(rows, TAUGHT))
     assert summary == {"prompts": 3, "rows": 3, "abstentions": 1, "answers": 2, "left_out": 0}
+    assert [r["abstention"] for r in rows] == [False, False, True] and {r["type"] for r in rows} == {"country_capital"}
     wrong_only = RLPrompt(messages=prompts[0].messages, meta=prompts[0].meta | {"truth": {"capital": ["Lyon"]}})
     assert build_sft_rows(lm, [wrong_only], FactsGrading(), 2, VerifiableRewardConfig(), "?", 14)[0] == []
+
+
+def test_balance_repeats_the_fewer_kind_within_each_type_and_shuffles():
+    """City: 3 abstentions, 1 answer -> the answer 3 times; element: 1 abstention, 2 answers -> the abstention
+    twice; capital: answers only -> kept and named. Counted by hand; the same seed, the same order."""
+    def row(name: str, kind: str, abstention: bool) -> dict:
+        return {"id": name, "type": kind, "abstention": abstention}
+    rows = ([row(f"c{i}", "city", True) for i in range(3)] + [row("c3", "city", False)]
+            + [row("e0", "element", True)] + [row(f"e{i}", "element", False) for i in (1, 2)]
+            + [row("k0", "capital", False)])
+    balanced, summary = balance_by_type(rows, seed=0)
+    count = {name: [r["id"] for r in balanced].count(name) for name in {r["id"] for r in rows}}
+    assert count == {"c0": 1, "c1": 1, "c2": 1, "c3": 3, "e0": 2, "e1": 1, "e2": 1, "k0": 1}
+    assert summary == {"repeated": 3, "unbalanced_types": ["capital"]}
+    assert [r["id"] for r in balanced] != [r["id"] for r in rows + [rows[3], rows[3], rows[4]]]  # shuffled
+    assert balance_by_type(rows, seed=0)[0] == balanced and balance_by_type(rows, seed=1)[0] != balanced
