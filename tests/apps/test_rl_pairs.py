@@ -15,8 +15,14 @@ from typer.testing import CliRunner
 
 import lucidlm
 from lucidlm.apps.cli import app
-from lucidlm.apps.rl_pairs import (balance_by_type, best_and_worst, build_pairs, build_sft_rows, dpo_prompt,
-                                  token_differences)
+from lucidlm.apps.rl_pairs import (
+    balance_by_type,
+    best_and_worst,
+    build_pairs,
+    build_sft_rows,
+    dpo_prompt,
+    token_differences,
+)
 from lucidlm.apps.rl_prompts import write_prompts_jsonl
 from lucidlm.apps.rl_rewards import FactsGrading, VerifiableRewardConfig
 from lucidlm.checkpoint import FAMILIES, save_model
