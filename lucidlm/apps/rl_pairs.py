@@ -176,22 +176,23 @@ def build_sft_rows(lm: Any, prompts: list[RLPrompt], grading: Grading, samples: 
         if not prompt.messages:
             raise ValueError("sft rows are conversations: write the prompts as messages (lucidlm rl-prompts)")
     answers = sampled_rollouts(lm, prompts, samples, max_new_tokens, seed, greedy=False)
-    rows, abstained, answered = [], 0, 0
+    rows = []
     for i, prompt in enumerate(prompts):
-        if not knowable(prompt.meta):
-            target, abstained = abstention, abstained + 1
+        unknowable = not knowable(prompt.meta)
+        if unknowable:
+            target = abstention
         else:
             group = [rollout for rollout, _ in answers[i * samples: (i + 1) * samples]]
             rewards = [score(grading, r, config) for r in group]
             best = max(range(len(group)), key=rewards.__getitem__)
             if rewards[best] <= 0:
                 continue
-            target, answered = group[best].text.strip(), answered + 1
+            target = group[best].text.strip()
         rows.append({"messages": [dict(m) for m in prompt.messages] + [{"role": "assistant", "content": target}],
-                     "id": prompt.meta.get("id"), "type": prompt.meta.get("type"),
-                     "abstention": not knowable(prompt.meta)})
-    return rows, {"prompts": len(prompts), "rows": len(rows), "abstentions": abstained, "answers": answered,
-                  "left_out": len(prompts) - len(rows)}
+                     "id": prompt.meta.get("id"), "type": prompt.meta.get("type"), "abstention": unknowable})
+    abstained = sum(row["abstention"] for row in rows)
+    return rows, {"prompts": len(prompts), "rows": len(rows), "abstentions": abstained,
+                  "answers": len(rows) - abstained, "left_out": len(prompts) - len(rows)}
 
 
 def balance_by_type(rows: list[dict], seed: int) -> tuple[list[dict], dict]:
