@@ -180,6 +180,28 @@ def rl_compare(
     typer.echo(compare(rows, grader, known_from))
 
 
+def rl_gate(
+    base: Annotated[Path, typer.Argument(help="the base model's rl-eval --probe rows on the held-out entities")],
+    tune: Annotated[Path, typer.Option(help="the base model's rl-eval --probe rows on OTHER entities (the training "
+                                            "split): where each gate's threshold is chosen")],
+    grader: Annotated[str, typer.Option(help="world:WORLD_DIR or facts (as the rows were graded)")],
+    max_known: Annotated[float, typer.Option(min=0.0, max=1.0, help="the abstention on known entities the "
+                                                                  "threshold may cost on the tuning rows")] = 0.05,
+    compare: Annotated[list[Path] | None, typer.Option(help="more rows files (trained models) as columns and "
+                                                             "points")] = None,
+    plot: Annotated[Path | None, typer.Option(help="the frontier PNG: abstention on known vs unknowable")] = None,
+) -> None:
+    """A post-hoc claim gate: answers whose riskiest claim scores above τ (probe or token NLL) become abstentions;
+    τ picked on --tune, measured on BASE, beside the trained models' rows."""
+    from .rl_gate import gate_report
+
+    for f in [base, tune, *(compare or [])]:
+        if not f.is_file():
+            raise typer.BadParameter(f"rows file not found: {f}")
+    table, picked = gate_report(base, tune, grader, max_known, compare or [], plot)
+    typer.echo(table + "\n\n" + json.dumps(picked) + (f"\nfrontier: {plot}" if plot else ""))
+
+
 def _rl_pairs(run) -> None:
     from .rl_pairs import run_rl_pairs
 
@@ -293,6 +315,7 @@ def register(app: typer.Typer) -> None:
         "--rl.group-size 8 --train.max-steps 200 --out rl-adapter/"))
     app.command("rl-prompts")(rl_prompts)
     app.command("rl-compare")(rl_compare)
+    app.command("rl-gate")(rl_gate)
     app.command("rl-eval")(rl_eval)
     app.command("rl-pairs")(config_command(
         RLPairsRun, _rl_pairs,
