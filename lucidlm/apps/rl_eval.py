@@ -59,10 +59,11 @@ def sampled_rollouts(lm: Any, prompts: list[RLPrompt], samples: int, max_new_tok
                                 completion.finish_reason), kind))
 
     if greedy:
-        add(gen.generate(ids, [GenerationConfig.from_kwargs(**o) for o in options]), 1, "greedy")
+        add(gen.generate(ids, [GenerationConfig.from_kwargs(**o) for o in options], progress="greedy answers"), 1,
+            "greedy")
     if samples:
         configs = [GenerationConfig.from_kwargs(**o, temperature=1.0, seed=seed + i) for i, o in enumerate(options)]
-        add(gen.generate(ids, configs, n=samples), samples, "sample")
+        add(gen.generate(ids, configs, n=samples, progress="sampled answers"), samples, "sample")
     return out
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from ..model.transformer import Transformer
+from ..progress import progress_bar
 from ..tokenizer import Tokenizer, pad_id
 from .compiled_steps import as_mode
 from .engine import STATIC_LEN_STEP, Engine, ProbeScoring, check_prompts
@@ -74,14 +75,14 @@ class Generator:
         engine.add([seqs[i * n:(i + 1) * n] for i in range(len(prompts))], fit_budget=False)
         return engine, seqs, events
 
-    def generate(self, prompts: Seq[Seq[int]], config: GenerationConfig | Seq[GenerationConfig], n: int = 1
-                 ) -> list[Completion]:
+    def generate(self, prompts: Seq[Seq[int]], config: GenerationConfig | Seq[GenerationConfig], n: int = 1,
+                 progress: str | None = None) -> list[Completion]:
         """Every completion, row i·n + j being sample j of prompt i (seed + j); ``config`` one for all prompts or
-        one per prompt."""
+        one per prompt. ``progress``: a bar with this description counts finished completions (on a terminal)."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         configs = [config] * len(prompts) if isinstance(config, GenerationConfig) else list(config)
-        return self._drive(*self.start_each(prompts, [[(c, j) for j in range(n)] for c in configs]))
+        return self._drive(*self.start_each(prompts, [[(c, j) for j in range(n)] for c in configs]), progress)
 
     def generate_choices(self, prompts: Seq[Seq[int]], choices: Seq[tuple[GenerationConfig, int]]
                          ) -> list[Completion]:
@@ -89,13 +90,17 @@ class Generator:
         all of a prompt's choices sharing one prefill; row i·len(choices) + j is choice j of prompt i."""
         return self._drive(*self.start(prompts, choices))
 
-    def _drive(self, engine: Engine, seqs: list[Sequence], events: deque[tuple[int, Event]]) -> list[Completion]:
+    def _drive(self, engine: Engine, seqs: list[Sequence], events: deque[tuple[int, Event]],
+               progress: str | None = None) -> list[Completion]:
         got: list[list[TokenEvent]] = [[] for _ in seqs]
-        while engine.has_work():
-            engine.step()
-            while events:
-                row, event = events.popleft()
-                got[row].append(_token(event))
+        with progress_bar(len(seqs), progress or "", enabled=None if progress else False) as advance:
+            while engine.has_work():
+                engine.step()
+                while events:
+                    row, event = events.popleft()
+                    got[row].append(token := _token(event))
+                    if token.finish_reason is not None:
+                        advance(1)
         return [Completion.from_events(g, self.tokenizer is not None, self.probe is not None) for g in got]
 
     def stream(self, prompt: Seq[int], config: GenerationConfig) -> Iterator[TokenEvent]:

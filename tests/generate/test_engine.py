@@ -116,3 +116,24 @@ def test_hidden_states_the_probe_reads_match_a_full_forward(alignment):
     assert fed.shape == (len(got.token_ids), model.config.dim)
     torch.testing.assert_close(fed, full[start: start + len(got.token_ids)], atol=1e-4, rtol=0)
     assert got.scores == pytest.approx(fed[:, 0].tolist(), abs=1e-6)
+
+
+def test_a_progress_bar_counts_each_finished_completion(monkeypatch):
+    from contextlib import contextmanager
+
+    from lucidlm.generate import offline
+
+    calls: list[tuple] = []
+
+    @contextmanager
+    def recording_bar(total, description, enabled=None):
+        calls.append(("open", total, description, enabled))
+        yield lambda amount: calls.append(("advance", amount))
+
+    monkeypatch.setattr(offline, "progress_bar", recording_bar)
+    out = Generator(tiny_model()).generate(PROMPTS, GenerationConfig(max_new_tokens=4), n=2, progress="answers")
+    assert calls[0] == ("open", 6, "answers", None) and calls[1:] == [("advance", 1)] * 6
+    assert len(out) == 6
+    calls.clear()
+    Generator(tiny_model()).generate(PROMPTS, GenerationConfig(max_new_tokens=4))
+    assert calls[0] == ("open", 3, "", False)  # no description: the bar is off
