@@ -93,20 +93,19 @@ def plot_attempt_curves(curves: dict[str, list[dict]], png: str | Path) -> Path:
 
 def plot_abstention_frontier(curves: dict[str, list[tuple[float, float]]], points: dict[str, tuple[float, float]],
                              png: str | Path, max_known: float = 0.05, min_unknowable: float = 0.5) -> Path:
-    """Abstention on known entities (x) vs on unknowable ones (y): each gate's threshold sweep as a step curve,
-    each run as a labelled point; dashed lines at the targets (the good corner is top left)."""
+    """Abstention on known entities (x) vs on unknowable ones (y): each gate's threshold sweep as a curve,
+    each run as a point in the legend; dashed lines at the targets (the good corner is top left)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=110)
     for name, xy in curves.items():
-        ax.step(*zip(*xy), where="post", label=name)
-    for name, (x, y) in points.items():
-        ax.plot(x, y, "o", ms=4)
-        ax.annotate(name, (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        ax.plot(*zip(*sorted(xy)), lw=1.2, label=name)
+    for (name, (x, y)), marker in zip(points.items(), "osD^v<>phX*" * 4):
+        ax.plot(x, y, marker, ms=6, mfc="none", mew=1.5, label=name)
     ax.axvline(max_known, color="grey", lw=0.8, ls="--")
     ax.axhline(min_unknowable, color="grey", lw=0.8, ls="--")
     ax.set(xlabel="abstention on known entities", ylabel="abstention on unknowable entities", xlim=(-0.02, 1.02),
            ylim=(-0.02, 1.02), title="abstention: gates on the base vs trained models")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right", fontsize=7)
     ax.grid(alpha=0.3)
     png = _save(fig, png)
     plt.close(fig)
