@@ -129,6 +129,8 @@ def demo(
     people: Annotated[int | None, typer.Option(min=10, help="--world: people in the world (default 200)")] = None,
     lm_steps: Annotated[int | None, typer.Option(min=1, help="--world: pretraining steps of the small model "
                                                              "(default 1500)")] = None,
+    unseen: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="--world: share of the people never in "
+                                                                      "the corpus (default 0.5)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16 (for answering and scoring)")] = "float32",
     live: Annotated[bool, typer.Option(help="end with live answers coloured by their scores")] = True,
@@ -142,11 +144,13 @@ def demo(
     claimed value's prior, sample disagreement and a random head (pooled and per question type, with CIs);
     then what acting on its scores buys, and live answers coloured by risk. Each stage is cached under --out;
     a second run starts in seconds. --world: the synthetic-world sandbox (a small model trained here)."""
+    given = {k: v for k, v in (("people", people), ("lm_steps", lm_steps), ("unseen", unseen)) if v is not None}
+    if given and not world:
+        raise typer.BadParameter(f"{', '.join('--' + k.replace('_', '-') for k in given)}: only with --world")
     if world:
         from .demo_world import DemoConfig as WorldDemoConfig
         from .demo_world import run_demo as run_world_demo
 
-        given = {k: v for k, v in (("people", people), ("lm_steps", lm_steps)) if v is not None}
         run_world_demo(out or Path("runs/demo-world"), WorldDemoConfig(seed=seed, device=device, dtype=dtype, **given))
         return
     from .demo import DemoConfig, run_demo

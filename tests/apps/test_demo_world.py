@@ -97,3 +97,22 @@ def test_evaluation_gives_every_claim_its_answers_abstention_score(tmp_path):
     rendered = Console(width=200, record=True)
     rendered.print(metrics_table(result))
     assert "P(abstain) on the question" in rendered.export_text()
+
+
+def test_the_world_options_reach_its_config_and_are_refused_without_world(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from lucidlm.apps import demo_world
+    from lucidlm.apps.cli import app
+
+    seen = []
+    monkeypatch.setattr(demo_world, "run_demo", lambda out, config: seen.append((out, config)))
+    result = CliRunner().invoke(app, ["demo", "--world", "--people", "40", "--unseen", "0.8", "--lm-steps", "9",
+                                      "--out", str(tmp_path / "w")])
+    assert result.exit_code == 0, result.output
+    (out, config), = seen
+    assert out == tmp_path / "w" and (config.people, config.unseen, config.lm_steps) == (40, 0.8, 9)
+    refused = CliRunner().invoke(app, ["demo", "--unseen", "0.8", "--people", "40"])
+    assert refused.exit_code != 0 and "only with --world" in refused.output and "--unseen" in refused.output
+    out_of_range = CliRunner().invoke(app, ["demo", "--world", "--unseen", "1.5"])
+    assert out_of_range.exit_code != 0 and not seen[1:]
