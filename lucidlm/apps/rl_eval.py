@@ -89,13 +89,21 @@ def evaluate(lm: Any, prompts: list[RLPrompt], grader: str, samples: int = 3, ma
     return rows, rows_metrics(rows, unknowable, before)
 
 
+def unknowable_of(rows: list[dict], unknowable: set[str] | None) -> set[str]:
+    """The world's strangers as given, else (facts) the keys of the rows whose prompt says knowable = false."""
+    return unknowable if unknowable is not None else {str(r["id"]) for r in rows if not r["knowable"]}
+
+
+def known_of(reference: list[dict]) -> set[str]:
+    """The entities the base model's rows answered right in most samples (rl_metrics.knowledge_sets)."""
+    return knowledge_sets([r for r in reference if r["knowable"]])["known"]
+
+
 def rows_metrics(rows: list[dict], unknowable: set[str] | None, before: list[dict] | None = None) -> dict:
     """The metrics of graded rows (``evaluate``'s, or as saved): unknowable None = the rows' knowable flags; known
     from ``before``'s rows (the base model's), else these; the probe's rows when the rows hold probe spans."""
-    if unknowable is None:
-        unknowable = {str(r["id"]) for r in rows if not r["knowable"]}
-    reference = before if before is not None else rows
-    known = knowledge_sets([r for r in reference if r["knowable"]])["known"]
+    unknowable = unknowable_of(rows, unknowable)
+    known = known_of(before if before is not None else rows)
     metrics = hallucination_metrics(rows, unknowable, known)
     return metrics | (probe_metrics(rows) if rows and all("probe_spans" in r for r in rows) else {})
 

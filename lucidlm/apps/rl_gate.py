@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from ..jsonl import read_json
-from .rl_eval import grading_for, metrics_table, rows_metrics
-from .rl_metrics import hallucination_metrics, knowledge_sets
+from .rl_eval import grading_for, known_of, metrics_table, rows_metrics, unknowable_of
+from .rl_metrics import hallucination_metrics
 
 METHODS = ("probe", "nll")
 
@@ -54,18 +54,10 @@ def thresholds(rows: list[dict], method: str) -> list[float]:
     return [float(np.nextafter(risks[0], -np.inf))] + risks if risks else [float("inf")]
 
 
-def knowledge_of(rows: list[dict], unknowable: set[str] | None) -> tuple[set[str], set[str]]:
-    """(unknowable, known) keys of the base model's rows: the world's strangers or the prompts' knowable flags;
-    known from the rows' own samples (rl_metrics.knowledge_sets)."""
-    if unknowable is None:
-        unknowable = {str(r["id"]) for r in rows if not r["knowable"]}
-    return unknowable, knowledge_sets([r for r in rows if r["knowable"]])["known"]
-
-
 def sweep(rows: list[dict], method: str, unknowable: set[str] | None) -> list[dict]:
     """[{"tau", "abstention_known", "abstention_unknowable", "supported_rate", "claims_per_answer"}] over every
     threshold of ``rows`` (the base model's: "known" from them), values without intervals."""
-    unknowable, known = knowledge_of(rows, unknowable)
+    unknowable, known = unknowable_of(rows, unknowable), known_of(rows)
     out = []
     for tau in thresholds(rows, method):
         m = hallucination_metrics(gated_rows(rows, method, tau), unknowable, known, n_boot=1)
