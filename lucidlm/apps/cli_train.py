@@ -220,6 +220,9 @@ def rl_eval(
     adapter: Annotated[Path | None, typer.Option(help="a PEFT adapter on --model (a LoRA RL run's)")] = None,
     probe: Annotated[Path | None, typer.Option(help="a probe trained for this model (the base): its span-max AUROC "
                                                     "on the answers' claims, beside the token NLL's")] = None,
+    question_probe: Annotated[Path | None, typer.Option(help="a question probe for this model (lucidlm probe "
+                                                             "question): each row gets its question's risk, for "
+                                                             "rl-gate")] = None,
 ) -> None:
     """Supported-claim rate, claims per answer, no-claim rate, abstention on unknowable and on known entities (95%
     bootstrap intervals over entities) of greedy + sampled answers, graded against the ground truth; with --probe,
@@ -230,7 +233,7 @@ def rl_eval(
     from .rl_eval import evaluate, metrics_table
 
     rows, metrics = evaluate(load(model, adapter=adapter, compile="off"), read_prompts([prompts]), grader, samples,
-                             max_new_tokens, known_from, probe=probe)
+                             max_new_tokens, known_from, probe=probe, question_probe=question_probe)
     write_json(out, rows)
     typer.echo(metrics_table({str(model): metrics}) + f"\n\n{metrics['answers']} answers; rows: {out}")
 
@@ -271,6 +274,23 @@ def probe_eval(
                    f"{levels['span_max']['auprc']:.3f} | {levels['span_max']['recall_at_10fpr']:.3f} |")
 
 
+def probe_question(
+    model: Annotated[Path, typer.Option("--model", "-m", help="checkpoint directory (the model whose knowledge is "
+                                                              "probed)")],
+    prompts: Annotated[list[Path], typer.Option(help="RL prompts JSONL with meta 'knowable' (lucidlm rl-prompts; "
+                                                     "repeatable)")],
+    out: Annotated[Path, typer.Option(help="the question probe's directory")],
+    layers: Annotated[list[int] | None, typer.Option(help="blocks to sweep (repeatable; default: six across the "
+                                                          "depth)")] = None,
+    folds: Annotated[int, typer.Option(min=2, help="stratified folds choosing the layer and L2 strength")] = 5,
+) -> None:
+    """A question probe (P(IK)): from the hidden state at each question's end, before any answer, the chance the
+    model cannot answer it; layer and L2 chosen by out-of-fold AUROC on these prompts."""
+    from .question_probe_recipe import train_question_probe
+
+    typer.echo(json.dumps(train_question_probe(model, prompts, out, layers or [], folds), indent=2))
+
+
 def register(app: typer.Typer) -> None:
     from .probe_recipes import ProbeRun
     from .reward_recipes import RewardRun
@@ -294,6 +314,7 @@ def register(app: typer.Typer) -> None:
         "Train one head per layer in one pass and report span-max AUROC per layer (sweep.json, auroc_per_layer.png "
         "in --out)."))
     probe_app.command("eval")(probe_eval)
+    probe_app.command("question")(probe_question)
     app.add_typer(probe_app, name="probe")
     app.add_typer(world_app, name="world")
     app.command("sft")(config_command(

@@ -18,6 +18,7 @@ from ..generate.generation_config import GenerationConfig
 from ..jsonl import read_json
 from ..train.rewards import RLPrompt, Rollout
 from ..train.rl_rollouts import encode_prompt, prompt_options
+from .question_probe_recipe import question_risks
 from .rl_metrics import hallucination_metrics, knowledge_sets, world_unknowable
 from .rl_probe_eval import attach_eval_probe, probe_metrics, probe_spans
 from .rl_rewards import FactsGrading, Grading, WorldGrading, graded_row
@@ -69,11 +70,12 @@ def sampled_rollouts(lm: Any, prompts: list[RLPrompt], samples: int, max_new_tok
 
 def evaluate(lm: Any, prompts: list[RLPrompt], grader: str, samples: int = 3, max_new_tokens: int = 48,
              known_from: str | Path | None = None, seed: int = 0,
-             probe: str | Path | None = None) -> tuple[list[dict], dict]:
+             probe: str | Path | None = None, question_probe: str | Path | None = None) -> tuple[list[dict], dict]:
     """(graded rows, metrics). Unknowable: the world's never-mentioned people, or the prompts whose meta says
     knowable = false (facts); known: from ``known_from``'s rows (the base model's), else these. ``probe``: a probe
     directory, attached (and refused if made for another model) before any answer; each row then holds
-    "probe_spans" and the metrics the probe's and the NLL's span-max AUROC (rl_probe_eval.py)."""
+    "probe_spans" and the metrics the probe's and the NLL's span-max AUROC (rl_probe_eval.py). ``question_probe``:
+    each row also holds its question's "question_risk" (question_probe_recipe.question_risks), scored first."""
     if not prompts:
         raise ValueError("no prompts to evaluate")
     if samples < 0 or max_new_tokens < 1:
@@ -81,8 +83,11 @@ def evaluate(lm: Any, prompts: list[RLPrompt], grader: str, samples: int = 3, ma
     grading, unknowable = grading_for(grader)
     before = read_json(known_from) if known_from is not None else None  # read first: a bad file fails before work
     attached = attach_eval_probe(lm, probe) if probe is not None else None
+    risks = question_risks(lm, question_probe, prompts) if question_probe is not None else None
     answers = sampled_rollouts(lm, prompts, samples, max_new_tokens, seed)
     rows = [graded_row(grading, rollout) | {"kind": kind} for rollout, kind in answers]
+    if risks is not None:
+        rows = [row | {"question_risk": risks[str(row["id"])]} for row in rows]
     if attached is not None:
         scored = probe_spans(lm, attached, [r for r, _ in answers], rows, grading)
         rows = [row | {"probe_spans": spans} for row, spans in zip(rows, scored)]

@@ -1,9 +1,12 @@
 """A post-hoc claim gate on saved ``rl-eval --probe`` rows (``lucidlm rl-gate``): how far does the model's own
 knowledge signal — the probe's or its token NLL's score of each claim — go as the decision to abstain?
 
-    answer risk   = the highest score (probe or NLL) among its claim spans (rl_probe_eval.probe_spans)
+    answer risk   = the highest score (probe or NLL) among its claim spans (rl_probe_eval.probe_spans), or
+                    the question's own score before any answer ("question": the question probe's, rl-eval
+                    --question-probe; probe/question_probe.py)
     gate at τ     = every answer whose risk > τ becomes an abstention ("I don't know."), claims dropped;
                     answers without a scored claim (an abstention, an answer with no claim) are left as they are
+                    by the claim gates; the question gate decides before the answer, so it gates those too
 
 Swept over τ, the gate traces the frontier that RL is asked to reach: abstention on the entities the model knew
 (x, ≤ 5% in the issue's target) against abstention on those it cannot know (y, ≥ 50%). Which τ to use is chosen
@@ -25,13 +28,19 @@ from ..jsonl import read_json
 from .rl_eval import grading_for, known_of, metrics_table, rows_metrics, unknowable_of
 from .rl_metrics import hallucination_metrics
 
-METHODS = ("probe", "nll")
+METHODS = ("probe", "nll", "question")
 
 
 def answer_risk(row: dict, method: str) -> float | None:
-    """The answer's highest ``method`` score over its scored claim spans; None: no scored claim."""
+    """The answer's highest ``method`` score over its scored claim spans (None: no scored claim), or its
+    question's score ("question")."""
     if method not in METHODS:
         raise ValueError(f"unknown gate score {method!r}: one of {METHODS}")
+    if method == "question":
+        if "question_risk" not in row:
+            raise ValueError("a row without question_risk: the question gate needs rows from `lucidlm rl-eval "
+                             "--question-probe`")
+        return float(row["question_risk"])
     if "probe_spans" not in row:
         raise ValueError("a row without probe_spans: the gate needs rows from `lucidlm rl-eval --probe`")
     scores = [s[method] for s in row["probe_spans"] if s[method] is not None]
@@ -85,15 +94,28 @@ def gate_report(base: str | Path, tune: str | Path, grader: str, max_known: floa
     ``tune``, beside ``others`` (e.g. RL models' rows, "known" from the base's); with ``plot``, the frontier PNG."""
     _, unknowable = grading_for(grader)
     rows, tune_rows = read_json(base), read_json(tune)
-    taus = {m: pick_tau(tune_rows, m, unknowable, max_known) for m in METHODS}
+    taus = {m: pick_tau(tune_rows, m, unknowable, max_known) for m in gate_methods(rows, tune_rows)}
     named = {Path(base).stem: rows_metrics(rows, unknowable)}
     for m, tau in taus.items():
         named[f"{m} gate, τ {tau:.3g}"] = rows_metrics(gated_rows(rows, m, tau), unknowable, rows)
     for f in others:
         named[Path(f).stem] = rows_metrics(read_json(f), unknowable, rows)
     if plot is not None:
-        draw_frontier(plot, {m: sweep(rows, m, unknowable) for m in METHODS}, named, max_known)
+        draw_frontier(plot, {m: sweep(rows, m, unknowable) for m in taus}, named, max_known)
     return metrics_table(named), {"tau": taus}
+
+
+def gate_methods(*row_sets: list[dict]) -> list[str]:
+    """The gates every row of ``row_sets`` can be scored by: probe and NLL with probe_spans, question with
+    question_risk; none is an error naming what rl-eval needs."""
+    every = [row for rows in row_sets for row in rows]
+    methods = (["probe", "nll"] if all("probe_spans" in r for r in every) else []) + \
+              (["question"] if all("question_risk" in r for r in every) else [])
+    if not methods:
+        raise ValueError("these rows hold no gate score: run `lucidlm rl-eval` with --probe (probe_spans: the "
+                         "claim gates) or --question-probe (question_risk: the question gate) for both the base's "
+                         "and the tuning rows")
+    return methods
 
 
 def draw_frontier(path: str | Path, curves: dict[str, list[dict]], named: dict[str, dict], max_known: float) -> None:

@@ -46,6 +46,7 @@ from ..jsonl import read_json, write_json
 from ..model.identity import config_differs, model_identity, same_fingerprint
 
 CONFIG_FILE, HEAD_FILE = "probe_config.json", "probe_head.safetensors"
+QUESTION_FILE = "question_probe.json"  # marks a question probe (question_probe.py): it scores prompts, not tokens
 Alignment = Literal["own", "predictive"]
 ALIGNMENTS = ("own", "predictive")
 
@@ -186,14 +187,20 @@ def save_probe(directory: str | Path, head: ProbeHead, config: ProbeConfig, mode
     return directory
 
 
-def load_probe(directory: str | Path) -> tuple[ProbeHead, ProbeConfig]:
-    """Head and config of a probe directory; every failure names the directory or file at fault."""
+def load_probe(directory: str | Path, question: bool = False) -> tuple[ProbeHead, ProbeConfig]:
+    """Head and config of a probe directory; every failure names the directory or file at fault. ``question``:
+    a question probe (question_probe.py) is wanted, else a token probe; the other kind is refused."""
     directory = Path(directory)
     path = directory / CONFIG_FILE
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such probe directory")
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (not a probe directory)")
+    if (directory / QUESTION_FILE).is_file() != question:
+        raise ProbeError(f"{directory}: a question probe (it scores a prompt's last token: `lucidlm probe question`), "
+                         "not a token probe" if not question else
+                         f"{directory}: a token probe, not a question probe (no {QUESTION_FILE}: `lucidlm probe "
+                         "question` writes one)")
     data = read_json(path)  # malformed or deeply nested JSON: an error naming the file
     if not isinstance(data, dict):
         raise ProbeError(f"{path}: expected a JSON object, got {type(data).__name__}")

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lucidlm.apps.cli import app
-from lucidlm.apps.rl_gate import answer_risk, gate_report, gated_rows, pick_tau, sweep, thresholds
+from lucidlm.apps.rl_gate import answer_risk, gate_methods, gate_report, gated_rows, pick_tau, sweep, thresholds
 from lucidlm.apps.rl_metrics import abstained
 from lucidlm.jsonl import write_json
 
@@ -103,3 +103,34 @@ def test_the_cli_names_a_missing_file_and_rows_without_probe_scores(tmp_path):
     ok = runner.invoke(app, ["rl-gate", str(base), "--tune", str(base), "--grader", "facts", "--max-known", "0"])
     assert ok.exit_code == 0, ok.output
     assert '"probe": 0.7' in ok.output
+
+
+def with_question_risk(rows: list[dict], risk: dict[str, float], claims: bool = True) -> list[dict]:
+    return [(r if claims else {k: v for k, v in r.items() if k != "probe_spans"}) | {"question_risk": risk[r["id"]]}
+            for r in rows]
+
+
+def test_the_question_gate_decides_before_the_answer_so_it_gates_answers_without_claims_too():
+    rows = with_question_risk(base_rows(), {"k": 0.1, "u": 0.8, "m": 0.5})
+    assert answer_risk(rows[5], "question") == 0.8  # u's answer with no claim has a question score all the same
+    gated = gated_rows(rows, "question", 0.6)  # every answer to u, the claimless one included
+    assert [abstained(r) for r in gated] == [False] * 3 + [True] * 3 + [False] * 3
+    assert thresholds(rows, "question")[1:] == [0.1, 0.5, 0.8]
+    # τ 0.5: all 3 of u's answers abstain (the claim gates reach 2 of 3), k's none
+    assert pick_tau(rows, "question", None, 0.0) == 0.5
+    with pytest.raises(ValueError, match="question_risk"):
+        answer_risk(base_rows()[0], "question")
+
+
+def test_gates_are_those_every_row_can_be_scored_by(tmp_path):
+    risk = {"k": 0.1, "u": 0.8, "m": 0.5}
+    assert gate_methods(base_rows()) == ["probe", "nll"]
+    assert gate_methods(with_question_risk(base_rows(), risk)) == ["probe", "nll", "question"]
+    assert gate_methods(with_question_risk(base_rows(), risk, claims=False)) == ["question"]
+    assert gate_methods(base_rows(), with_question_risk(base_rows(), risk)) == ["probe", "nll"]  # base lacks it
+    base = tmp_path / "base.json"
+    write_json(base, with_question_risk(base_rows(), risk, claims=False))
+    table, picked = gate_report(base, base, "facts", 0.0)
+    assert picked == {"tau": {"question": 0.5}}
+    cells = {line.split(" | ")[0]: line.split(" | ") for line in table.splitlines()}["| abstention_unknowable"]
+    assert cells[1].startswith("0.000") and cells[2].startswith("1.000")
