@@ -27,8 +27,17 @@ from torch import nn
 from ..jsonl import read_json, write_json
 from ..progress import progress_bar
 from .claims import auroc
-from .probe import (QUESTION_FILE, ProbeConfig, ProbeError, ProbeHead, check_identity, decoder_blocks, hidden_size_of,
-                    load_probe, save_probe)
+from .probe import (
+    QUESTION_FILE,
+    ProbeConfig,
+    ProbeError,
+    ProbeHead,
+    check_identity,
+    decoder_blocks,
+    hidden_size_of,
+    load_probe,
+    save_probe,
+)
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strengths tried (standardised features: 576 dims, ~100 rows)
 
@@ -110,8 +119,9 @@ def fit_question_probe(states: dict[int, torch.Tensor], labels: np.ndarray, fold
     labels = np.asarray(labels, dtype=int)
     fewest = min(int(labels.sum()), int((1 - labels).sum()))
     if fewest < folds:
-        raise ValueError(f"a question probe needs at least {folds} questions of each class (answerable and not) for "
-                         f"{folds}-fold selection; these prompts have {int((1 - labels).sum())} and {int(labels.sum())}")
+        raise ValueError(f"a question probe needs at least {folds} questions of each class (answerable and not) "
+                         f"for {folds}-fold selection; these prompts have {int((1 - labels).sum())} and "
+                         f"{int(labels.sum())}")
     best: dict[int, tuple[float, float, np.ndarray]] = {}
     for layer, x in states.items():
         for c in c_grid:
