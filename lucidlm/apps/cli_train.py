@@ -283,12 +283,13 @@ def probe_question(
     layers: Annotated[list[int] | None, typer.Option(help="blocks to sweep (repeatable; default: six across the "
                                                           "depth)")] = None,
     folds: Annotated[int, typer.Option(min=2, help="stratified folds choosing the layer and L2 strength")] = 5,
+    repeats: Annotated[int, typer.Option(min=1, help="shuffled splits into folds, averaged")] = 5,
 ) -> None:
     """A question probe (P(IK)): from the hidden state at each question's end, before any answer, the chance the
     model cannot answer it; layer and L2 chosen by out-of-fold AUROC on these prompts."""
     from .question_probe_recipe import train_question_probe
 
-    typer.echo(json.dumps(train_question_probe(model, prompts, out, layers or [], folds), indent=2))
+    typer.echo(json.dumps(train_question_probe(model, prompts, out, layers or [], folds, repeats), indent=2))
 
 
 def register(app: typer.Typer) -> None:

@@ -50,7 +50,7 @@ def swept_layers(layers: list[int], n_layers: int) -> list[int]:
 
 
 def train_question_probe(model: str | Path, prompt_files: list[str | Path], out: str | Path,
-                         layers: list[int] = (), folds: int = 5, seed: int = 0) -> dict:
+                         layers: list[int] = (), folds: int = 5, repeats: int = 5, seed: int = 0) -> dict:
     """Fit and save the probe; the summary: layer, C, the swept layers' out-of-fold AUROC, class counts."""
     from ..api import load
 
@@ -60,7 +60,8 @@ def train_question_probe(model: str | Path, prompt_files: list[str | Path], out:
     lm = load(model, compile="off")
     swept = swept_layers(list(layers), lm.model.config.n_layers)
     ids = [encode_prompt(p, lm.tokenizer) for p in prompts]
-    fit = fit_question_probe(question_states(lm.model, ids, swept, pad_id(lm.tokenizer)), labels, folds, seed)
+    fit = fit_question_probe(question_states(lm.model, ids, swept, pad_id(lm.tokenizer)), labels, folds, seed,
+                             repeats=repeats)
     save_question_probe(out, fit, [prompt_id(p) for p in prompts], lm.model)
     return {"layer": fit.layer, "c": fit.c, "cv_auroc": fit.cv_auroc, "questions": len(prompts),
             "unknowable": int(labels.sum()), "out": str(out)}

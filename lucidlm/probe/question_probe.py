@@ -10,7 +10,7 @@ token is sampled from — and scores the chance that the model cannot answer (1 
 
 Features are few (one per question), so the head is scikit-learn's L2 logistic regression on standardised
 states, its strength C and the layer chosen by out-of-fold AUROC (stratified folds over the training
-questions), the scaler folded into one Linear(dim, 1) (a ProbeHead, saved like a probe). The out-of-fold scores
+questions, averaged over several shuffled splits: one split's choice among close layers is noise), the scaler folded into one Linear(dim, 1) (a ProbeHead, saved like a probe). The out-of-fold scores
 are kept beside it: a question the head was fit on has no honest score of its own, so a threshold tuned on the
 training questions (``lucidlm rl-gate``) uses those instead.
 """
@@ -83,12 +83,14 @@ def _logistic(c: float):
     return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
 
 
-def out_of_fold(x: np.ndarray, y: np.ndarray, c: float, folds: int, seed: int) -> np.ndarray:
-    """(N,) each question's P(label 1) from the head fit on the other folds (stratified)."""
+def out_of_fold(x: np.ndarray, y: np.ndarray, c: float, folds: int, seed: int, repeats: int) -> np.ndarray:
+    """(repeats, N) each question's P(label 1) from heads fit on the other folds: ``repeats`` stratified splits
+    (shuffled with seed + r), so that a choice made on them is not one split's luck."""
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return cross_val_predict(_logistic(c), x, y, cv=split, method="predict_proba")[:, 1]
+    return np.stack([cross_val_predict(_logistic(c), x, y, method="predict_proba",
+                                       cv=StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed + r))[:, 1]
+                     for r in range(repeats)])
 
 
 def folded_head(x: np.ndarray, y: np.ndarray, c: float) -> ProbeHead:
@@ -109,13 +111,14 @@ class QuestionProbeFit:
     layer: int
     c: float
     head: ProbeHead
-    out_of_fold: np.ndarray  # (N,) the chosen layer's and C's out-of-fold scores
-    cv_auroc: dict[int, float]  # layer -> best out-of-fold AUROC over C
+    out_of_fold: np.ndarray  # (N,) the chosen layer's and C's out-of-fold scores, averaged over the repeats
+    cv_auroc: dict[int, float]  # layer -> best mean out-of-fold AUROC over C
 
 
 def fit_question_probe(states: dict[int, torch.Tensor], labels: np.ndarray, folds: int = 5, seed: int = 0,
-                       c_grid: tuple[float, ...] = C_GRID) -> QuestionProbeFit:
-    """Layer and C by out-of-fold AUROC (ties: the earlier layer, the smaller C), then the head fit on all rows."""
+                       c_grid: tuple[float, ...] = C_GRID, repeats: int = 5) -> QuestionProbeFit:
+    """Layer and C by out-of-fold AUROC, the mean over ``repeats`` splits (ties: the earlier layer, the smaller C),
+    then the head fit on all rows."""
     labels = np.asarray(labels, dtype=int)
     fewest = min(int(labels.sum()), int((1 - labels).sum()))
     if fewest < folds:
@@ -125,10 +128,10 @@ def fit_question_probe(states: dict[int, torch.Tensor], labels: np.ndarray, fold
     best: dict[int, tuple[float, float, np.ndarray]] = {}
     for layer, x in states.items():
         for c in c_grid:
-            oof = out_of_fold(x.numpy(), labels, c, folds, seed)
-            score = auroc(oof, labels)
+            oof = out_of_fold(x.numpy(), labels, c, folds, seed, repeats)
+            score = float(np.mean([auroc(split, labels) for split in oof]))
             if layer not in best or score > best[layer][0]:
-                best[layer] = (score, c, oof)
+                best[layer] = (score, c, oof.mean(0))
     layer = max(best, key=lambda k: (best[k][0], -k))
     score, c, oof = best[layer]
     return QuestionProbeFit(layer, c, folded_head(states[layer].numpy(), labels, c), oof,
