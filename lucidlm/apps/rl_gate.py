@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..jsonl import read_json
+from ..probe.claims import auroc_ci
 from .rl_eval import grading_for, known_of, metrics_table, rows_metrics, unknowable_of
 from .rl_metrics import hallucination_metrics
 
@@ -88,10 +89,23 @@ def pick_tau(tune: list[dict], method: str, unknowable: set[str] | None, max_kno
     return max(p["tau"] for p in points if np.nan_to_num(p["abstention_unknowable"]) == best)
 
 
+def separation(rows: list[dict], method: str, unknowable: set[str] | None) -> dict:
+    """How well ``method``'s risk tells answers about unknowable entities (1) from answers about known ones (0),
+    over the answers it scores: {"auroc", "lo", "hi", "n", "positives"}, the interval over entities."""
+    unknowable, known = unknowable_of(rows, unknowable), known_of(rows)
+    scored = [(risk, str(r["id"]) in unknowable, str(r["id"])) for r in rows
+              if str(r["id"]) in unknowable | known and (risk := answer_risk(r, method)) is not None]
+    if not scored:
+        return {"n": 0, "positives": 0, "auroc": float("nan"), "lo": float("nan"), "hi": float("nan")}
+    risks, labels, groups = (np.array(x) for x in zip(*scored))
+    return auroc_ci(risks.astype(float), labels.astype(int), groups)
+
+
 def gate_report(base: str | Path, tune: str | Path, grader: str, max_known: float = 0.05,
                 others: list[str | Path] = (), plot: str | Path | None = None) -> tuple[str, dict]:
-    """(markdown table, {"tau": {method: τ}}): the base rows ungated and gated by each method at the τ picked on
-    ``tune``, beside ``others`` (e.g. RL models' rows, "known" from the base's); with ``plot``, the frontier PNG."""
+    """(markdown table, {"tau": {method: τ}, "separation": {method: AUROC [CI]}}): the base rows ungated and gated
+    by each method at the τ picked on ``tune``, beside ``others`` (e.g. RL models' rows, "known" from the base's);
+    each gate's AUROC of unknowable vs known answers on the base rows; with ``plot``, the frontier PNG."""
     _, unknowable = grading_for(grader)
     rows, tune_rows = read_json(base), read_json(tune)
     taus = {m: pick_tau(tune_rows, m, unknowable, max_known) for m in gate_methods(rows, tune_rows)}
@@ -102,7 +116,8 @@ def gate_report(base: str | Path, tune: str | Path, grader: str, max_known: floa
         named[Path(f).stem] = rows_metrics(read_json(f), unknowable, rows)
     if plot is not None:
         draw_frontier(plot, {m: sweep(rows, m, unknowable) for m in taus}, named, max_known)
-    return metrics_table(named), {"tau": taus}
+    apart = {m: separation(rows, m, unknowable) for m in taus}
+    return metrics_table(named), {"tau": taus, "separation": apart}
 
 
 def gate_methods(*row_sets: list[dict]) -> list[str]:

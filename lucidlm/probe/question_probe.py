@@ -10,9 +10,10 @@ token is sampled from — and scores the chance that the model cannot answer (1 
 
 Features are few (one per question), so the head is scikit-learn's L2 logistic regression on standardised
 states, its strength C and the layer chosen by out-of-fold AUROC (stratified folds over the training
-questions, averaged over several shuffled splits: one split's choice among close layers is noise), the scaler folded into one Linear(dim, 1) (a ProbeHead, saved like a probe). The out-of-fold scores
-are kept beside it: a question the head was fit on has no honest score of its own, so a threshold tuned on the
-training questions (``lucidlm rl-gate``) uses those instead.
+questions, averaged over several shuffled splits: one split's choice among close layers is noise), the scaler
+folded into one Linear(dim, 1) (a ProbeHead, saved like a probe). The out-of-fold scores are kept beside it: a
+question the head was fit on has no honest score of its own, so a threshold tuned on the training questions
+(``lucidlm rl-gate``) uses those instead.
 """
 
 from __future__ import annotations

@@ -8,7 +8,16 @@ import pytest
 from typer.testing import CliRunner
 
 from lucidlm.apps.cli import app
-from lucidlm.apps.rl_gate import answer_risk, gate_methods, gate_report, gated_rows, pick_tau, sweep, thresholds
+from lucidlm.apps.rl_gate import (
+    answer_risk,
+    gate_methods,
+    gate_report,
+    gated_rows,
+    pick_tau,
+    separation,
+    sweep,
+    thresholds,
+)
 from lucidlm.apps.rl_metrics import abstained
 from lucidlm.jsonl import write_json
 
@@ -82,7 +91,7 @@ def test_report_picks_tau_on_the_tuning_rows_and_draws_the_frontier(tmp_path):
     write_json(base, base_rows())
     write_json(tune, base_rows())
     table, picked = gate_report(base, tune, "facts", 0.0, [base], tmp_path / "frontier.png")
-    assert picked == {"tau": {"probe": 0.7, "nll": 1.0}}
+    assert picked["tau"] == {"probe": 0.7, "nll": 1.0}
     lines = {line.split(" | ")[0]: line for line in table.splitlines()}
     assert "probe gate, τ 0.7" in lines["| metric"] and "nll gate, τ 1" in lines["| metric"]
     cells = lines["| abstention_unknowable"].split(" | ")
@@ -131,6 +140,16 @@ def test_gates_are_those_every_row_can_be_scored_by(tmp_path):
     base = tmp_path / "base.json"
     write_json(base, with_question_risk(base_rows(), risk, claims=False))
     table, picked = gate_report(base, base, "facts", 0.0)
-    assert picked == {"tau": {"question": 0.5}}
+    assert picked["tau"] == {"question": 0.5}
     cells = {line.split(" | ")[0]: line.split(" | ") for line in table.splitlines()}["| abstention_unknowable"]
     assert cells[1].startswith("0.000") and cells[2].startswith("1.000")
+
+
+def test_separation_is_the_auroc_of_unknowable_against_known_answers_over_the_scored_ones():
+    rows = base_rows()  # known: k (3 answers at 0.2); unknowable: u (2 scored at 0.9, one without a claim)
+    probe = separation(rows, "probe", None)
+    assert (probe["n"], probe["positives"], probe["auroc"]) == (5, 2, 1.0)  # m is neither; u's claimless one unscored
+    rows[0] = rows[0] | {"probe_spans": [rows[0]["probe_spans"][0] | {"probe": 0.95}]}  # one k answer above both u
+    assert separation(rows, "probe", None)["auroc"] == pytest.approx(4 / 6)
+    question = separation(with_question_risk(base_rows(), {"k": 0.3, "u": 0.3, "m": 0.9}), "question", None)
+    assert (question["n"], question["auroc"]) == (6, 0.5)  # every answer has a question score; all tied
