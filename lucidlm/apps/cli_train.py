@@ -221,8 +221,8 @@ def rl_eval(
     probe: Annotated[Path | None, typer.Option(help="a probe trained for this model (the base): its span-max AUROC "
                                                     "on the answers' claims, beside the token NLL's")] = None,
     question_probe: Annotated[Path | None, typer.Option(help="a question probe for this model (lucidlm probe "
-                                                             "question): each row gets its question's risk, for "
-                                                             "rl-gate")] = None,
+                                                             "question): each row gets its question's risk (from this "
+                                                             "model's state), for rl-gate")] = None,
 ) -> None:
     """Supported-claim rate, claims per answer, no-claim rate, abstention on unknowable and on known entities (95%
     bootstrap intervals over entities) of greedy + sampled answers, graded against the ground truth; with --probe,

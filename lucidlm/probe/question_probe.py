@@ -174,6 +174,7 @@ def load_question_probe(directory: str | Path, model: nn.Module) -> QuestionProb
     check_identity(config.model_identity, model, directory)
     meta = read_json(directory / QUESTION_FILE)
     oof = meta.get("out_of_fold") if isinstance(meta, dict) else None
-    if not isinstance(oof, dict) or not all(isinstance(v, int | float) for v in oof.values()):
+    if not isinstance(oof, dict) or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                            for v in oof.values()):
         raise ProbeError(f"{directory / QUESTION_FILE}: expected an object with 'out_of_fold': {{id: score}}")
     return QuestionProbe(head.to(next(model.parameters()).device), config, {str(k): float(v) for k, v in oof.items()})

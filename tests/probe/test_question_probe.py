@@ -108,3 +108,6 @@ def test_the_directory_round_trips_and_each_kind_is_refused_where_the_other_is_w
         load_question_probe(tmp_path / "t", lm.model)
     with pytest.raises(ProbeError, match="another model"):
         load_question_probe(tmp_path / "q", tiny_lm(seed=1).model)
+    (tmp_path / "q" / "question_probe.json").write_text('{"out_of_fold": {"q1": true}}')
+    with pytest.raises(ProbeError, match="question_probe.json: expected"):
+        load_question_probe(tmp_path / "q", lm.model)
