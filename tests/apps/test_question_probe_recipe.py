@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from tiny_lm import tiny_lm
 from typer.testing import CliRunner
 
@@ -26,13 +25,7 @@ from lucidlm.train.rewards import RLPrompt
 from lucidlm.train.rl_rollouts import encode_prompt, read_prompts
 from lucidlm.world.build import WorldConfig, build_world
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ from lucidlm.train.rewards import RLPrompt, Rollout
 from lucidlm.world.build import WorldConfig, build_world, read_people
 from lucidlm.world.texts import answer, answer_prefix
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()  # tiny matrices: the thread pool's hand-offs cost more than the work
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,7 @@ from lucidlm.train.rewards import RLPrompt, Rollout
 PROMPT = RLPrompt(text="q")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Products of 64-wide matrices: one thread, as the thread pool's hand-offs cost more than the work (0.4 s per
-    forward instead of 1 ms on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def naive_scores(lm, probe, prompt_ids, token_ids) -> list[float]:

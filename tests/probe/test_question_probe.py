@@ -24,12 +24,7 @@ from lucidlm.probe.question_probe import (
 PROMPTS = [[5, 9, 2, 7, 1], [4, 8], [3, 3, 3, 3, 3, 3, 3, 3], [6], [1, 2, 3]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_batched_states_are_each_prompts_last_token_alone():
