@@ -18,13 +18,14 @@ from ..tokenizer import pad_id
 from ..train.checkpointing import ensure_writable_dir
 from ..train.rewards import RLPrompt
 from ..train.rl_rollouts import encode_prompt, read_prompts
+from .rl_rewards import meta_id
 
 DEFAULT_LAYERS = (0.2, 0.35, 0.5, 0.65, 0.8, 0.95)  # fractions of the depth swept when no layers are given
 
 
 def prompt_id(prompt: RLPrompt) -> str:
-    """The id rl-eval's rows carry (rl_rewards.graded_row): meta id, else the world's name."""
-    key = prompt.meta.get("id", prompt.meta.get("name"))
+    """The id rl-eval's rows carry (rl_rewards.meta_id), required here."""
+    key = meta_id(prompt.meta)
     if key is None:
         raise ValueError("a prompt without meta 'id' or 'name': question probes need rl-prompts' prompts")
     return str(key)

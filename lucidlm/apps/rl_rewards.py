@@ -150,11 +150,16 @@ class FactsGrading:
 Grading = WorldGrading | FactsGrading
 
 
+def meta_id(meta: dict):
+    """A prompt's id as its answer rows carry it: meta "id", else the world's "name" (None: neither)."""
+    return meta.get("id", meta.get("name"))
+
+
 def graded_row(grading: Grading, rollout: Rollout) -> dict:
     """One rollout as an answer row for ``rl_metrics``: id, entity, answer, annotations, abstained, knowable."""
     meta = rollout.prompt.meta
     answer, notes = grading.grade(meta, rollout.text)
-    return {"id": meta.get("id", meta.get("name")), "entity": meta.get("entity", meta.get("name")),
+    return {"id": meta_id(meta), "entity": meta.get("entity", meta.get("name")),
             "answer": answer, "annotations": notes, "abstained": not notes and is_abstention(answer),
             "knowable": knowable(meta)}
 

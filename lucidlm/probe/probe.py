@@ -153,12 +153,17 @@ class LoadedProbe:
     config: ProbeConfig
 
 
+def check_fits(config: ProbeConfig, model: nn.Module, directory: str | Path) -> None:
+    """A probe (token or question) made for ``model``: its shape, then its recorded identity."""
+    config.check_model(hidden_size_of(model), len(decoder_blocks(model)))
+    check_identity(config.model_identity, model, Path(directory) / CONFIG_FILE)
+
+
 def attach_probe(model: nn.Module, directory: str | Path, family=None) -> LoadedProbe:
     """Load the probe in ``directory`` for ``model``: shape checked first, then its LoRA adapter (if any)
     applied to the model, and the head moved to the model's device."""
     head, config = load_probe(directory)
-    config.check_model(hidden_size_of(model), len(decoder_blocks(model)))
-    check_identity(config.model_identity, model, Path(directory) / CONFIG_FILE)
+    check_fits(config, model, directory)
     if config.has_adapter:
         from ..checkpoint.peft_adapter import load_adapter
 

@@ -33,7 +33,7 @@ from .probe import (
     ProbeConfig,
     ProbeError,
     ProbeHead,
-    check_identity,
+    check_fits,
     decoder_blocks,
     hidden_size_of,
     load_probe,
@@ -159,19 +159,22 @@ class QuestionProbe:
 
     def risks(self, model: nn.Module, ids: list[str], prompts: list[list[int]], pad_id: int,
               progress: bool | None = None) -> list[float]:
-        """Each question's score (1 − P(IK)); a question the head was fit on gets its out-of-fold score."""
-        states = question_states(model, prompts, [self.config.layer], pad_id, progress=progress)[self.config.layer]
-        device = self.head.linear.weight.device
-        fresh = self.head.scores(states.to(device)).cpu().tolist()
-        return [self.out_of_fold.get(i, s) for i, s in zip(ids, fresh)]
+        """Each question's score (1 − P(IK)); a question the head was fit on gets its out-of-fold score (and no
+        forward)."""
+        new = [k for k, i in enumerate(ids) if i not in self.out_of_fold]
+        fresh: dict[int, float] = {}
+        if new:
+            states = question_states(model, [prompts[k] for k in new], [self.config.layer], pad_id,
+                                     progress=progress)[self.config.layer]
+            fresh = dict(zip(new, self.head.scores(states.to(self.head.linear.weight.device)).cpu().tolist()))
+        return [self.out_of_fold[i] if i in self.out_of_fold else fresh[k] for k, i in enumerate(ids)]
 
 
 def load_question_probe(directory: str | Path, model: nn.Module) -> QuestionProbe:
     """The question probe in ``directory`` for ``model`` (shape and identity checked; a token probe is refused)."""
     directory = Path(directory)
     head, config = load_probe(directory, question=True)
-    config.check_model(hidden_size_of(model), len(decoder_blocks(model)))
-    check_identity(config.model_identity, model, directory)
+    check_fits(config, model, directory)
     meta = read_json(directory / QUESTION_FILE)
     oof = meta.get("out_of_fold") if isinstance(meta, dict) else None
     if not isinstance(oof, dict) or not all(isinstance(v, int | float) and not isinstance(v, bool)
